@@ -1,0 +1,1 @@
+"""Shared core of patchq: settings, images, layouts, backbones, PatchCore, artifacts, SQL."""

@@ -1,0 +1,141 @@
+"""The model artifact: one versioned file that loads without executing code.
+
+Format ``patchq-model`` version 1 is a NumPy ``.npz`` archive (a zip of ``.npy`` arrays), read with
+``allow_pickle=False`` so a hostile file cannot run code:
+
+=============  ==============================================================================
+``header``     uint8 bytes of UTF-8 JSON: ``{"format": "patchq-model", "version": 1,
+               "category": str, "config": PatchCoreConfig fields, "preprocessing": {...},
+               "feature_dim": int, "validation": {...} | null}``
+``bank``       float32 (N, D): the memory bank M, coreset-sampled patch features
+``calibration`` float32 (n,): image scores of held-out normal images (never in M)
+=============  ==============================================================================
+
+The same bytes go into the ``models`` table, so a worker on another machine gets the model
+from the database; ``artifact_hash`` (SHA-256 of the bytes) names its on-disk cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.errors import PatchqError
+from common.memory_bank import MemoryBank
+from common.patchcore import PatchCore, PatchCoreConfig, build_extractor, resolve_device
+
+FORMAT = "patchq-model"
+VERSION = 1
+
+
+class ArtifactError(PatchqError):
+    """A model artifact that is corrupt, of another format or version, or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ModelArtifact:
+    """A fitted model's data, before a backbone is built for it."""
+
+    category: str
+    config: PatchCoreConfig
+    bank: np.ndarray
+    calibration: np.ndarray
+    validation: dict[str, Any] | None
+
+
+def artifact_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_artifact(
+    model: PatchCore, category: str, validation: dict[str, Any] | None = None
+) -> bytes:
+    """Serialise a fitted model to artifact bytes."""
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "category": category,
+        "config": model.config.to_dict(),
+        "preprocessing": model.preprocessing.to_dict(),
+        "feature_dim": model.bank.dim,
+        "validation": validation,
+    }
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+        bank=np.ascontiguousarray(model.bank.vectors, dtype=np.float32),
+        calibration=np.asarray(model.calibration, dtype=np.float32),
+    )
+    return buffer.getvalue()
+
+
+def read_artifact(data: bytes) -> ModelArtifact:
+    """Parse and validate artifact bytes without building a backbone."""
+    arrays = _read_arrays(data)
+    header = _read_header(arrays["header"])
+    bank, calibration = arrays["bank"], arrays["calibration"]
+    if bank.ndim != 2 or bank.shape[1] != header.get("feature_dim") or len(bank) == 0:
+        raise ArtifactError(
+            f"model artifact is inconsistent: bank shape {bank.shape} does not match "
+            f"feature_dim {header.get('feature_dim')}; refit the model"
+        )
+    try:
+        config = PatchCoreConfig.from_dict(header["config"])
+    except (PatchqError, TypeError, KeyError) as exc:
+        raise ArtifactError(
+            f"model artifact has an invalid config ({exc}); refit the model"
+        ) from exc
+    return ModelArtifact(
+        header.get("category", ""), config, bank, calibration, header.get("validation")
+    )
+
+
+def load_artifact(data: bytes, device: str = "auto") -> PatchCore:
+    """Build a ready-to-score model from artifact bytes; checks the backbone's feature size."""
+    artifact = read_artifact(data)
+    target = resolve_device(device)
+    extractor = build_extractor(artifact.config, target)
+    size = artifact.config.image_size
+    dim = extractor(torch.zeros(1, 3, size, size, device=target)).shape[-1]
+    if dim != artifact.bank.shape[1]:
+        raise ArtifactError(
+            f"model artifact does not match its backbone: bank has {artifact.bank.shape[1]}-dim "
+            f"features, {artifact.config.backbone} {artifact.config.layers} gives {dim}; refit"
+        )
+    bank = MemoryBank(artifact.bank, index=artifact.config.index, device=target.type)
+    return PatchCore(artifact.config, extractor, bank, artifact.calibration)
+
+
+def _read_arrays(data: bytes) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise ArtifactError(f"model artifact is corrupt or not a patchq model ({exc})") from exc
+    missing = {"header", "bank", "calibration"} - set(arrays)
+    if missing:
+        raise ArtifactError(f"model artifact lacks {sorted(missing)}; refit the model")
+    return arrays
+
+
+def _read_header(raw: np.ndarray) -> dict[str, Any]:
+    try:
+        header = json.loads(raw.tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"model artifact header is not valid JSON ({exc})") from exc
+    if header.get("format") != FORMAT:
+        raise ArtifactError(f"not a patchq model artifact (format {header.get('format')!r})")
+    if header.get("version") != VERSION:
+        raise ArtifactError(
+            f"model artifact version {header.get('version')} is not supported by this patchq "
+            f"(reads version {VERSION}); refit the model or upgrade patchq"
+        )
+    return header

@@ -1,0 +1,55 @@
+"""Locally aware patch features (PatchCore, Roth et al. 2022, section 3.1).
+
+Every feature map position becomes one patch vector phi_ij: each chosen layer is averaged over
+its 3x3 neighbourhood (the paper's patch size p=3, so a patch sees a little context without
+losing resolution), deeper layers are resized bilinearly to the grid of the shallowest layer,
+and the layers are concatenated. Optionally the concatenated vector is reduced to a fixed
+dimension by adaptive average pooling over channels, as the reference implementation does;
+it needs no fitted parameters, so the artifact stays just the memory bank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.backbones import FeatureBackbone
+from common.errors import PatchqError
+
+
+class PatchFeatureExtractor(nn.Module):
+    """Backbone + local aggregation + grid alignment: images (B,3,S,S) -> patches (B,h,w,D)."""
+
+    def __init__(
+        self, backbone: FeatureBackbone, patch_size: int = 3, projection_dim: int | None = None
+    ):
+        super().__init__()
+        if patch_size < 1 or patch_size % 2 == 0:
+            raise PatchqError(f"patch size must be an odd positive number, got {patch_size}")
+        if projection_dim is not None and projection_dim < 1:
+            raise PatchqError(f"projection dimension must be positive, got {projection_dim}")
+        self.backbone = backbone
+        self.patch_size = patch_size
+        self.projection_dim = projection_dim
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        maps = [self._aggregate_locally(m) for m in self.backbone(images)]
+        grid = maps[0].shape[-2:]
+        aligned = [maps[0]] + [
+            F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps[1:]
+        ]
+        patches = torch.cat(aligned, dim=1).permute(0, 2, 3, 1)  # (B, h, w, D)
+        if self.projection_dim is not None:
+            b, h, w, d = patches.shape
+            flat = F.adaptive_avg_pool1d(patches.reshape(b * h * w, 1, d), self.projection_dim)
+            patches = flat.reshape(b, h, w, self.projection_dim)
+        return patches.contiguous()
+
+    def _aggregate_locally(self, feature_map: torch.Tensor) -> torch.Tensor:
+        # count_include_pad=False keeps border patches on the same scale as interior ones.
+        pad = self.patch_size // 2
+        return F.avg_pool2d(
+            feature_map, self.patch_size, stride=1, padding=pad, count_include_pad=False
+        )

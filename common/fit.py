@@ -1,0 +1,201 @@
+"""Fit a PatchCore model for one category, with calibration on images the bank never saw.
+
+The seed notebook built its memory bank from every good image and then scored those same
+images, reporting a perfect AUROC of 1.0: a bank image's patches are in the bank, so their
+distance is ~0. Here a seeded share of the good images is held out of the bank; they and the
+labelled defects are the only images that validation figures and thresholds come from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+from tqdm import tqdm
+
+from common.batches import iter_batches
+from common.coreset import ApproximateGreedyCoresetSampler, RandomSubsampler
+from common.errors import PatchqError
+from common.layouts import ImageRecord
+from common.memory_bank import MemoryBank
+from common.patchcore import PatchCore, PatchCoreConfig, build_extractor, resolve_device
+
+DEFAULT_HOLDOUT = 0.2
+
+
+class FitError(PatchqError):
+    """Not enough usable images to build and validate a model."""
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A fitted model plus the evidence that its figures are honest."""
+
+    category: str
+    model: PatchCore
+    validation: dict[str, Any]
+    bank_paths: frozenset[Path]
+    validation_paths: frozenset[Path]
+    skipped: dict[Path, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def split_holdout(
+    good: Sequence[ImageRecord], share: float, seed: int
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Split good images into (bank, held-out) with a seeded shuffle; both keep at least one."""
+    if not 0 <= share < 1:
+        raise FitError(f"holdout share must be in [0, 1), got {share}")
+    order = np.random.default_rng(seed).permutation(len(good))
+    n_holdout = round(share * len(good))
+    if share > 0 and len(good) >= 2:
+        n_holdout = min(max(n_holdout, 1), len(good) - 1)
+    held = {int(i) for i in order[:n_holdout]}
+    bank = [r for i, r in enumerate(good) if i not in held]
+    return bank, [r for i, r in enumerate(good) if i in held]
+
+
+def fit_category(
+    records: Sequence[ImageRecord],
+    config: PatchCoreConfig,
+    holdout: float = DEFAULT_HOLDOUT,
+    device: str = "auto",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> FitResult:
+    """Build the bank from train/good minus a held-out share; validate on held-out + defects."""
+    category = _single_category(records)
+    good = [r for r in records if r.split == "train" and r.label == 0]
+    if not good:
+        raise FitError(f"category {category!r} has no train/good images to learn from")
+    bank_records, held_out = split_holdout(good, holdout, config.seed)
+    extractor = build_extractor(config, resolve_device(device))
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    features, skipped = _bank_features(extractor, config, bank_records, batch_size, progress)
+    timings["features_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    bank = _sample_bank(features, config, device=str(resolve_device(device).type))
+    timings["coreset_s"] = time.perf_counter() - start
+
+    model = PatchCore(config, extractor, bank, calibration=np.empty(0, np.float32))
+    normals = held_out + [r for r in records if r.split == "test" and r.label == 0]
+    anomalous = [r for r in records if r.label == 1]
+    start = time.perf_counter()
+    normal_scores, bad = score_records(model, normals, batch_size, progress, "held-out normal")
+    skipped |= bad
+    anomalous_scores, bad = score_records(model, anomalous, batch_size, progress, "defects")
+    skipped |= bad
+    timings["validation_s"] = time.perf_counter() - start
+
+    calibration = normal_scores[: _count_ok(held_out, skipped)]
+    validation = validation_metrics(normal_scores, anomalous_scores, calibration)
+    validation["bank_size"] = bank.size
+    validation["bank_images"] = len(bank_records) - sum(r.path in skipped for r in bank_records)
+    return FitResult(
+        category=category,
+        model=model.with_calibration(calibration),
+        validation=validation,
+        bank_paths=frozenset(r.path for r in bank_records),
+        validation_paths=frozenset(r.path for r in normals + anomalous),
+        skipped=skipped,
+        timings=timings,
+    )
+
+
+def _single_category(records: Sequence[ImageRecord]) -> str:
+    categories = {r.category for r in records}
+    if len(categories) != 1:
+        raise FitError(f"fit one category at a time, got {sorted(categories) or 'none'}")
+    return categories.pop()
+
+
+def _count_ok(records: Sequence[ImageRecord], skipped: dict[Path, str]) -> int:
+    return sum(r.path not in skipped for r in records)
+
+
+def _bank_features(
+    extractor: Any,
+    config: PatchCoreConfig,
+    records: Sequence[ImageRecord],
+    batch_size: int,
+    progress: bool,
+) -> tuple[np.ndarray, dict[Path, str]]:
+    """Patch features of every bank image, stacked (N_patches, D); unreadable images skipped."""
+    device = next(extractor.parameters()).device
+    chunks: list[np.ndarray] = []
+    skipped: dict[Path, str] = {}
+    paths = [r.path for r in records]
+    bar = tqdm(total=len(paths), desc="features", unit="img", disable=not progress)
+    for chunk, decoded in iter_batches(paths, config.preprocessing(), batch_size):
+        skipped |= {chunk[i]: reason for i, reason in decoded.failures.items()}
+        if decoded.ok:
+            patches = extractor(decoded.tensor.to(device)).float().cpu().numpy()
+            chunks.append(patches.reshape(-1, patches.shape[-1]))
+        bar.update(len(chunk))
+    bar.close()
+    if not chunks:
+        raise FitError("none of the training images could be read; see the reasons above")
+    return np.concatenate(chunks), skipped
+
+
+def _sample_bank(features: np.ndarray, config: PatchCoreConfig, device: str) -> MemoryBank:
+    """Coreset-sample the patch features into the memory bank M."""
+    if config.max_bank is not None and len(features) > config.max_bank:
+        selected = RandomSubsampler(config.max_bank, seed=config.seed).sample(features)
+    elif config.coreset_ratio < 1:
+        sampler = ApproximateGreedyCoresetSampler(
+            config.coreset_ratio, seed=config.seed, device=device
+        )
+        selected = sampler.sample(features)
+    else:
+        selected = np.arange(len(features))
+    return MemoryBank(features[selected], index=config.index, device=device)
+
+
+def score_records(
+    model: PatchCore,
+    records: Sequence[ImageRecord],
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> tuple[np.ndarray, dict[Path, str]]:
+    """Image scores of the readable records, in order; unreadable ones are returned apart."""
+    scores: list[np.ndarray] = []
+    skipped: dict[Path, str] = {}
+    paths = [r.path for r in records]
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or not paths)
+    for chunk, decoded in iter_batches(paths, model.preprocessing, batch_size):
+        skipped |= {chunk[i]: reason for i, reason in decoded.failures.items()}
+        if decoded.ok:
+            scores.append(model.score_tensors(decoded.tensor).image_scores)
+        bar.update(len(chunk))
+    bar.close()
+    return (np.concatenate(scores) if scores else np.empty(0, np.float32)), skipped
+
+
+def validation_metrics(
+    normal_scores: np.ndarray, anomalous_scores: np.ndarray, calibration: np.ndarray
+) -> dict[str, Any]:
+    """AUROC / AP on held-out images, and the held-out normal score quantiles."""
+    result: dict[str, Any] = {
+        "n_normal": len(normal_scores),
+        "n_anomalous": len(anomalous_scores),
+        "auroc": None,
+        "average_precision": None,
+    }
+    if len(normal_scores) and len(anomalous_scores):
+        labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(anomalous_scores))]
+        scores = np.r_[normal_scores, anomalous_scores]
+        result["auroc"] = float(roc_auc_score(labels, scores))
+        result["average_precision"] = float(average_precision_score(labels, scores))
+    if len(calibration):
+        for q in (0.5, 0.95, 0.99):
+            result[f"normal_q{round(q * 100)}"] = float(np.quantile(calibration, q))
+    return result
