@@ -1,0 +1,235 @@
+"""Find the images of a data set and what is known about each (split, label, defect, mask).
+
+Reads the seed layout (ROOT/<category>/train/good, train/bad, test/ unlabelled), the MVTec AD
+layout (train/good, test/good, test/<defect>/, ground_truth/<defect>/<stem>_mask.png) and plain
+archives (a folder tree or a manifest file). Everything downstream works on `ImageRecord`s, so
+it does not care which layout the images came from.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import PatchqError
+from common.images import IMAGE_EXTENSIONS, is_image_file
+
+_EXTENSIONS_TEXT = " ".join(sorted(IMAGE_EXTENSIONS))
+_MANIFEST_SUFFIXES = frozenset({".csv", ".txt"})
+_HEADER_NAMES = frozenset({"path", "file", "filename", "image", "image_path"})
+_LABELS = {"0": 0, "good": 0, "1": 1, "bad": 1}
+_COLUMNS = (
+    ("train good", "train", 0),
+    ("train bad", "train", 1),
+    ("test good", "test", 0),
+    ("test defect", "test", 1),
+    ("test unlabelled", "test", None),
+)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image and what the layout says about it."""
+
+    path: Path
+    category: str
+    split: str  # "train" | "test"
+    label: int | None  # 0 normal, 1 anomalous, None unknown
+    defect_type: str | None = None  # "good", "bad", an MVTec defect folder name, None
+    mask_path: Path | None = None  # MVTec ground-truth mask, when there is one
+
+
+class LayoutError(PatchqError):
+    """The data folder is not laid out as patchq expects; the message names the path and the fix."""
+
+
+def list_categories(root: Path) -> list[str]:
+    """Sorted names of the folders under `root` that hold a `train/good` folder."""
+    root = _existing_folder(root)
+    return sorted(
+        child.name
+        for child in root.iterdir()
+        if not child.name.startswith(".") and (child / "train" / "good").is_dir()
+    )
+
+
+def discover(root: Path, categories: Sequence[str] | None = None) -> list[ImageRecord]:
+    """All images of the given categories (default: every category), in a stable order.
+
+    A category is MVTec AD style when it has `test/good` or `ground_truth/`: each folder under
+    `test/` is then a label (good or a defect type). Otherwise `test/` is unlabelled, however
+    deeply nested.
+    """
+    root = _existing_folder(root)
+    known = list_categories(root)
+    if not known:
+        raise LayoutError(
+            f"{root}: no category folders with train/good inside; "
+            "expected ROOT/<category>/train/good (seed or MVTec AD layout)"
+        )
+    records: list[ImageRecord] = []
+    for category in known if categories is None else categories:
+        if category not in known:
+            raise _unknown_category(root, category, known)
+        records.extend(_discover_category(root / category))
+    return records
+
+
+def _unknown_category(root: Path, category: str, known: list[str]) -> LayoutError:
+    folder = root / category
+    if folder.is_dir():
+        return LayoutError(
+            f"{folder}: no train/good folder; put the category's normal images in "
+            f"{folder / 'train' / 'good'}"
+        )
+    return LayoutError(f"{folder}: unknown category {category!r}; known: {', '.join(known)}")
+
+
+def _discover_category(folder: Path) -> list[ImageRecord]:
+    category = folder.name
+    good = _images(folder / "train" / "good")
+    if not good:
+        raise LayoutError(
+            f"{folder / 'train' / 'good'}: no images ({_EXTENSIONS_TEXT}); "
+            "put the category's normal training images there"
+        )
+    records = [ImageRecord(p, category, "train", 0, "good") for p in good]
+    records += [
+        ImageRecord(p, category, "train", 1, "bad") for p in _images(folder / "train" / "bad")
+    ]
+    test = folder / "test"
+    if (test / "good").is_dir() or (folder / "ground_truth").is_dir():
+        records += _mvtec_test(folder)
+    else:
+        records += [ImageRecord(p, category, "test", None) for p in _images(test)]
+    return records
+
+
+def _mvtec_test(folder: Path) -> Iterator[ImageRecord]:
+    test = folder / "test"
+    for path in _images(test, recursive=False):
+        yield ImageRecord(path, folder.name, "test", None)
+    for sub in sorted(p for p in test.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        masks = _masks_by_name(folder / "ground_truth" / sub.name)
+        for path in _images(sub):
+            if sub.name == "good":
+                yield ImageRecord(path, folder.name, "test", 0, "good")
+            else:
+                mask = masks.get(f"{path.stem}_mask.png".lower())
+                yield ImageRecord(path, folder.name, "test", 1, sub.name, mask)
+
+
+def _masks_by_name(folder: Path) -> dict[str, Path]:
+    """Mask files keyed by lower-case name, so `.PNG` masks match too."""
+    if not folder.is_dir():
+        return {}
+    return {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
+
+
+def _images(folder: Path, recursive: bool = True) -> list[Path]:
+    """Sorted image files under `folder`; one directory walk, so each file is listed once
+    whatever the case of its extension. Hidden files are skipped: macOS leaves `._name.png`
+    resource forks that carry an image extension but hold no image."""
+    if not folder.is_dir():
+        return []
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p
+        for p in candidates
+        if is_image_file(p)
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def discover_archive(source: Path, category: str) -> list[ImageRecord]:
+    """Images to score from a folder tree (all images, unlabelled) or a manifest file.
+
+    A manifest (.csv/.txt) has one path per line, optionally a label column (0/1 or good/bad);
+    further columns are ignored, a header line is allowed, blank and `#` lines are skipped.
+    Relative paths are taken from the manifest's folder. Files are not opened here: a missing
+    or broken image fails on its own when scored, and the rest of the run goes on.
+    """
+    source = Path(source)
+    if source.is_dir():
+        paths = _images(source)
+        if not paths:
+            raise LayoutError(
+                f"{source}: no images ({_EXTENSIONS_TEXT}); point at a folder of images "
+                "or a .csv/.txt manifest of paths"
+            )
+        return [ImageRecord(p, category, "test", None) for p in paths]
+    if not source.is_file():
+        raise LayoutError(f"{source}: not found; give a folder of images or a .csv/.txt manifest")
+    if source.suffix.lower() not in _MANIFEST_SUFFIXES:
+        raise LayoutError(
+            f"{source}: not a folder or a .csv/.txt manifest; give one of those (one path per line)"
+        )
+    return _read_manifest(source, category)
+
+
+def _read_manifest(manifest: Path, category: str) -> list[ImageRecord]:
+    text = manifest.read_text(encoding="utf-8-sig")
+    delimiter = "\t" if "\t" in text else ","
+    rows = [
+        (number, [cell.strip() for cell in row])
+        for number, row in enumerate(csv.reader(text.splitlines(), delimiter=delimiter), 1)
+        if row and row[0].strip() and not row[0].strip().startswith("#")
+    ]
+    if rows and _is_header(rows[0][1]):
+        rows = rows[1:]
+    if not rows:
+        raise LayoutError(f"{manifest}: no image paths; list one path per line")
+    records: dict[Path, ImageRecord] = {}
+    for number, row in rows:
+        label = row[1].lower() if len(row) > 1 else ""
+        if label and label not in _LABELS:
+            raise LayoutError(
+                f"{manifest}:{number}: label {row[1]!r} is not 0/1/good/bad; fix or leave it empty"
+            )
+        path = manifest.parent / Path(row[0]).expanduser()
+        value = _LABELS.get(label)
+        defect = None if value is None else ("good", "bad")[value]
+        records.setdefault(path, ImageRecord(path, category, "test", value, defect))
+    return list(records.values())
+
+
+def _is_header(row: list[str]) -> bool:
+    """A first line is a header if it names the path column or its label is not a label."""
+    return row[0].lower() in _HEADER_NAMES or (
+        len(row) > 1 and bool(row[1]) and row[1].lower() not in _LABELS
+    )
+
+
+def summarize(records: Sequence[ImageRecord]) -> str:
+    """Counts per category and split as an aligned text table (the data-structure check)."""
+    counts = Counter((r.category, r.split, r.label) for r in records)
+    categories = sorted({r.category for r in records})
+    rows = [["category", *(name for name, _, _ in _COLUMNS)]]
+    rows += [
+        [category, *(str(counts[category, split, label]) for _, split, label in _COLUMNS)]
+        for category in categories
+    ]
+    if len(categories) > 1:
+        totals = Counter((r.split, r.label) for r in records)
+        rows.append(["all", *(str(totals[split, label]) for _, split, label in _COLUMNS)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        " | ".join(
+            cell.rjust(width) if column else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    )
+
+
+def _existing_folder(root: Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(
+            f"{root}: data folder not found; give the folder that holds <category>/train/good"
+        )
+    return root

@@ -1,0 +1,1 @@
+"""The control plane and the `patchq` command: fit, submit, status, run, demo."""
