@@ -70,6 +70,8 @@ def discover(root: Path, categories: Sequence[str] | None = None) -> list[ImageR
             f"{root}: no category folders with train/good inside; "
             "expected ROOT/<category>/train/good (seed or MVTec AD layout)"
         )
+    if isinstance(categories, str):  # one name, not a sequence of its letters
+        categories = [categories]
     records: list[ImageRecord] = []
     for category in known if categories is None else categories:
         if category not in known:

@@ -2,7 +2,7 @@
 
 Tests generate their images instead of shipping any, so they run offline and fast. A texture is
 smooth random shading plus stripes and grain, so normal images differ from each other the way
-real product images do; a defect is a local change (a scratch or a blob) that a patch model can
+real product images do; a defect is a local change (a scratch or a spot) that a patch model can
 find.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-DEFECT_KINDS = ("scratch", "blob")
+DEFECT_KINDS = ("scratch", "spot")
 
 
 def make_texture(size: int, seed: int) -> np.ndarray:
@@ -37,7 +37,7 @@ def draw_defect(image: np.ndarray, kind: str, seed: int) -> tuple[np.ndarray, np
     if kind == "scratch":
         x1, y1 = rng.integers(size // 2, size - size // 8, 2)
         pen.line((int(x0), int(y0), int(x1), int(y1)), fill=255, width=max(2, size // 32))
-    elif kind == "blob":
+    elif kind == "spot":
         radius = size // 8
         pen.ellipse((int(x0), int(y0), int(x0) + radius, int(y0) + radius), fill=255)
     else:
