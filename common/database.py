@@ -1,0 +1,411 @@
+"""Talking to the results database: engines, migrations, and the few statements patchq runs.
+
+Repository functions take a Session and never commit: the caller owns the transaction
+(`with session_factory.begin() as session: ...`), so e.g. a batch's scores and its failures
+land together or not at all. Writes are idempotent multi-row upserts on both SQLite and
+PostgreSQL, because Celery delivers a batch at least once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NotRequired, TypedDict
+
+import numpy as np
+from alembic import command
+from alembic.config import Config
+from alembic.util.exc import CommandError
+from sqlalchemy import Engine, case, create_engine, event, func, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.errors import PatchqError
+from common.schema import Base, Image, Model, Run, Score, utcnow
+from common.settings import mask_url
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+POSTGRES_CONNECT_TIMEOUT_S = 10
+REGISTER_CHUNK_ROWS = 500  # 8 columns x 500 rows stays far below both dialects' parameter limits
+_MIGRATION_LOCK_KEY = 0x70617463  # "patc": one PostgreSQL advisory lock serialises migrations
+_ARRAY_DTYPE = np.dtype("<f2")  # little-endian float16: half the bytes, same on every machine
+
+
+class DatabaseError(PatchqError):
+    """The database cannot be used as configured; the message names the URL (masked) and the fix."""
+
+
+class ImageRow(TypedDict):
+    """One image to register in a run (paths as text, as the worker will open them)."""
+
+    category: str
+    path: str
+    model_id: int
+    split: NotRequired[str | None]
+    label: NotRequired[int | None]
+    defect_type: NotRequired[str | None]
+    mask_path: NotRequired[str | None]
+
+
+class ScoreRow(TypedDict):
+    """One scored image; upsert_scores encodes the arrays and copies the image's category."""
+
+    run_id: int
+    image_id: int
+    score: float
+    patch_map: np.ndarray  # (h, w) patch distances
+    embedding: NotRequired[np.ndarray | None]  # (C,) pooled features, for feature-space plots
+    worker: str
+    duration_ms: float
+
+
+@dataclass(frozen=True)
+class CategoryProgress:
+    """Where one category of a run stands; scored_at bounds give the throughput."""
+
+    category: str
+    done: int
+    failed: int
+    pending: int
+    first_scored_at: datetime | None
+    last_scored_at: datetime | None
+
+    @property
+    def total(self) -> int:
+        return self.done + self.failed + self.pending
+
+
+def encode_array(array: np.ndarray) -> bytes:
+    """Row-major float16 bytes of `array`; the storage format of patch maps and embeddings."""
+    return np.ascontiguousarray(array, dtype=_ARRAY_DTYPE).tobytes()
+
+
+def decode_array(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """The float32 array that encode_array stored (shape (-1,) for an embedding)."""
+    return np.frombuffer(data, dtype=_ARRAY_DTYPE).reshape(shape).astype(np.float32)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`, tuned per dialect and checked to connect, else DatabaseError.
+
+    SQLite gets WAL (readers never block the writer), a busy timeout (concurrent writers wait
+    instead of failing) and enforced foreign keys; PostgreSQL gets pre-ping, so a pooled
+    connection the server dropped is replaced rather than failing a batch. A bare postgresql://
+    URL uses psycopg 3, the driver patchq installs.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseError(
+            f"PATCHQ_DATABASE_URL={mask_url(url)!r} is not a database URL; use e.g. "
+            "sqlite:///patchq.db or postgresql+psycopg://user:password@host/db"
+        ) from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    backend = parsed.get_backend_name()
+    try:
+        engine = _create_engine(parsed, backend)
+    except (NoSuchModuleError, ImportError):
+        raise DatabaseError(
+            f"PATCHQ_DATABASE_URL={mask_url(url)!r}: patchq supports sqlite:/// and "
+            "postgresql+psycopg:// URLs"
+        ) from None
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as error:
+        engine.dispose()
+        reason = str(error.orig).strip().splitlines()[0]
+        check = (
+            "that its folder exists and is writable"
+            if backend == "sqlite"
+            else "that the server is running"
+        )
+        raise DatabaseError(
+            f"cannot reach the database at {mask_url(url)}: {reason}; "
+            f"check PATCHQ_DATABASE_URL and {check}"
+        ) from None
+    return engine
+
+
+def _create_engine(url: URL, backend: str) -> Engine:
+    if backend == "sqlite":
+        engine = create_engine(url)
+        event.listen(engine, "connect", _configure_sqlite)
+        return engine
+    if backend == "postgresql":
+        return create_engine(
+            url, pool_pre_ping=True, connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+        )
+    raise NoSuchModuleError(backend)
+
+
+def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; safe with WAL
+    cursor.close()
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions whose loaded rows stay readable after commit (workers use them after the write)."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def init_db(engine: Engine) -> None:
+    """Bring the schema to the newest revision shipped with this patchq; safe to call each start.
+
+    On PostgreSQL an advisory lock makes concurrent callers (a producer and workers starting
+    together) migrate one at a time.
+    """
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+            )
+        config.attributes["connection"] = connection
+        try:
+            command.upgrade(config, "head")
+        except CommandError as error:
+            raise DatabaseError(
+                f"cannot migrate the database at {mask_url(str(engine.url))}: {error}; "
+                "a newer patchq may have migrated it, so upgrade patchq on this machine"
+            ) from None
+
+
+def _insert(session: Session, entity: type[Base]) -> Any:
+    """The dialect's Core INSERT, which knows ON CONFLICT."""
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(entity.__table__)
+
+
+def store_model(
+    session: Session,
+    category: str,
+    artifact_bytes: bytes,
+    content_hash: str,
+    backbone: str,
+    config: Mapping[str, Any],
+    validation: Mapping[str, Any] | None,
+    bank_size: int,
+) -> int:
+    """Id of the model with this content hash, inserting it unless an identical one is stored."""
+    session.execute(
+        _insert(session, Model)
+        .values(
+            category=category,
+            artifact=artifact_bytes,
+            content_hash=content_hash,
+            backbone=backbone,
+            config=dict(config),
+            validation=None if validation is None else dict(validation),
+            bank_size=bank_size,
+        )
+        .on_conflict_do_nothing(index_elements=["content_hash"])
+    )
+    return session.scalars(select(Model.id).where(Model.content_hash == content_hash)).one()
+
+
+def latest_model_id(session: Session, category: str) -> int | None:
+    """The most recently stored model of `category`, the one new runs score with."""
+    return session.scalars(
+        select(Model.id).where(Model.category == category).order_by(Model.id.desc()).limit(1)
+    ).first()
+
+
+def model_content_hash(session: Session, model_id: int) -> str:
+    """The artifact's hash alone, so a worker can hit its disk cache without fetching the bytes."""
+    content_hash = session.scalars(select(Model.content_hash).where(Model.id == model_id)).first()
+    if content_hash is None:
+        raise _missing_model(model_id)
+    return content_hash
+
+
+def load_model_bytes(session: Session, model_id: int) -> tuple[bytes, str]:
+    """The artifact bytes and their content hash."""
+    row = session.execute(
+        select(Model.artifact, Model.content_hash).where(Model.id == model_id)
+    ).first()
+    if row is None:
+        raise _missing_model(model_id)
+    return row.artifact, row.content_hash
+
+
+def _missing_model(model_id: int) -> DatabaseError:
+    return DatabaseError(
+        f"model {model_id} is not in the database; fit one with `patchq fit` "
+        "and check every machine uses the same PATCHQ_DATABASE_URL"
+    )
+
+
+def create_run(session: Session, name: str | None, source: str, batch_size: int) -> int:
+    """A new run's id; look a named run up first with run_id_by_name (names are unique)."""
+    run = Run(name=name, source=source, batch_size=batch_size)
+    session.add(run)
+    session.flush()
+    return run.id
+
+
+def run_id_by_name(session: Session, name: str) -> int | None:
+    """The id of the run called `name`, so resubmitting a name continues that run."""
+    return session.scalars(select(Run.id).where(Run.name == name)).first()
+
+
+def register_images(session: Session, run_id: int, rows: Sequence[ImageRow]) -> int:
+    """Add images to a run, skipping paths it already has; returns how many were new."""
+    values = [
+        {
+            "run_id": run_id,
+            "category": row["category"],
+            "path": row["path"],
+            "model_id": row["model_id"],
+            "split": row.get("split"),
+            "label": row.get("label"),
+            "defect_type": row.get("defect_type"),
+            "mask_path": row.get("mask_path"),
+        }
+        for row in rows
+    ]
+    added = 0
+    for start in range(0, len(values), REGISTER_CHUNK_ROWS):
+        result = session.execute(
+            _insert(session, Image)
+            .values(values[start : start + REGISTER_CHUNK_ROWS])
+            .on_conflict_do_nothing(index_elements=["run_id", "path"])
+            .execution_options(preserve_rowcount=True)  # INSERT rowcounts are otherwise -1
+        )
+        added += result.rowcount
+    return added
+
+
+def pending_image_ids(session: Session, run_id: int) -> list[int]:
+    """Ids of the run's images still waiting for a score, in registration order."""
+    return list(
+        session.scalars(
+            select(Image.id)
+            .where(Image.run_id == run_id, Image.status == "pending")
+            .order_by(Image.id)
+        )
+    )
+
+
+def images_by_id(session: Session, ids: Sequence[int]) -> list[Image]:
+    """The image rows of a batch, in id order (ids that do not exist are simply absent)."""
+    return list(session.scalars(select(Image).where(Image.id.in_(ids)).order_by(Image.id)))
+
+
+def bump_attempts(session: Session, ids: Sequence[int]) -> dict[int, int]:
+    """Count one more delivery of these images; returns each image's attempts so far."""
+    session.execute(
+        update(Image)
+        .where(Image.id.in_(ids))
+        .values(attempts=Image.attempts + 1)
+        .execution_options(synchronize_session=False)
+    )
+    return dict(session.execute(select(Image.id, Image.attempts).where(Image.id.in_(ids))).all())
+
+
+def mark_failed(session: Session, run_id: int, reasons: Mapping[int, str]) -> None:
+    """Mark images failed with their reasons in one statement; a done image stays done.
+
+    Keeping done images done means a redelivered batch whose file vanished since cannot
+    overwrite a result that was already written.
+    """
+    if not reasons:
+        return
+    session.execute(
+        update(Image)
+        .where(Image.run_id == run_id, Image.id.in_(list(reasons)), Image.status != "done")
+        .values(status="failed", error=case(dict(reasons), value=Image.id))
+        .execution_options(synchronize_session=False)
+    )
+
+
+def upsert_scores(session: Session, rows: Sequence[ScoreRow]) -> None:
+    """Write a batch's scores in one INSERT .. ON CONFLICT DO UPDATE and mark those images done.
+
+    A redelivered batch overwrites its earlier rows (the newer values win) instead of adding
+    duplicates. A key repeated within `rows` keeps its last row, since PostgreSQL refuses to
+    update one row twice in a statement.
+    """
+    latest = {(row["run_id"], row["image_id"]): row for row in rows}
+    if not latest:
+        return
+    image_ids = [image_id for _, image_id in latest]
+    categories = dict(
+        session.execute(select(Image.id, Image.category).where(Image.id.in_(image_ids))).all()
+    )
+    values = [_score_values(row, categories[row["image_id"]]) for row in latest.values()]
+    statement = _insert(session, Score).values(values)
+    written = [name for name in values[0] if name not in ("run_id", "image_id")]
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["run_id", "image_id"],
+            set_={name: statement.excluded[name] for name in written},
+        )
+    )
+    session.execute(
+        update(Image)
+        .where(Image.id.in_(image_ids))
+        .values(status="done", error=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _score_values(row: ScoreRow, category: str) -> dict[str, Any]:
+    patch_map = np.asarray(row["patch_map"])
+    if patch_map.ndim != 2:
+        raise ValueError(f"patch_map must be 2-D (h, w), got shape {patch_map.shape}")
+    embedding = row.get("embedding")
+    return {
+        "run_id": row["run_id"],
+        "image_id": row["image_id"],
+        "category": category,
+        "score": float(row["score"]),
+        "patch_map": encode_array(patch_map),
+        "map_height": patch_map.shape[0],
+        "map_width": patch_map.shape[1],
+        "embedding": None if embedding is None else encode_array(embedding),
+        "worker": row["worker"],
+        "duration_ms": float(row["duration_ms"]),
+        "scored_at": utcnow(),
+    }
+
+
+def run_progress(session: Session, run_id: int) -> list[CategoryProgress]:
+    """Per category of the run (sorted): done/failed/pending counts and the scoring time span."""
+    counts: dict[str, dict[str, int]] = {}
+    for category, status, count in session.execute(
+        select(Image.category, Image.status, func.count())
+        .where(Image.run_id == run_id)
+        .group_by(Image.category, Image.status)
+    ):
+        counts.setdefault(category, {})[status] = count
+    spans = {
+        category: (first, last)
+        for category, first, last in session.execute(
+            select(Score.category, func.min(Score.scored_at), func.max(Score.scored_at))
+            .where(Score.run_id == run_id)
+            .group_by(Score.category)
+        )
+    }
+    return [
+        CategoryProgress(
+            category=category,
+            done=by_status.get("done", 0),
+            failed=by_status.get("failed", 0),
+            pending=by_status.get("pending", 0),
+            first_scored_at=spans.get(category, (None, None))[0],
+            last_scored_at=spans.get(category, (None, None))[1],
+        )
+        for category, by_status in sorted(counts.items())
+    ]
