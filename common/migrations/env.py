@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from alembic import context
 
+import common.aggregate_schema  # noqa: F401  (registers the aggregator's tables on Base)
 from common.schema import Base
 
 connection = context.config.attributes["connection"]
