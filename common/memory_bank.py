@@ -1,0 +1,195 @@
+"""The PatchCore memory bank: nearest-neighbour search of patch features over kept normal patches.
+
+Exact FAISS flat L2 by default; HNSW or IVF for large banks; a chunked torch matmul search when
+the bank lives on a GPU without faiss-gpu (and on CPU as index="torch"). Whatever finds the
+neighbours, the distances returned are recomputed directly from the vectors, so they are true
+L2 distances (FAISS returns squared ones, and the matmul expansion loses precision near zero).
+"""
+
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+import torch
+
+from common.errors import PatchqError
+
+INDEX_TYPES = ("flat", "hnsw", "ivf", "torch")
+HNSW_NEIGHBOURS = 32
+# Query rows per chunk times bank rows: bounds the (queries x bank) score block of the torch
+# search to 64 MB on CPU and 1 GB on GPU.
+_TORCH_BLOCK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
+# Elements gathered at once when recomputing exact distances (64 MB of float32).
+_GATHER_ELEMENTS = 1 << 24
+
+
+class MemoryBankError(PatchqError):
+    """Bad bank vectors, queries or index settings; the message names the value and the fix."""
+
+
+def as_float_matrix(array: np.ndarray, name: str, error: type[PatchqError]) -> np.ndarray:
+    """Validate a non-empty finite (N, D) float matrix; return it float32 C-contiguous (no copy
+    when it already is). Checked in row chunks so a large bank needs no N x D mask."""
+    matrix = np.asarray(array)
+    if matrix.ndim != 2 or matrix.shape[0] == 0 or matrix.shape[1] == 0:
+        raise error(f"{name} must be a non-empty (N, D) matrix, got shape {matrix.shape}")
+    if not np.issubdtype(matrix.dtype, np.floating):
+        raise error(f"{name} must be floating point, got dtype {matrix.dtype}")
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    rows = 65536
+    if not all(np.isfinite(matrix[i : i + rows]).all() for i in range(0, len(matrix), rows)):
+        raise error(f"{name} contain NaN or infinite values; check the feature extractor")
+    return matrix
+
+
+def default_nlist(size: int) -> int:
+    """IVF list count: ~4 sqrt(N), but never so many that a list gets < 39 training points
+    (FAISS's k-means minimum)."""
+    return max(1, min(round(4 * math.sqrt(size)), size // 39))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists scanned per IVF query: 1/8 of them, at least 8; ~0.9+ recall on patch features."""
+    return min(nlist, max(8, nlist // 8))
+
+
+class _TorchSearch:
+    """Exact k-NN by ||q||^2 - 2 q.b + ||b||^2 in query chunks (||q||^2 does not change ranks)."""
+
+    def __init__(self, vectors: np.ndarray, device: torch.device) -> None:
+        self.bank = torch.from_numpy(vectors).to(device)
+        self.bank_norms = torch.linalg.vector_norm(self.bank, dim=1).square_()
+        self.rows = max(1, _TORCH_BLOCK_ELEMENTS[device.type] // vectors.shape[0])
+
+    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        found = []
+        with torch.no_grad():
+            for start in range(0, queries.shape[0], self.rows):
+                chunk = torch.from_numpy(queries[start : start + self.rows]).to(self.bank.device)
+                scores = torch.addmm(self.bank_norms, chunk, self.bank.T, alpha=-2)
+                found.append(torch.topk(scores, k, dim=1, largest=False).indices.cpu())
+        return torch.cat(found).numpy()
+
+
+class _FaissSearch:
+    """A FAISS index built on the bank, moved to GPU 0 when asked and faiss-gpu supports it."""
+
+    def __init__(
+        self, vectors: np.ndarray, index: str, ef_search: int, nprobe: int | None, gpu: bool
+    ) -> None:
+        dim = vectors.shape[1]
+        self.ef_search = ef_search
+        if index == "flat":
+            self.index = faiss.IndexFlatL2(dim)
+        elif index == "hnsw":
+            self.index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS)
+        else:
+            nlist = default_nlist(vectors.shape[0])
+            self.quantizer = faiss.IndexFlatL2(dim)  # the IVF index does not own it
+            self.index = faiss.IndexIVFFlat(self.quantizer, dim, nlist)
+            self.index.train(vectors)
+            self.index.nprobe = nprobe if nprobe is not None else default_nprobe(nlist)
+        self.index.add(vectors)
+        if gpu and index != "hnsw":  # FAISS has no GPU HNSW; that one stays on CPU
+            self.resources = faiss.StandardGpuResources()
+            self.index = faiss.index_cpu_to_gpu(self.resources, 0, self.index)
+
+    def search(self, queries: np.ndarray, k: int) -> np.ndarray:
+        if isinstance(self.index, faiss.IndexHNSW):
+            self.index.hnsw.efSearch = max(self.ef_search, k)
+        _, indices = self.index.search(queries, k)
+        return indices.astype(np.int64)
+
+
+class MemoryBank:
+    """Kept normal patch features and nearest-neighbour search over them.
+
+    index: "flat" (exact, default), "hnsw" (graph, M=32, `ef_search` candidates per query),
+    "ivf" (inverted lists, nlist ~ 4 sqrt(N) trained on the bank, `nprobe` lists per query),
+    "torch" (exact chunked matmul). On device "cuda", FAISS runs on the GPU when faiss-gpu is
+    installed (HNSW stays on CPU); otherwise every index type becomes the exact torch search on
+    the GPU, which is faster there than any CPU index.
+    """
+
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        index: str = "flat",
+        device: str = "cpu",
+        *,
+        ef_search: int = 64,
+        nprobe: int | None = None,
+    ) -> None:
+        if index not in INDEX_TYPES:
+            raise MemoryBankError(
+                f"unknown index {index!r}; choose one of {', '.join(INDEX_TYPES)}"
+            )
+        if ef_search < 1 or (nprobe is not None and nprobe < 1):
+            raise MemoryBankError("ef_search and nprobe must be >= 1")
+        target = torch.device(device)
+        if target.type == "cuda" and not torch.cuda.is_available():
+            raise MemoryBankError(f"device {device!r} asked for but CUDA is not available; use cpu")
+        self._vectors = as_float_matrix(vectors, "bank vectors", MemoryBankError)
+        self._index_type = index
+        gpu_faiss = target.type == "cuda" and faiss.get_num_gpus() > 0
+        if index == "torch" or (target.type == "cuda" and not gpu_faiss):
+            self._backend: _TorchSearch | _FaissSearch = _TorchSearch(self._vectors, target)
+        else:
+            self._backend = _FaissSearch(self._vectors, index, ef_search, nprobe, gpu_faiss)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """The bank, float32 (N, D), as a read-only view."""
+        view = self._vectors.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def index_type(self) -> str:
+        return self._index_type
+
+    @property
+    def dim(self) -> int:
+        return self._vectors.shape[1]
+
+    @property
+    def size(self) -> int:
+        return self._vectors.shape[0]
+
+    @property
+    def backend(self) -> str:
+        """What actually searches: "torch" or "faiss" (for logs and benchmarks)."""
+        return "torch" if isinstance(self._backend, _TorchSearch) else "faiss"
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest bank rows per query: (true L2 distances (M, k) float32 ascending,
+        indices (M, k) int64)."""
+        matrix = as_float_matrix(queries, "queries", MemoryBankError)
+        if matrix.shape[1] != self.dim:
+            raise MemoryBankError(
+                f"queries have {matrix.shape[1]} dims but the bank has {self.dim}"
+            )
+        if not 1 <= k <= self.size:
+            raise MemoryBankError(f"k must be in [1, {self.size}] (the bank size), got {k}")
+        indices = self._backend.search(matrix, k)
+        missing = (indices < 0).any(axis=1)
+        if missing.any():  # an approximate index found fewer than k: answer those rows exactly
+            indices[missing] = _TorchSearch(self._vectors, torch.device("cpu")).search(
+                matrix[missing], k
+            )
+        return self._exact_sorted(matrix, indices)
+
+    def _exact_sorted(
+        self, queries: np.ndarray, indices: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Recompute distances to the found rows directly and sort each row ascending."""
+        distances = np.empty(indices.shape, dtype=np.float32)
+        rows = max(1, _GATHER_ELEMENTS // (indices.shape[1] * self.dim))
+        for start in range(0, queries.shape[0], rows):
+            stop = start + rows
+            diff = self._vectors[indices[start:stop]] - queries[start:stop, None, :]
+            distances[start:stop] = np.linalg.norm(diff, axis=2)
+        order = np.argsort(distances, axis=1, kind="stable")
+        return np.take_along_axis(distances, order, 1), np.take_along_axis(indices, order, 1)

@@ -1,0 +1,108 @@
+"""Memory bank: true L2 distances equal brute force; approximate indexes keep high recall."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import PatchqError
+from common.memory_bank import MemoryBank, MemoryBankError
+
+
+def _brute_force(bank: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """All query-to-bank L2 distances in float64, straight from the definition."""
+    diff = queries[:, None, :].astype(np.float64) - bank[None, :, :].astype(np.float64)
+    return np.sqrt((diff**2).sum(axis=2))
+
+
+def _patch_like(rows: int, dim: int, seed: int) -> np.ndarray:
+    """Random points around 40 random centres: structured like patch features, unlike iid noise
+    (on which no approximate index keeps its recall)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, dim)) * 3
+    return (centres[rng.integers(0, 40, rows)] + rng.standard_normal((rows, dim))).astype(
+        np.float32
+    )
+
+
+@pytest.mark.parametrize("index", ["flat", "torch"])
+def test_exact_indexes_equal_brute_force(index: str) -> None:
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((700, 24)).astype(np.float32)
+    queries = np.vstack([rng.standard_normal((60, 24)), bank[:5]]).astype(np.float32)
+    distances, indices = MemoryBank(bank, index).search(queries, k=3)
+    truth = _brute_force(bank, queries)
+    expected = np.sort(truth, axis=1)[:, :3]
+    np.testing.assert_allclose(distances, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(truth, indices, 1), expected, rtol=1e-5)
+    assert distances.dtype == np.float32 and indices.dtype == np.int64
+    assert distances.shape == indices.shape == (65, 3)
+    np.testing.assert_array_equal(indices[60:, 0], np.arange(5))  # a bank row finds itself
+    np.testing.assert_array_equal(distances[60:, 0], 0.0)
+
+
+@pytest.mark.parametrize("index", ["hnsw", "ivf"])
+def test_approximate_indexes_keep_recall_and_return_true_distances(index: str) -> None:
+    bank = _patch_like(3000, 32, seed=1)
+    queries = _patch_like(200, 32, seed=2)
+    distances, indices = MemoryBank(bank, index).search(queries, k=5)
+    truth = _brute_force(bank, queries)
+    nearest = np.argsort(truth, axis=1)[:, :5]
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(indices, nearest, strict=True)])
+    assert recall >= 0.9
+    np.testing.assert_allclose(distances, np.take_along_axis(truth, indices, 1), rtol=1e-5)
+    assert np.all(np.diff(distances, axis=1) >= 0)
+    assert all(len(set(row)) == 5 for row in indices) and (indices >= 0).all()
+
+
+def test_ivf_answers_every_row_even_when_probed_lists_hold_fewer_than_k() -> None:
+    bank = _patch_like(2000, 8, seed=3)
+    distances, indices = MemoryBank(bank, "ivf", nprobe=1).search(bank[:50], k=200)
+    assert (indices >= 0).all() and np.isfinite(distances).all()
+
+
+def test_properties_and_float64_input() -> None:
+    bank = np.random.default_rng(4).standard_normal((10, 3))
+    memory = MemoryBank(bank, "hnsw")
+    assert (memory.size, memory.dim, memory.index_type, memory.backend) == (10, 3, "hnsw", "faiss")
+    assert memory.vectors.dtype == np.float32 and memory.vectors.flags.c_contiguous
+    assert not memory.vectors.flags.writeable
+    assert MemoryBank(bank, "torch").backend == "torch"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_search_equals_cpu() -> None:
+    bank = _patch_like(5000, 64, seed=5)
+    queries = _patch_like(300, 64, seed=6)
+    expected = MemoryBank(bank).search(queries, k=2)
+    for index in ("flat", "ivf", "torch"):
+        got = MemoryBank(bank, index, device="cuda").search(queries, k=2)
+        np.testing.assert_allclose(got[0], expected[0], rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("vectors", "index", "fragment"),
+    [
+        (np.zeros((0, 4)), "flat", "non-empty"),
+        (np.zeros(4), "flat", "matrix"),
+        (np.array([[1.0, np.inf]]), "flat", "NaN or infinite"),
+        (np.zeros((2, 2), np.int32), "flat", "floating"),
+        (np.zeros((2, 2)), "annoy", "unknown index"),
+    ],
+)
+def test_bad_banks_are_one_line_patchq_errors(
+    vectors: np.ndarray, index: str, fragment: str
+) -> None:
+    with pytest.raises(PatchqError, match=fragment) as caught:
+        MemoryBank(vectors, index)
+    assert "\n" not in str(caught.value)
+
+
+def test_bad_queries_and_k_are_rejected() -> None:
+    memory = MemoryBank(np.zeros((4, 3), np.float32))
+    for queries, k in [(np.zeros((2, 5)), 1), (np.zeros((2, 3)), 0), (np.zeros((2, 3)), 5)]:
+        with pytest.raises(MemoryBankError):
+            memory.search(queries, k)
+    with pytest.raises(MemoryBankError, match="NaN"):
+        memory.search(np.full((1, 3), np.nan), 1)
