@@ -139,7 +139,10 @@ def threshold_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) 
         balanced_accuracy=(
             float(balanced_accuracy_score(labels, predicted)) if both_classes else None
         ),
-        mcc=float(matthews_corrcoef(labels, predicted)),
+        # One value across truth and prediction: MCC is 0 by convention (sklearn warns).
+        mcc=float(matthews_corrcoef(labels, predicted))
+        if len(set(labels) | set(predicted)) > 1
+        else 0.0,
         tn=tn,
         fp=fp,
         fn=fn,

@@ -50,8 +50,18 @@ class Policy:
 
     @property
     def name(self) -> str:
-        base = self.kind if self.parameter is None else f"{self.kind}:{self.parameter:g}"
-        return f"{self.preset} ({base})" if self.preset else base
+        """The canonical string; parse_policy(name) gives this policy back."""
+        return self.preset or self.rule
+
+    @property
+    def rule(self) -> str:
+        """The rule without preset name, e.g. target_recall:0.95."""
+        return self.kind if self.parameter is None else f"{self.kind}:{self.parameter:g}"
+
+    @property
+    def label(self) -> str:
+        """For people: a preset shows its rule too."""
+        return f"{self.preset} ({self.rule})" if self.preset else self.rule
 
     @property
     def needs_labels(self) -> bool:

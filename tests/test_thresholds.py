@@ -31,7 +31,9 @@ def test_parse_policy(text: str, expected: Policy) -> None:
 
 def test_policy_names_are_canonical() -> None:
     assert parse_policy("target_recall:0.950").name == "target_recall:0.95"
-    assert parse_policy("screening").name == "screening (target_recall:0.95)"
+    assert parse_policy("screening").label == "screening (target_recall:0.95)"
+    for text in ("screening", "contamination:2.5", "youden", "normal_quantile:0.99"):
+        assert parse_policy(parse_policy(text).name) == parse_policy(text)
 
 
 @pytest.mark.parametrize(

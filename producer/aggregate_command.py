@@ -1,0 +1,40 @@
+"""`patchq aggregate RUN`: thresholds, predictions and metrics per category, from the database."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from aggregator.aggregate import DEFAULT_LABELLED_POLICY, DEFAULT_UNLABELLED_POLICY, aggregate_run
+from aggregator.thresholds import POLICY_HELP
+from common.database import init_db, make_engine
+from common.settings import Settings
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "aggregate",
+        help="choose thresholds, store predictions and metrics for a run",
+        description=(
+            "Per category of RUN: choose a threshold on a calibration set, report metrics on a "
+            "separate evaluation set, store thresholds, metrics and predictions in the database, "
+            "and write CSVs (one per category plus summary.csv)."
+        ),
+    )
+    parser.add_argument("run_ref", metavar="RUN", help="run id or name")
+    parser.add_argument(
+        "--policy",
+        help=f"threshold policy: {POLICY_HELP}. Default: {DEFAULT_LABELLED_POLICY} where both "
+        f"classes are labelled, else {DEFAULT_UNLABELLED_POLICY}",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="folder for the CSVs (default: patchq-reports/run-<id>[-<name>])"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    engine = make_engine(Settings.load().database_url)
+    init_db(engine)
+    aggregate_run(engine, args.run_ref, args.policy, args.out)
+    return 0
