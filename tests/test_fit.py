@@ -1,0 +1,78 @@
+"""fit: the memory bank never judges itself; held-out figures separate real defects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.fit import FitError, fit_category, split_holdout
+from common.layouts import ImageRecord, discover
+from common.patchcore import PatchCoreConfig
+from tests.synthetic import make_mvtec_layout, make_seed_layout
+
+CONFIG = PatchCoreConfig(image_size=64, coreset_ratio=0.25)
+
+
+def _records(n: int) -> list[ImageRecord]:
+    return [ImageRecord(Path(f"{i}.png"), "c", "train", 0, "good") for i in range(n)]
+
+
+def test_holdout_split_is_seeded_disjoint_and_keeps_both_sides() -> None:
+    bank, held = split_holdout(_records(10), 0.2, seed=1)
+    assert len(held) == 2 and len(bank) == 8
+    assert not {r.path for r in bank} & {r.path for r in held}
+    assert split_holdout(_records(10), 0.2, seed=1) == (bank, held)
+    assert split_holdout(_records(10), 0.2, seed=2) != (bank, held)
+    bank, held = split_holdout(_records(2), 0.01, seed=0)
+    assert len(bank) == 1 and len(held) == 1
+
+
+@pytest.fixture(scope="module")
+def seed_fit(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_seed_layout(root, "tex", n_good=20, n_bad=6, n_test=4, size=64)
+    records = discover(root)
+    return records, fit_category(records, CONFIG, holdout=0.25, device="cpu", progress=False)
+
+
+def test_validation_never_scores_memory_bank_images(seed_fit) -> None:
+    records, result = seed_fit
+    assert result.bank_paths.isdisjoint(result.validation_paths)
+    good = {r.path for r in records if r.split == "train" and r.label == 0}
+    assert len(result.bank_paths) == 15 and result.bank_paths < good
+    assert result.validation["n_normal"] == 5 and result.validation["n_anomalous"] == 6
+    # The calibration distribution is the held-out normal scores: none is a bank image's ~0.
+    assert len(result.model.calibration) == 5
+    assert result.model.calibration.min() > 0.05
+
+
+def test_held_out_figures_separate_drawn_defects(seed_fit) -> None:
+    _, result = seed_fit
+    assert result.validation["auroc"] >= 0.9
+    assert result.validation["normal_q95"] >= result.validation["normal_q50"]
+    assert 0 < result.validation["bank_size"] <= 15 * 8 * 8
+
+
+def test_mvtec_layout_uses_test_good_and_defect_folders(tmp_path: Path) -> None:
+    make_mvtec_layout(tmp_path, "tex", n_train=10, n_test_good=3, n_per_defect=2)
+    records = discover(tmp_path)
+    result = fit_category(records, CONFIG, holdout=0.2, device="cpu", progress=False)
+    n_defects = sum(r.label == 1 for r in records)
+    assert result.validation["n_normal"] == 2 + 3
+    assert result.validation["n_anomalous"] == n_defects
+
+
+def test_unreadable_training_image_is_skipped_and_reported(tmp_path: Path) -> None:
+    make_seed_layout(tmp_path, "tex", n_good=6, n_bad=2, n_test=0, size=64)
+    broken = tmp_path / "tex" / "train" / "good" / "broken.png"
+    broken.write_bytes(b"not an image")
+    result = fit_category(discover(tmp_path), CONFIG, holdout=0.3, device="cpu", progress=False)
+    assert broken in result.skipped
+    assert result.validation["auroc"] is not None
+
+
+def test_category_without_good_images_is_an_error() -> None:
+    bad_only = [ImageRecord(Path("x.png"), "c", "train", 1, "bad")]
+    with pytest.raises(FitError, match="no train/good"):
+        fit_category(bad_only, CONFIG, device="cpu", progress=False)

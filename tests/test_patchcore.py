@@ -1,0 +1,131 @@
+"""PatchCore scoring, anomaly maps and the model artifact, on tiny synthetic textures."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from common.anomaly_map import anomaly_map
+from common.artifact import ArtifactError, load_artifact, read_artifact, save_artifact
+from common.memory_bank import MemoryBank
+from common.patchcore import PatchCore, PatchCoreConfig, build_extractor
+from tests.synthetic import draw_defect, make_texture
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def model() -> PatchCore:
+    """A model whose bank holds every patch of 6 normal textures (ratio 1: exact bank)."""
+    config = PatchCoreConfig(image_size=SIZE, coreset_ratio=1.0)
+    extractor = build_extractor(config, torch.device("cpu"))
+    batch = _batch(config, [make_texture(SIZE, seed) for seed in range(6)])
+    patches = extractor(batch).numpy()
+    bank = MemoryBank(patches.reshape(-1, patches.shape[-1]))
+    return PatchCore(config, extractor, bank, calibration=np.array([1.0, 2.0], np.float32))
+
+
+def _batch(config: PatchCoreConfig, images: list[np.ndarray]) -> torch.Tensor:
+    from PIL import Image
+
+    prep = config.preprocessing()
+    return torch.stack([prep.to_tensor(Image.fromarray(i)) for i in images])
+
+
+def test_feature_grid_is_stride_8(model: PatchCore) -> None:
+    patches = model.extractor(torch.zeros(1, 3, SIZE, SIZE))
+    assert patches.shape == (1, SIZE // 8, SIZE // 8, 40 + 112)
+
+
+def test_projection_reduces_patch_dimension() -> None:
+    config = PatchCoreConfig(image_size=64, projection_dim=64)
+    patches = build_extractor(config, torch.device("cpu"))(torch.zeros(1, 3, 64, 64))
+    assert patches.shape[-1] == 64
+
+
+def test_bank_images_score_zero_and_defects_score_high(model: PatchCore) -> None:
+    normal = make_texture(SIZE, 0)  # in the bank
+    unseen = make_texture(SIZE, 50)
+    defective, _ = draw_defect(make_texture(SIZE, 51), "spot", seed=3)
+    result = model.score_tensors(_batch(model.config, [normal, unseen, defective]))
+    assert result.image_scores[0] == pytest.approx(0.0, abs=1e-2)
+    assert result.image_scores[2] > result.image_scores[1] > result.image_scores[0]
+    assert result.patch_maps.shape == (3, SIZE // 8, SIZE // 8)
+    assert result.image_scores == pytest.approx(result.patch_maps.reshape(3, -1).max(axis=1))
+    assert result.embeddings.shape == (3, 152)
+
+
+def test_reweighting_scales_the_max_distance_down(model: PatchCore) -> None:
+    config = PatchCoreConfig(image_size=SIZE, coreset_ratio=1.0, num_neighbors=3)
+    reweighted = PatchCore(config, model.extractor, model.bank, model.calibration)
+    defective, _ = draw_defect(make_texture(SIZE, 51), "spot", seed=3)
+    batch = _batch(config, [defective])
+    plain = model.score_tensors(batch).image_scores[0]
+    weighted = reweighted.score_tensors(batch).image_scores[0]
+    assert 0 < weighted < plain
+
+
+def test_anomaly_map_is_smooth_bilinear_not_blocky() -> None:
+    grid = np.zeros((4, 4), np.float32)
+    grid[1, 1] = 1.0
+    full = anomaly_map(grid, (64, 64))
+    assert full.shape == (64, 64)
+    peak = np.unravel_index(full.argmax(), full.shape)
+    assert 16 <= peak[0] < 32 and 16 <= peak[1] < 32
+    raw = anomaly_map(grid, (64, 64), sigma=0)
+    # Nearest-neighbour upsampling would leave a flat 16x16 tile; bilinear varies inside it.
+    assert len(np.unique(raw[16:32, 24])) > 4
+    assert full.max() < raw.max()  # the Gaussian spreads the peak
+
+
+def test_artifact_round_trip_scores_identically(model: PatchCore) -> None:
+    data = save_artifact(model, "tex", {"auroc": 0.9})
+    loaded = load_artifact(data, device="cpu")
+    batch = _batch(model.config, [make_texture(SIZE, 77)])
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(loaded.calibration, model.calibration)
+    np.testing.assert_allclose(
+        loaded.score_tensors(batch).image_scores, model.score_tensors(batch).image_scores
+    )
+    assert read_artifact(data).validation == {"auroc": 0.9}
+
+
+def test_corrupt_artifact_is_a_clear_error() -> None:
+    with pytest.raises(ArtifactError, match="corrupt"):
+        read_artifact(b"garbage bytes")
+
+
+def _rewrite_header(data: bytes, **changes: object) -> bytes:
+    with np.load(io.BytesIO(data)) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    header = json.loads(arrays["header"].tobytes()) | changes
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    return out.getvalue()
+
+
+def test_artifact_of_another_version_or_shape_is_refused(model: PatchCore) -> None:
+    data = save_artifact(model, "tex")
+    with pytest.raises(ArtifactError, match="version 99"):
+        read_artifact(_rewrite_header(data, version=99))
+    with pytest.raises(ArtifactError, match="inconsistent"):
+        read_artifact(_rewrite_header(data, feature_dim=7))
+    other_backbone = _rewrite_header(
+        data, config=model.config.to_dict() | {"layers": ["stage2", "stage3"]}
+    )
+    with pytest.raises(ArtifactError, match="does not match its backbone"):
+        load_artifact(other_backbone, device="cpu")
+
+
+def test_artifact_holds_no_pickled_objects(model: PatchCore) -> None:
+    data = save_artifact(model, "tex")
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert sorted(archive.namelist()) == ["bank.npy", "calibration.npy", "header.npy"]
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:  # raises on object arrays
+        assert all(archive[name].dtype != object for name in archive.files)
