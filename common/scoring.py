@@ -1,0 +1,237 @@
+"""Score one batch of a run's images: the task body that workers and the in-process path share.
+
+The Celery task in worker/tasks.py is a thin wrapper around `score_batch`, so the distributed
+and the embedded paths run exactly the same code and write exactly the same rows. Delivery is
+at least once, so the function is written to be run again on the same batch:
+
+1. one short transaction counts the delivery (images.attempts) and reads the batch; images
+   already done or failed are skipped, and images delivered more often than the redelivery
+   limit allows are marked failed (a batch that keeps killing its worker must end);
+2. images are decoded and scored outside any transaction;
+3. one transaction writes every score, patch map and embedding of the batch together with
+   the decode failures, as idempotent upserts keyed by (run, image).
+
+Models come from a `ModelProvider`: fetched from the database once per process, kept on disk
+by content hash and built lazily in the process that scores, never in a parent that forks.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.artifact import artifact_hash, load_artifact
+from common.batches import decode_batch
+from common.database import (
+    ScoreRow,
+    bump_attempts,
+    images_by_id,
+    load_model_bytes,
+    mark_failed,
+    model_content_hash,
+    upsert_scores,
+)
+from common.memory_bank import MemoryBank
+from common.patchcore import PatchCore
+from common.schema import Image
+
+DEFAULT_CACHED_MODELS = 3
+_T = TypeVar("_T")
+TIMING_KEYS = ("model_s", "decode_s", "backbone_s", "search_s", "write_s")
+
+
+@dataclass
+class BatchOutcome:
+    """What one call did; the timings (seconds) split where a batch's time goes."""
+
+    done: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)  # already done/failed, or not in the run
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
+
+
+class ModelProvider:
+    """Ready-to-score models by id: an LRU of a few in memory, artifacts cached on disk.
+
+    A worker that scores several categories keeps the last `capacity` models built; the
+    artifact bytes are read from the database only when the disk cache lacks them (checked by
+    content hash, so a truncated cache file is fetched again). The provider belongs to the
+    process that created it: after a fork it drops what it holds rather than share CUDA or
+    FAISS state with its parent.
+    """
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        cache_dir: Path,
+        device: str = "auto",
+        capacity: int = DEFAULT_CACHED_MODELS,
+    ) -> None:
+        self._sessions = session_factory
+        self._cache_dir = Path(cache_dir)
+        self._device = device
+        self._capacity = max(1, capacity)
+        self._models: OrderedDict[int, PatchCore] = OrderedDict()
+        self._pid = os.getpid()
+
+    def get(self, model_id: int) -> PatchCore:
+        """The model, built on first use in this process."""
+        if os.getpid() != self._pid:
+            self._models.clear()
+            self._pid = os.getpid()
+        model = self._models.get(model_id)
+        if model is None:
+            model = load_artifact(self._artifact_bytes(model_id), self._device)
+            self._models[model_id] = model
+            while len(self._models) > self._capacity:
+                self._models.popitem(last=False)
+        self._models.move_to_end(model_id)
+        return model
+
+    def _artifact_bytes(self, model_id: int) -> bytes:
+        with self._sessions() as session:
+            content_hash = model_content_hash(session, model_id)
+            cached = self._cache_dir / f"{content_hash}.npz"
+            if cached.is_file():
+                data = cached.read_bytes()
+                if artifact_hash(data) == content_hash:
+                    return data
+            data, content_hash = load_model_bytes(session, model_id)
+        self._write_cache(self._cache_dir / f"{content_hash}.npz", data)
+        return data
+
+    @staticmethod
+    def _write_cache(path: Path, data: bytes) -> None:
+        """Write via a temporary file and rename, so concurrent workers never read half a file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
+            tmp.write(data)
+        os.replace(tmp.name, path)
+
+
+class _TimedBank:
+    """A memory bank that adds up the time spent searching, to split backbone from search."""
+
+    def __init__(self, bank: MemoryBank) -> None:
+        self._bank = bank
+        self.seconds = 0.0
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        start = time.perf_counter()
+        try:
+            return self._bank.search(queries, k)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._bank, name)
+
+
+def score_batch(
+    session_factory: sessionmaker[Session],
+    run_id: int,
+    image_ids: Sequence[int],
+    model_provider: ModelProvider,
+    worker_name: str,
+    max_deliveries: int | None = None,
+) -> BatchOutcome:
+    """Score the pending images of `image_ids` (of run `run_id`) and write the results.
+
+    `max_deliveries`: an image delivered more often than this is marked failed instead of
+    scored (None: no limit). Unreadable images are marked failed with their reason; the rest
+    of the batch is scored.
+    """
+    outcome = BatchOutcome()
+    images = _claim(session_factory, run_id, image_ids, max_deliveries, outcome)
+    rows: list[ScoreRow] = []
+    by_model: dict[int, list[Image]] = defaultdict(list)
+    for image in images:
+        by_model[image.model_id].append(image)
+    for model_id, group in by_model.items():
+        model = _timed(outcome, "model_s", lambda m=model_id: model_provider.get(m))
+        rows += _score_group(model, run_id, group, worker_name, outcome)
+    start = time.perf_counter()
+    if rows or outcome.failed:
+        with session_factory.begin() as session:
+            upsert_scores(session, rows)
+            mark_failed(session, run_id, outcome.failed)
+    outcome.timings["write_s"] += time.perf_counter() - start
+    outcome.done = [row["image_id"] for row in rows]
+    return outcome
+
+
+def _claim(
+    session_factory: sessionmaker[Session],
+    run_id: int,
+    image_ids: Sequence[int],
+    max_deliveries: int | None,
+    outcome: BatchOutcome,
+) -> list[Image]:
+    """Count this delivery and return the images still to score (committed before scoring,
+    so a worker killed while scoring still leaves its count behind)."""
+    start = time.perf_counter()
+    with session_factory.begin() as session:
+        attempts = bump_attempts(session, list(image_ids))
+        found = [i for i in images_by_id(session, image_ids) if i.run_id == run_id]
+        pending = [i for i in found if i.status == "pending"]
+        worn_out = {
+            i.id: f"worker lost {attempts[i.id] - 1} times while scoring it; see the worker logs"
+            for i in pending
+            if max_deliveries is not None and attempts[i.id] > max_deliveries
+        }
+        mark_failed(session, run_id, worn_out)
+    outcome.failed |= worn_out
+    outcome.skipped = sorted(set(image_ids) - {i.id for i in pending})
+    outcome.timings["write_s"] += time.perf_counter() - start
+    return [i for i in pending if i.id not in worn_out]
+
+
+def _score_group(
+    model: PatchCore, run_id: int, images: list[Image], worker_name: str, outcome: BatchOutcome
+) -> list[ScoreRow]:
+    """Decode and score images that share a model; failures go to `outcome.failed`."""
+    decoded = _timed(
+        outcome,
+        "decode_s",
+        lambda: decode_batch([Path(i.path) for i in images], model.preprocessing),
+    )
+    outcome.failed |= {images[index].id: reason for index, reason in decoded.failures.items()}
+    if not decoded.ok:
+        return []
+    bank = _TimedBank(model.bank)
+    timed_model = PatchCore(model.config, model.extractor, bank, model.calibration)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    result = timed_model.score_tensors(decoded.tensor)
+    elapsed = time.perf_counter() - start
+    outcome.timings["search_s"] += bank.seconds
+    outcome.timings["backbone_s"] += elapsed - bank.seconds
+    per_image_ms = 1000 * elapsed / len(decoded.ok)
+    return [
+        ScoreRow(
+            run_id=run_id,
+            image_id=images[index].id,
+            score=float(result.image_scores[row]),
+            patch_map=result.patch_maps[row],
+            embedding=result.embeddings[row],
+            worker=worker_name,
+            duration_ms=per_image_ms,
+        )
+        for row, index in enumerate(decoded.ok)
+    ]
+
+
+def _timed(outcome: BatchOutcome, key: str, work: Callable[[], _T]) -> _T:
+    start = time.perf_counter()
+    try:
+        return work()
+    finally:
+        outcome.timings[key] += time.perf_counter() - start

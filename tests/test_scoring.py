@@ -1,0 +1,191 @@
+"""score_batch in-process: the model's numbers, bad files fail alone, redelivery is harmless."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.artifact import artifact_hash, save_artifact
+from common.batches import decode_batch
+from common.database import (
+    ImageRow,
+    create_run,
+    decode_array,
+    init_db,
+    make_engine,
+    make_session_factory,
+    pending_image_ids,
+    register_images,
+    store_model,
+)
+from common.fit import fit_category
+from common.layouts import discover
+from common.patchcore import PatchCore, PatchCoreConfig
+from common.schema import Image, Score
+from common.scoring import ModelProvider, score_batch
+from tests.synthetic import make_seed_layout
+
+CONFIG = PatchCoreConfig(image_size=64, coreset_ratio=0.25)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    model: PatchCore
+    artifact: bytes
+    test_paths: list[Path]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
+    root = tmp_path_factory.mktemp("data")
+    make_seed_layout(root, "tex", n_good=10, n_bad=2, n_test=6, size=64)
+    records = discover(root)
+    result = fit_category(records, CONFIG, holdout=0.2, device="cpu", progress=False)
+    test_paths = [r.path for r in records if r.split == "test"]
+    return Fitted(result.model, save_artifact(result.model, "tex"), test_paths)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    init_db(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return make_session_factory(engine)
+
+
+def _store(sessions: sessionmaker[Session], artifact: bytes) -> int:
+    with sessions.begin() as session:
+        return store_model(
+            session, "tex", artifact, artifact_hash(artifact), "efficientnet_lite0", {}, None, 1
+        )
+
+
+def _run(
+    sessions: sessionmaker[Session], model_id: int, paths: list[Path]
+) -> tuple[int, list[int]]:
+    with sessions.begin() as session:
+        run_id = create_run(session, "r", "test", batch_size=len(paths))
+        rows = [ImageRow(category="tex", path=str(p), model_id=model_id) for p in paths]
+        register_images(session, run_id, rows)
+        return run_id, pending_image_ids(session, run_id)
+
+
+def _bad_files(folder: Path, good: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    corrupt = folder / "corrupt.png"
+    corrupt.write_bytes(good.read_bytes()[:200])
+    empty = folder / "empty.png"
+    empty.write_bytes(b"")
+    text = folder / "notes.png"
+    text.write_text("not an image at all\n")
+    return {"corrupt": corrupt, "missing": folder / "gone.png", "empty": empty, "text": text}
+
+
+def _provider(sessions: sessionmaker[Session], tmp_path: Path) -> ModelProvider:
+    return ModelProvider(sessions, tmp_path / "cache", device="cpu")
+
+
+def test_scores_equal_the_model_on_the_same_images(
+    fitted: Fitted, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    run_id, ids = _run(sessions, _store(sessions, fitted.artifact), fitted.test_paths)
+    outcome = score_batch(sessions, run_id, ids, _provider(sessions, tmp_path), "w1")
+    assert sorted(outcome.done) == ids and not outcome.failed
+    assert all(outcome.timings[key] > 0 for key in ("decode_s", "backbone_s", "search_s"))
+
+    expected = fitted.model.score_tensors(
+        decode_batch(fitted.test_paths, fitted.model.preprocessing).tensor
+    )
+    with sessions() as session:
+        rows = session.scalars(select(Score).order_by(Score.image_id)).all()
+        statuses = set(session.scalars(select(Image.status)))
+    assert statuses == {"done"}
+    np.testing.assert_allclose([r.score for r in rows], expected.image_scores, rtol=1e-5)
+    for row, patch_map, embedding in zip(
+        rows, expected.patch_maps, expected.embeddings, strict=True
+    ):
+        stored = decode_array(row.patch_map, (row.map_height, row.map_width))
+        np.testing.assert_allclose(stored, patch_map, rtol=2e-3, atol=1e-3)
+        assert row.embedding is not None
+        np.testing.assert_allclose(decode_array(row.embedding, (-1,)), embedding, atol=2e-2)
+        assert row.worker == "w1" and row.duration_ms > 0
+
+
+def test_bad_files_fail_with_reasons_and_the_rest_is_scored(
+    fitted: Fitted, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    bad = _bad_files(tmp_path / "bad", fitted.test_paths[0])
+    paths = [*fitted.test_paths[:3], *bad.values()]
+    run_id, ids = _run(sessions, _store(sessions, fitted.artifact), paths)
+    outcome = score_batch(sessions, run_id, ids, _provider(sessions, tmp_path), "w1")
+    assert len(outcome.done) == 3 and len(outcome.failed) == 4
+    with sessions() as session:
+        errors = dict(session.execute(select(Image.path, Image.error)).all())
+        failed = session.scalar(select(func.count()).where(Image.status == "failed"))
+        scored = session.scalar(select(func.count()).select_from(Score))
+    assert failed == 4 and scored == 3
+    assert "file not found" in errors[str(bad["missing"])]
+    assert "empty file" in errors[str(bad["empty"])]
+    for kind in ("corrupt", "text"):
+        assert errors[str(bad[kind])].startswith(str(bad[kind]))
+    assert all(errors[str(p)] is None for p in fitted.test_paths[:3])
+
+
+def test_redelivered_batch_writes_no_duplicates(
+    fitted: Fitted, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    run_id, ids = _run(sessions, _store(sessions, fitted.artifact), fitted.test_paths)
+    provider = _provider(sessions, tmp_path)
+    score_batch(sessions, run_id, ids, provider, "w1")
+    again = score_batch(sessions, run_id, ids, provider, "w2")
+    assert again.skipped == ids and not again.done  # done images are not scored twice
+    with sessions.begin() as session:  # a delivery that overlapped the first one's write
+        session.execute(update(Image).values(status="pending"))
+    overlap = score_batch(sessions, run_id, ids, provider, "w2")
+    assert sorted(overlap.done) == ids
+    with sessions() as session:
+        per_image = session.execute(
+            select(Score.image_id, func.count()).group_by(Score.image_id)
+        ).all()
+        workers = set(session.scalars(select(Score.worker)))
+        attempts = set(session.scalars(select(Image.attempts)))
+    assert sorted(i for i, _ in per_image) == ids and {n for _, n in per_image} == {1}
+    assert workers == {"w2"} and attempts == {3}
+
+
+def test_images_delivered_too_often_are_failed_not_scored(
+    fitted: Fitted, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    run_id, ids = _run(sessions, _store(sessions, fitted.artifact), fitted.test_paths[:2])
+    with sessions.begin() as session:
+        session.execute(update(Image).where(Image.id == ids[0]).values(attempts=3))
+    outcome = score_batch(
+        sessions, run_id, ids, _provider(sessions, tmp_path), "w1", max_deliveries=3
+    )
+    assert outcome.done == [ids[1]]
+    assert outcome.failed == {ids[0]: "worker lost 3 times while scoring it; see the worker logs"}
+
+
+def test_provider_caches_artifacts_on_disk_by_hash(
+    fitted: Fitted, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    model_id = _store(sessions, fitted.artifact)
+    provider = _provider(sessions, tmp_path)
+    model = provider.get(model_id)
+    assert provider.get(model_id) is model
+    cached = tmp_path / "cache" / f"{artifact_hash(fitted.artifact)}.npz"
+    assert cached.read_bytes() == fitted.artifact
+    cached.write_bytes(fitted.artifact[:100])  # a torn cache file is fetched again
+    assert _provider(sessions, tmp_path).get(model_id).bank.size == model.bank.size
+    assert cached.read_bytes() == fitted.artifact
