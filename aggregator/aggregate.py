@@ -292,8 +292,8 @@ def build_sets(data: CategoryData, policy: Policy, seed: int = SPLIT_SEED) -> Ev
         labels[calibration],
         scores[~calibration],
         labels[~calibration],
-        f"seeded 50% of {described}: {int(calibration.sum())}",
-        f"the other {int((~calibration).sum())}",
+        f"{int(calibration.sum())} of {described}, a seeded 50% split per class",
+        f"the other {int((~calibration).sum())} of them",
     )
 
 

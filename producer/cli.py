@@ -12,9 +12,31 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from common.errors import PatchqError
-from producer import config_command, demo_command, fit_command
+from producer import (
+    aggregate_command,
+    config_command,
+    demo_command,
+    fit_command,
+    flower_command,
+    report_command,
+    run_command,
+    status_command,
+    submit_command,
+    worker_command,
+)
 
-COMMANDS: tuple[ModuleType, ...] = (fit_command, demo_command, config_command)
+COMMANDS: tuple[ModuleType, ...] = (
+    fit_command,
+    run_command,
+    submit_command,
+    status_command,
+    worker_command,
+    demo_command,
+    config_command,
+    aggregate_command,
+    report_command,
+    flower_command,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
