@@ -87,7 +87,7 @@ def test_image_storage_is_read_only_at_the_same_path(services: dict[str, Any]) -
 
 def test_flower_requires_login(services: dict[str, Any]) -> None:
     flower = services["flower"]
-    assert flower["command"] == ["flower"]
+    assert flower["command"][0] == "flower"
     assert flower["environment"]["PATCHQ_FLOWER_BASIC_AUTH"] == TEST_ENV["PATCHQ_FLOWER_BASIC_AUTH"]
     assert flower["environment"]["PATCHQ_FLOWER_PORT"] == "5555"
     assert flower["ports"] == ["127.0.0.1:5555:5555/tcp"]
