@@ -17,8 +17,8 @@ import yaml
 from common.settings import Settings
 
 ROOT = Path(__file__).parents[1]
-PATCHQ_SERVICES = ("worker", "flower", "fit", "submit", "aggregate")
-JOBS = ("fit", "submit", "aggregate")
+JOBS = ("fit", "submit", "aggregate", "report")
+PATCHQ_SERVICES = ("worker", "flower", *JOBS)
 TEST_ENV = {
     "POSTGRES_PASSWORD": "pg-test-secret",
     "REDIS_PASSWORD": "redis-test-secret",
@@ -81,7 +81,7 @@ def test_worker_reserves_one_gpu_and_runs_one_process(services: dict[str, Any]) 
 
 def test_image_storage_is_read_only_at_the_same_path(services: dict[str, Any]) -> None:
     data = TEST_ENV["DATA_DIR"]
-    for name in ("worker", "fit", "submit", "aggregate"):
+    for name in ("worker", *JOBS):
         assert f"{data}:{data}:ro" in services[name]["volumes"], name
 
 
