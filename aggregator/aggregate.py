@@ -292,7 +292,7 @@ def build_sets(data: CategoryData, policy: Policy, seed: int = SPLIT_SEED) -> Ev
         labels[calibration],
         scores[~calibration],
         labels[~calibration],
-        f"{int(calibration.sum())} of {described}, a seeded 50% split per class",
+        f"{int(calibration.sum())} of {len(labels)} = {described}; a seeded 50% split per class",
         f"the other {int((~calibration).sum())} of them",
     )
 

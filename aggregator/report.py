@@ -40,7 +40,9 @@ th, td { padding: 0.25rem 0.6rem; border-bottom: 1px solid #ddd; text-align: rig
 th:first-child, td:first-child { text-align: left; }
 thead th { background: #f3f3f3; }
 section { border-top: 2px solid #444; margin-top: 2rem; }
-img { max-width: 100%; height: auto; border: 1px solid #eee; margin: 0.3rem 0; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figure { display: inline-block; vertical-align: top; margin: 0.4rem 0.8rem 0.8rem 0; }
+figcaption { font-size: 0.85rem; color: #555; }
 .sets { background: #f7f7f2; padding: 0.5rem 0.8rem; border-left: 4px solid #b8a; }
 .note { color: #8a4b00; }
 pre { background: #f6f6f6; padding: 0.6rem; overflow-x: auto; }

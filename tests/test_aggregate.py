@@ -41,7 +41,7 @@ def test_default_policy_stores_thresholds_metrics_predictions(run, dataset, tmp_
 
     tex = _rows(engine, Threshold, category="tex")[0]
     assert tex.policy == "youden"
-    assert tex.calibration_set.startswith("7 of 14 labelled images of the run")
+    assert tex.calibration_set.startswith("7 of 14 = 14 labelled images of the run")
     assert tex.evaluation_set == "the other 7 of them"
     assert "12 train/good images left out" in tex.calibration_set
     metric = _rows(engine, Metric, category="tex")[0]
