@@ -146,19 +146,6 @@ class Settings:
             )
         return shown
 
-    def resolve_device(self) -> str:
-        """The concrete torch device; imports torch, so call it in the process that will use it."""
-        import torch
-
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise SettingsError(
-                f"PATCHQ_DEVICE={self.device!r} but no CUDA device is available; "
-                "set it to auto or cpu"
-            )
-        return self.device
-
     def _validate(self) -> None:
         """Reject values that parse but cannot work, before any process starts on them."""
         if not _DEVICE_PATTERN.fullmatch(self.device):

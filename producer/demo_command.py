@@ -1,7 +1,9 @@
 """`patchq demo`: the whole job on real images, from a fresh machine, with one command.
 
 The data are solar-cell electroluminescence images from the PyPI package `elpv-dataset`
-(Deitsch et al., CC BY-NC-SA 4.0), written in the seed layout with two categories, mono and poly.
+(Deitsch et al., CC BY-NC-SA 4.0), written in the seed layout with two categories, mono and
+poly. The demo runs the same pipeline as `patchq run` and ends with each category's held-out
+validation figures: images the memory bank never saw.
 """
 
 from __future__ import annotations
@@ -9,10 +11,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.layouts import discover, summarize
-from common.settings import Settings
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from common.database import make_engine
+from common.schema import Model
 from producer.demo_data import write_elpv_demo
-from producer.fit_command import add_model_arguments, config_from_args, fit_and_store
+from producer.fit_command import add_model_arguments
+from producer.pipeline import run_pipeline
+from producer.run_command import add_run_arguments, pipeline_options, settings_from_args
 
 DEFAULT_ROOT = Path("demo-data")
 DEFAULT_LIMIT = 400
@@ -24,7 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="write the solar-cell demo data set and run the whole job on it",
         description=(
             "Write a real data set (elpv-dataset solar cells, CC BY-NC-SA 4.0) in the seed layout "
-            "and run patchq on it end to end on the embedded default (SQLite, in-process)."
+            "and run patchq on it end to end: fit, score, aggregate (in-process on SQLite unless "
+            "PATCHQ_BROKER_URL is set)."
         ),
     )
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where to write the data")
@@ -34,15 +42,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_LIMIT,
         help=f"cells per category (default {DEFAULT_LIMIT}; 0 = all ~1,000-1,500)",
     )
+    add_run_arguments(parser)
     add_model_arguments(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = Settings.load({"device": args.device})
+    settings = settings_from_args(args)
     root = write_elpv_demo(args.root, limit_per_category=args.limit or None)
     print(f"demo data: {root} (elpv-dataset, CC BY-NC-SA 4.0)")
-    records = discover(root, args.category)
-    print(summarize(records))
-    fit_and_store(records, config_from_args(args), settings, args.holdout, args.batch_size)
+    result = run_pipeline(root, args.category, settings, **pipeline_options(args))
+    engine = make_engine(settings.database_url)
+    with Session(engine) as session:
+        print(held_out_table(session, result.model_ids))
+    engine.dispose()
     return 0
+
+
+def held_out_table(session: Session, model_ids: dict[str, int]) -> str:
+    """Each category's validation figures as stored with its model by `fit`."""
+    lines = ["held-out validation (images not in the memory bank):"]
+    for category, model_id in sorted(model_ids.items()):
+        validation = session.scalar(select(Model.validation).where(Model.id == model_id)) or {}
+        lines.append(
+            f"  {category}: AUROC {_fmt(validation.get('auroc'))}  "
+            f"AP {_fmt(validation.get('average_precision'))}  "
+            f"({validation.get('n_normal', 0)} normal, {validation.get('n_anomalous', 0)} "
+            f"defective; model {model_id})"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
