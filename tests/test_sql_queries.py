@@ -210,3 +210,11 @@ def test_score_distribution_nearest_rank_percentiles(engine: Engine, seeded: See
         assert row["max_score"] == pytest.approx(scores.max())
         assert float(row["mean_score"]) == pytest.approx(scores.mean())
         assert {column: row[column] for column in quantile} == pytest.approx(quantile)
+
+
+def test_readme_shows_the_tested_queries() -> None:
+    """The README's SQL section is docs/queries.sql pasted verbatim; this catches drift."""
+    readme = (QUERIES_FILE.parents[1] / "README.md").read_text(encoding="utf-8")
+    assert QUERIES_FILE.read_text(encoding="utf-8") in readme, (
+        "README.md's SQL section is stale: paste docs/queries.sql into its ```sql block"
+    )
