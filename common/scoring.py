@@ -208,7 +208,7 @@ def _score_group(
     if not decoded.ok:
         return []
     bank = _TimedBank(model.bank)
-    timed_model = PatchCore(model.config, model.extractor, bank, model.calibration)  # type: ignore[arg-type]
+    timed_model = model.with_bank(bank)  # type: ignore[arg-type]
     start = time.perf_counter()
     result = timed_model.score_tensors(decoded.tensor)
     elapsed = time.perf_counter() - start

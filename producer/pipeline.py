@@ -170,7 +170,7 @@ def resolve_run(session: Session, run: str) -> int:
 
 def broker_app(settings: Settings) -> Celery:
     """The Celery app (as the workers build it) after checking the broker answers."""
-    from worker.app import make_app  # imported here: in-process runs never need Celery
+    from worker.config import make_app  # imported here: in-process runs never need Celery
 
     app = make_app(settings)
     try:
@@ -189,7 +189,7 @@ def enqueue_pending(
     app: Celery, sessions: sessionmaker[Session], run_id: int, batch_size: int, queue: str
 ) -> int:
     """Send the run's pending images as batches of ids; returns the number of batches."""
-    from worker.app import TASK_NAME
+    from worker.config import TASK_NAME
 
     with sessions() as session:
         ids = pending_image_ids(session, run_id)

@@ -1,65 +1,15 @@
-"""The Celery app, configured from Settings (PATCHQ_* variables) for at-least-once delivery.
+"""The workers' Celery app, built from this process's settings (PATCHQ_* variables).
 
-`celery -A worker.app worker` and `patchq worker` both load this module. Delivery settings:
-
-- acks late + reject on worker lost: a batch is acknowledged only after its rows are
-  committed, and a worker process that dies mid-batch hands the batch back to the queue;
-- prefetch 1: a worker holds at most the batch it is scoring, so a lost worker strands little;
-- visibility timeout (PATCHQ_VISIBILITY_TIMEOUT_S, longer than the task time limit): Redis
-  redelivers a batch whose whole worker vanished (SIGKILL, power loss) after this long;
-- the redelivery limit is counted in the database (images.attempts), not by the broker, so it
-  survives broker restarts; see common.scoring;
-- no result backend: results are rows in SQL, never Celery payloads.
+`celery -A worker.app worker` and `patchq worker` both load this module; the configuration and
+its delivery guarantees are in worker.config.
 """
 
 from __future__ import annotations
 
-from celery import Celery
-from kombu import Queue
+from common.settings import Settings
+from worker.config import TASK_NAME, make_app
 
-from common.settings import Settings, SettingsError
-
-TASK_NAME = "patchq.score_batch"
-SOFT_LIMIT_MARGIN_S = 30  # time the task gets to record a timeout before it is killed
-
-
-def make_app(settings: Settings) -> Celery:
-    """A Celery app for `settings`; the producer and the workers build it the same way."""
-    if not settings.broker_url:
-        raise SettingsError(
-            "PATCHQ_BROKER_URL is not set; workers need a broker such as redis://host:6379/0 "
-            "(without one, `patchq run` scores in-process)"
-        )
-    app = Celery("patchq", broker=settings.broker_url, include=["worker.tasks"])
-    limit = settings.task_time_limit_s
-    restore_every_s = max(1, min(10, settings.visibility_timeout_s // 4))
-    app.conf.update(
-        task_default_queue=settings.queue,
-        task_queues=[Queue(settings.queue)],
-        task_routes={TASK_NAME: {"queue": settings.queue}},
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_time_limit=limit,
-        task_soft_time_limit=limit - SOFT_LIMIT_MARGIN_S
-        if limit > 2 * SOFT_LIMIT_MARGIN_S
-        else limit * 0.8,
-        task_ignore_result=True,
-        result_backend=None,
-        task_serializer="json",
-        accept_content=["json"],
-        broker_connection_retry_on_startup=True,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_s,
-            # Sweep for batches of vanished workers often enough to matter at this timeout.
-            "unacked_restore_interval": restore_every_s,
-            "unacked_restore_throttle": 1,
-            "socket_connect_timeout": 5,
-        },
-        worker_send_task_events=False,
-    )
-    return app
-
+__all__ = ["TASK_NAME", "app", "make_app", "settings"]
 
 settings = Settings.load()
 app = make_app(settings)

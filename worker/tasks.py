@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from common.database import DatabaseError, make_engine, make_session_factory, mark_failed
 from common.errors import PatchqError
 from common.scoring import ModelProvider, score_batch
-from worker.app import TASK_NAME, app, settings
+from worker.app import app, settings
+from worker.config import TASK_NAME
 
 log = logging.getLogger(__name__)
 
