@@ -1,0 +1,105 @@
+"""`patchq run` end to end on the embedded default, and the one-line errors users can hit."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.synthetic import make_seed_layout
+
+ROOT = Path(__file__).parents[1]
+SHARED_REDIS = "redis://127.0.0.1:6379/14"  # reachable; nothing is enqueued on it
+MODEL_FLAGS = ["--image-size", "64", "--coreset-ratio", "0.25", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cli")
+    make_seed_layout(folder / "data", "tex", n_good=10, n_bad=4, n_test=6, size=64)
+    (folder / "empty").mkdir()
+    return folder
+
+
+def patchq(workdir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `patchq ARGS` in `workdir` with a clean PATCHQ_* environment (no broker)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PATCHQ_")}
+    base |= {
+        "PYTHONPATH": str(ROOT),
+        "PATCHQ_DATABASE_URL": f"sqlite:///{workdir / 'patchq.db'}",
+        "PATCHQ_MODEL_CACHE_DIR": str(workdir / "models"),
+        "PATCHQ_DEVICE": "cpu",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args],
+        cwd=workdir,
+        env=base | env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_run_fits_scores_and_aggregates_in_process(workdir: Path) -> None:
+    result = patchq(workdir, "run", "data", "--run", "first", "--out", "out", *MODEL_FLAGS)
+    assert result.returncode == 0, result.stderr
+    assert "fitting tex" in result.stdout and "tex: 20 done, 0 failed, 0 pending" in result.stdout
+    assert (workdir / "out" / "index.html").is_file()
+    with sqlite3.connect(workdir / "patchq.db") as db:
+        assert db.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall() == [
+            ("done", 20)
+        ]
+        assert db.execute("SELECT count(*) FROM scores").fetchone() == (20,)
+        (worker,) = db.execute("SELECT DISTINCT worker FROM scores").fetchone()
+    assert worker.startswith("inprocess@")
+
+    again = patchq(workdir, "run", "data", "--run", "first", "--out", "out", *MODEL_FLAGS)
+    assert again.returncode == 0, again.stderr
+    assert "tex: using model 1" in again.stdout and "0 to score" in again.stdout
+
+    status = patchq(workdir, "status", "first")
+    assert status.returncode == 0, status.stderr
+    assert "20/20" in status.stdout and "tex: 20 done, 0 failed, 0 pending" in status.stdout
+
+
+def test_unknown_category_is_one_line(workdir: Path) -> None:
+    line = _one_line_error(patchq(workdir, "run", "data", "--category", "nope", *MODEL_FLAGS))
+    assert "unknown category 'nope'" in line and "tex" in line
+
+
+def test_no_images_is_one_line(workdir: Path) -> None:
+    line = _one_line_error(
+        patchq(workdir, "submit", "empty", "--category", "tex", PATCHQ_BROKER_URL="redis://x/0")
+    )
+    assert "no images" in line
+
+
+def test_missing_model_says_to_fit_first(workdir: Path) -> None:
+    submit = ["submit", "data/tex/test", "--category", "wood"]
+    line = _one_line_error(patchq(workdir, *submit, PATCHQ_BROKER_URL=SHARED_REDIS))
+    assert "no model for category wood" in line and "patchq fit" in line
+
+
+def test_submit_without_broker_and_unknown_run_are_one_line(workdir: Path) -> None:
+    line = _one_line_error(patchq(workdir, "submit", "data", "--category", "tex"))
+    assert "PATCHQ_BROKER_URL is not set" in line and "patchq run" in line
+    line = _one_line_error(patchq(workdir, "status", "no-such-run"))
+    assert "run 'no-such-run' is not in the database" in line
+
+
+def test_unreachable_broker_is_one_line(workdir: Path) -> None:
+    down = {"PATCHQ_BROKER_URL": "redis://127.0.0.1:1/0"}
+    for args in (["submit", "data", "--category", "tex"], ["run", "data", *MODEL_FLAGS]):
+        line = _one_line_error(patchq(workdir, *args, **down))
+        assert "cannot reach the broker at redis://127.0.0.1:1/0" in line
