@@ -1,15 +1,22 @@
 """The model artifact: one versioned file that loads without executing code.
 
-Format ``patchq-model`` version 1 is a NumPy ``.npz`` archive (a zip of ``.npy`` arrays), read with
+Format ``patchq-model`` version 2 is a NumPy ``.npz`` archive (a zip of ``.npy`` arrays), read with
 ``allow_pickle=False`` so a hostile file cannot run code:
 
-=============  ==============================================================================
-``header``     uint8 bytes of UTF-8 JSON: ``{"format": "patchq-model", "version": 1,
-               "category": str, "config": PatchCoreConfig fields, "preprocessing": {...},
-               "feature_dim": int, "validation": {...} | null}``
-``bank``       float32 (N, D): the memory bank M, coreset-sampled patch features
-``calibration`` float32 (n,): image scores of held-out normal images (never in M)
-=============  ==============================================================================
+=====================  ======================================================================
+``header``             uint8 bytes of UTF-8 JSON: ``{"format": "patchq-model", "version": 2,
+                       "category": str, "config": PatchCoreConfig fields, "preprocessing":
+                       {...}, "feature_dim": int, "validation": {...} | null}``
+``bank``               float32 (N, D): the memory bank M, coreset-sampled patch features
+``calibration``        float32 (n,): image scores of held-out normal images (never in M)
+``global_mean``        float32 (2D,): mean pooled statistics of the bank images (optional)
+``global_precision``   float32 (2D, 2D): their Ledoit-Wolf shrunk inverse covariance (optional)
+``part_calibration``   float32 (n, 2): raw [s*, global] scores of the held-out normals (optional)
+=====================  ======================================================================
+
+The three global arrays come together or not at all; a model without them scores with the
+patch scorer only. Version 1 (no global arrays, no scorer setting) is still read, as a
+patch-scorer model.
 
 The same bytes go into the ``models`` table, so a worker on another machine gets the model
 from the database; ``artifact_hash`` (SHA-256 of the bytes) names its on-disk cache entry.
@@ -17,6 +24,7 @@ from the database; ``artifact_hash`` (SHA-256 of the bytes) names its on-disk ca
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -28,11 +36,14 @@ import numpy as np
 import torch
 
 from common.errors import PatchqError
+from common.global_scorer import GlobalScorer
 from common.memory_bank import MemoryBank
 from common.patchcore import PatchCore, PatchCoreConfig, build_extractor, resolve_device
 
 FORMAT = "patchq-model"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+GLOBAL_ARRAYS = ("global_mean", "global_precision", "part_calibration")
 
 
 class ArtifactError(PatchqError):
@@ -48,6 +59,8 @@ class ModelArtifact:
     bank: np.ndarray
     calibration: np.ndarray
     validation: dict[str, Any] | None
+    global_scorer: GlobalScorer | None = None
+    part_calibration: np.ndarray | None = None
 
 
 def artifact_hash(data: bytes) -> str:
@@ -67,13 +80,17 @@ def save_artifact(
         "feature_dim": model.bank.dim,
         "validation": validation,
     }
+    arrays = {
+        "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+        "bank": np.ascontiguousarray(model.bank.vectors, dtype=np.float32),
+        "calibration": np.asarray(model.calibration, dtype=np.float32),
+    }
+    if model.global_scorer is not None:
+        arrays["global_mean"] = model.global_scorer.mean
+        arrays["global_precision"] = model.global_scorer.precision
+        arrays["part_calibration"] = model.part_calibration
     buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-        bank=np.ascontiguousarray(model.bank.vectors, dtype=np.float32),
-        calibration=np.asarray(model.calibration, dtype=np.float32),
-    )
+    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 
@@ -87,15 +104,49 @@ def read_artifact(data: bytes) -> ModelArtifact:
             f"model artifact is inconsistent: bank shape {bank.shape} does not match "
             f"feature_dim {header.get('feature_dim')}; refit the model"
         )
+    config = _read_config(header)
+    global_scorer, parts = _read_global(arrays)
+    if global_scorer is None and config.scorer != "patch":
+        raise ArtifactError(
+            f"model artifact uses the {config.scorer!r} scorer but lacks its global part; "
+            "refit the model"
+        )
+    return ModelArtifact(
+        header.get("category", ""),
+        config,
+        bank,
+        calibration,
+        header.get("validation"),
+        global_scorer,
+        parts,
+    )
+
+
+def _read_config(header: dict[str, Any]) -> PatchCoreConfig:
     try:
         config = PatchCoreConfig.from_dict(header["config"])
     except (PatchqError, TypeError, KeyError) as exc:
         raise ArtifactError(
             f"model artifact has an invalid config ({exc}); refit the model"
         ) from exc
-    return ModelArtifact(
-        header.get("category", ""), config, bank, calibration, header.get("validation")
-    )
+    # Version 1 predates the global part: its image score is always s*.
+    return dataclasses.replace(config, scorer="patch") if header["version"] == 1 else config
+
+
+def _read_global(arrays: dict[str, np.ndarray]) -> tuple[GlobalScorer | None, np.ndarray | None]:
+    present = [name for name in GLOBAL_ARRAYS if name in arrays]
+    if not present:
+        return None, None
+    if len(present) != len(GLOBAL_ARRAYS):
+        raise ArtifactError(
+            f"model artifact has {present} but not all of {list(GLOBAL_ARRAYS)}; refit the model"
+        )
+    scorer = GlobalScorer(arrays["global_mean"], arrays["global_precision"])
+    try:
+        scorer.check()
+    except PatchqError as exc:
+        raise ArtifactError(f"model artifact is inconsistent: {exc}") from exc
+    return scorer, arrays["part_calibration"]
 
 
 def load_artifact(data: bytes, device: str = "auto") -> PatchCore:
@@ -103,7 +154,7 @@ def load_artifact(data: bytes, device: str = "auto") -> PatchCore:
     artifact = read_artifact(data)
     target = resolve_device(device)
     extractor = build_extractor(artifact.config, target)
-    size = artifact.config.image_size
+    size = artifact.config.input_size
     dim = extractor(torch.zeros(1, 3, size, size, device=target)).shape[-1]
     if dim != artifact.bank.shape[1]:
         raise ArtifactError(
@@ -111,7 +162,14 @@ def load_artifact(data: bytes, device: str = "auto") -> PatchCore:
             f"features, {artifact.config.backbone} {artifact.config.layers} gives {dim}; refit"
         )
     bank = MemoryBank(artifact.bank, index=artifact.config.index, device=target.type)
-    return PatchCore(artifact.config, extractor, bank, artifact.calibration)
+    return PatchCore(
+        artifact.config,
+        extractor,
+        bank,
+        artifact.calibration,
+        artifact.global_scorer,
+        artifact.part_calibration,
+    )
 
 
 def _read_arrays(data: bytes) -> dict[str, np.ndarray]:
@@ -133,9 +191,10 @@ def _read_header(raw: np.ndarray) -> dict[str, Any]:
         raise ArtifactError(f"model artifact header is not valid JSON ({exc})") from exc
     if header.get("format") != FORMAT:
         raise ArtifactError(f"not a patchq model artifact (format {header.get('format')!r})")
-    if header.get("version") != VERSION:
+    if header.get("version") not in READABLE_VERSIONS:
         raise ArtifactError(
             f"model artifact version {header.get('version')} is not supported by this patchq "
-            f"(reads version {VERSION}); refit the model or upgrade patchq"
+            f"(reads versions {', '.join(map(str, READABLE_VERSIONS))}); "
+            "refit the model or upgrade patchq"
         )
     return header

@@ -4,10 +4,14 @@ The seed notebook built its memory bank from every good image and then scored th
 images, reporting a perfect AUROC of 1.0: a bank image's patches are in the bank, so their
 distance is ~0. Here a seeded share of the good images is held out of the bank; they and the
 labelled defects are the only images that validation figures and thresholds come from.
+
+The whole-image part (common/global_scorer.py) is fitted on the pooled statistics of the same
+bank features, and the held-out normals' raw part scores calibrate the fused score.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,9 +25,16 @@ from tqdm import tqdm
 from common.batches import iter_batches
 from common.coreset import ApproximateGreedyCoresetSampler, RandomSubsampler
 from common.errors import PatchqError
+from common.global_scorer import GlobalScorer, pooled_statistics
 from common.layouts import ImageRecord
 from common.memory_bank import MemoryBank
-from common.patchcore import PatchCore, PatchCoreConfig, build_extractor, resolve_device
+from common.patchcore import (
+    PatchCore,
+    PatchCoreConfig,
+    build_extractor,
+    extract_patches,
+    resolve_device,
+)
 
 DEFAULT_HOLDOUT = 0.2
 
@@ -43,6 +54,8 @@ class FitResult:
     validation_paths: frozenset[Path]
     skipped: dict[Path, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # Final image scores of the validation images: "normal" (held-out first), "anomalous".
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def split_holdout(
@@ -74,27 +87,50 @@ def fit_category(
     if not good:
         raise FitError(f"category {category!r} has no train/good images to learn from")
     bank_records, held_out = split_holdout(good, holdout, config.seed)
+    if config.scorer != "patch" and not held_out:
+        raise FitError(
+            f"scorer {config.scorer!r} is calibrated on held-out normal images; "
+            "fit with a holdout share > 0 or use the patch scorer"
+        )
     extractor = build_extractor(config, resolve_device(device))
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    features, skipped = _bank_features(extractor, config, bank_records, batch_size, progress)
+    features, statistics, skipped = _bank_features(
+        extractor, config, bank_records, batch_size, progress
+    )
     timings["features_s"] = time.perf_counter() - start
     start = time.perf_counter()
     bank = _sample_bank(features, config, device=str(resolve_device(device).type))
     timings["coreset_s"] = time.perf_counter() - start
+    global_scorer = GlobalScorer.fit(statistics) if len(statistics) >= 2 else None
+    if global_scorer is None and config.scorer != "patch":
+        raise FitError(f"scorer {config.scorer!r} needs at least 2 readable bank images")
 
-    model = PatchCore(config, extractor, bank, calibration=np.empty(0, np.float32))
+    # Raw parts first: the fused score can only be normalised once held-out parts are known.
+    probe_config = dataclasses.replace(config, scorer="patch")
+    probe = PatchCore(probe_config, extractor, bank, np.empty(0, np.float32), global_scorer)
     normals = held_out + [r for r in records if r.split == "test" and r.label == 0]
     anomalous = [r for r in records if r.label == 1]
     start = time.perf_counter()
-    normal_scores, bad = score_records(model, normals, batch_size, progress, "held-out normal")
+    normal_parts, bad = score_records(probe, normals, batch_size, progress, "held-out normal")
     skipped |= bad
-    anomalous_scores, bad = score_records(model, anomalous, batch_size, progress, "defects")
+    anomalous_parts, bad = score_records(probe, anomalous, batch_size, progress, "defects")
     skipped |= bad
     timings["validation_s"] = time.perf_counter() - start
 
-    calibration = normal_scores[: _count_ok(held_out, skipped)]
+    n_calibration = _count_ok(held_out, skipped)
+    model = PatchCore(
+        config,
+        extractor,
+        bank,
+        np.empty(0, np.float32),
+        global_scorer,
+        normal_parts[:n_calibration] if global_scorer is not None else None,
+    )
+    normal_scores = _combine(model, normal_parts)
+    anomalous_scores = _combine(model, anomalous_parts)
+    calibration = normal_scores[:n_calibration]
     validation = validation_metrics(normal_scores, anomalous_scores, calibration)
     validation["bank_size"] = bank.size
     validation["bank_images"] = len(bank_records) - sum(r.path in skipped for r in bank_records)
@@ -106,7 +142,14 @@ def fit_category(
         validation_paths=frozenset(r.path for r in normals + anomalous),
         skipped=skipped,
         timings=timings,
+        scores={"normal": normal_scores, "anomalous": anomalous_scores},
     )
+
+
+def _combine(model: PatchCore, parts: np.ndarray) -> np.ndarray:
+    """The model's image scores from raw (n, 2) [s*, global] part scores."""
+    global_scores = parts[:, 1] if model.global_scorer is not None else None
+    return model.combine(parts[:, 0], global_scores)
 
 
 def _single_category(records: Sequence[ImageRecord]) -> str:
@@ -126,23 +169,25 @@ def _bank_features(
     records: Sequence[ImageRecord],
     batch_size: int,
     progress: bool,
-) -> tuple[np.ndarray, dict[Path, str]]:
-    """Patch features of every bank image, stacked (N_patches, D); unreadable images skipped."""
-    device = next(extractor.parameters()).device
+) -> tuple[np.ndarray, np.ndarray, dict[Path, str]]:
+    """Patch features of every bank image, stacked (N_patches, D), and each image's pooled
+    statistics (N_images, 2D) for the global scorer; unreadable images skipped."""
     chunks: list[np.ndarray] = []
+    statistics: list[np.ndarray] = []
     skipped: dict[Path, str] = {}
     paths = [r.path for r in records]
     bar = tqdm(total=len(paths), desc="features", unit="img", disable=not progress)
     for chunk, decoded in iter_batches(paths, config.preprocessing(), batch_size):
         skipped |= {chunk[i]: reason for i, reason in decoded.failures.items()}
         if decoded.ok:
-            patches = extractor(decoded.tensor.to(device)).float().cpu().numpy()
+            patches = extract_patches(extractor, config, decoded.tensor)
             chunks.append(patches.reshape(-1, patches.shape[-1]))
+            statistics.append(pooled_statistics(patches))
         bar.update(len(chunk))
     bar.close()
     if not chunks:
         raise FitError("none of the training images could be read; see the reasons above")
-    return np.concatenate(chunks), skipped
+    return np.concatenate(chunks), np.concatenate(statistics), skipped
 
 
 def _sample_bank(features: np.ndarray, config: PatchCoreConfig, device: str) -> MemoryBank:
@@ -165,19 +210,24 @@ def score_records(
     batch_size: int,
     progress: bool,
     desc: str,
-) -> tuple[np.ndarray, dict[Path, str]]:
-    """Image scores of the readable records, in order; unreadable ones are returned apart."""
-    scores: list[np.ndarray] = []
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw (n, 2) [s*, global] scores of the readable records, in order (global is 0 when the
+    model has no global part); unreadable ones are returned apart."""
+    parts: list[np.ndarray] = []
     skipped: dict[Path, str] = {}
     paths = [r.path for r in records]
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or not paths)
     for chunk, decoded in iter_batches(paths, model.preprocessing, batch_size):
         skipped |= {chunk[i]: reason for i, reason in decoded.failures.items()}
         if decoded.ok:
-            scores.append(model.score_tensors(decoded.tensor).image_scores)
+            result = model.score_tensors(decoded.tensor)
+            global_scores = result.global_scores
+            if global_scores is None:
+                global_scores = np.zeros_like(result.image_scores)
+            parts.append(np.stack([result.patch_scores, global_scores], axis=1))
         bar.update(len(chunk))
     bar.close()
-    return (np.concatenate(scores) if scores else np.empty(0, np.float32)), skipped
+    return (np.concatenate(parts) if parts else np.empty((0, 2), np.float32)), skipped
 
 
 def validation_metrics(

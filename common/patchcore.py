@@ -5,6 +5,12 @@ the memory bank M holds coreset-sampled patch features of normal images; a test 
 features P(x_test) are each scored by the distance to their nearest neighbour in M, and the image
 score s* is the largest of those distances (eq. 6), optionally reweighted by how isolated the
 nearest bank patch m* is among its b neighbours (eq. 7).
+
+Beyond the paper (issue 6): a whole-image part (common/global_scorer.py) scores the pooled
+statistics of the same patch features, and the ``scorer`` setting picks the image score:
+``patch`` (s*), ``global`` (Mahalanobis distance) or ``fused`` (both parts normalised by their
+held-out normal scores, common/normalise.py, then combined by FUSION). Large images can be
+scored as tiles (common/tiling.py).
 """
 
 from __future__ import annotations
@@ -18,8 +24,15 @@ import torch
 from common.backbones import backbone_spec, load_backbone
 from common.errors import PatchqError
 from common.features import PatchFeatureExtractor
+from common.global_scorer import GlobalScorer, pooled_statistics
 from common.images import Preprocessing
 from common.memory_bank import MemoryBank
+from common.normalise import Normaliser, fuse
+from common.tiling import tiled_features
+
+SCORERS = ("patch", "global", "fused")
+# How the fused scorer combines the normalised parts; chosen on tests/bench (see its README).
+FUSION = "max"
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,9 @@ class PatchCoreConfig:
     num_neighbors: int = 1  # b in eq. 7; 1 = plain max distance, no reweighting
     weights: str | None = None  # weight file, "random" (tests only), or None for the default
     seed: int = 0
+    scorer: str = "fused"  # image score: "patch" (s*), "global" (Mahalanobis) or "fused"
+    tile_size: int | None = None  # score tiles of this size cut from the image_size input
+    tile_overlap: int = 32
 
     def __post_init__(self) -> None:
         spec = backbone_spec(self.backbone)
@@ -49,6 +65,23 @@ class PatchCoreConfig:
             raise PatchqError(f"coreset ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.num_neighbors < 1:
             raise PatchqError(f"num_neighbors must be at least 1, got {self.num_neighbors}")
+        if self.scorer not in SCORERS:
+            raise PatchqError(f"scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
+        if self.tile_size is not None:
+            self._check_tiles()
+
+    def _check_tiles(self) -> None:
+        tile, overlap = self.tile_size or 0, self.tile_overlap
+        if tile < 32 or tile % 32 or overlap % 32 or not 0 <= overlap < tile < self.image_size:
+            raise PatchqError(
+                f"tiles need multiples of 32 with 0 <= overlap < tile size < image size, got "
+                f"tile {tile}, overlap {overlap}, image {self.image_size}"
+            )
+
+    @property
+    def input_size(self) -> int:
+        """The size the backbone sees: a tile when tiling, else the whole image."""
+        return self.tile_size or self.image_size
 
     def preprocessing(self) -> Preprocessing:
         spec = backbone_spec(self.backbone)
@@ -72,11 +105,14 @@ class PatchCoreConfig:
 
 @dataclass(frozen=True)
 class ScoreBatch:
-    """Scores for a batch: s* per image, the (h, w) patch distance grid, pooled features."""
+    """Scores for a batch: the image score the config's scorer picks, the (h, w) patch
+    distance grid, pooled features, and the raw parts (s* and the global distance)."""
 
     image_scores: np.ndarray
     patch_maps: np.ndarray
     embeddings: np.ndarray
+    patch_scores: np.ndarray | None = None
+    global_scores: np.ndarray | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -92,15 +128,29 @@ def resolve_device(device: str) -> torch.device:
 
 def build_extractor(config: PatchCoreConfig, device: torch.device) -> PatchFeatureExtractor:
     """The frozen feature extractor a config describes, on ``device``."""
-    backbone = load_backbone(config.backbone, config.layers, config.image_size, config.weights)
+    backbone = load_backbone(config.backbone, config.layers, config.input_size, config.weights)
     return PatchFeatureExtractor(backbone, projection_dim=config.projection_dim).to(device).eval()
+
+
+def extract_patches(
+    extractor: PatchFeatureExtractor, config: PatchCoreConfig, images: torch.Tensor
+) -> np.ndarray:
+    """(B, 3, S, S) preprocessed images -> (B, h, w, D) patch features, tiled if configured."""
+    images = images.to(next(extractor.parameters()).device)
+    if config.tile_size is None:
+        patches = extractor(images)
+    else:
+        patches = tiled_features(extractor, images, config.tile_size, config.tile_overlap)
+    return patches.float().cpu().numpy()
 
 
 class PatchCore:
     """A fitted model: feature extractor + memory bank M + held-out normal scores.
 
-    ``calibration`` holds the scores of normal images that are *not* in M; thresholds and
-    score normalisation come from them, never from the bank's own images.
+    ``calibration`` holds the image scores of normal images that are *not* in M; thresholds
+    and score normalisation come from them, never from the bank's own images.
+    ``part_calibration`` (n, 2) holds the same images' raw [s*, global] scores, from which the
+    fused scorer normalises each part.
     """
 
     def __init__(
@@ -109,27 +159,75 @@ class PatchCore:
         extractor: PatchFeatureExtractor,
         bank: MemoryBank,
         calibration: np.ndarray,
+        global_scorer: GlobalScorer | None = None,
+        part_calibration: np.ndarray | None = None,
     ):
         self.config = config
         self.extractor = extractor
         self.bank = bank
         self.calibration = np.asarray(calibration, dtype=np.float32)
+        self.global_scorer = global_scorer
+        parts = np.empty((0, 2)) if part_calibration is None else part_calibration
+        self.part_calibration = np.asarray(parts, dtype=np.float32).reshape(-1, 2)
         self.preprocessing = config.preprocessing()
         self.device = next(extractor.parameters()).device
 
-    def with_calibration(self, calibration: np.ndarray) -> PatchCore:
+    def with_calibration(
+        self, calibration: np.ndarray, part_calibration: np.ndarray | None = None
+    ) -> PatchCore:
         """The same model with held-out normal scores attached (extractor and bank shared)."""
-        return PatchCore(self.config, self.extractor, self.bank, calibration)
+        parts = self.part_calibration if part_calibration is None else part_calibration
+        return PatchCore(
+            self.config, self.extractor, self.bank, calibration, self.global_scorer, parts
+        )
+
+    def with_bank(self, bank: MemoryBank) -> PatchCore:
+        """The same model searching ``bank`` (e.g. a wrapper that times the searches)."""
+        return PatchCore(
+            self.config,
+            self.extractor,
+            bank,
+            self.calibration,
+            self.global_scorer,
+            self.part_calibration,
+        )
 
     def score_tensors(self, images: torch.Tensor) -> ScoreBatch:
         """Score a preprocessed batch (B, 3, S, S)."""
-        patches = self.extractor(images.to(self.device)).float().cpu().numpy()
+        patches = extract_patches(self.extractor, self.config, images)
         b, h, w, d = patches.shape
         flat = patches.reshape(b * h * w, d)
         distances, nearest = self.bank.search(flat, k=1)
         patch_maps = distances[:, 0].reshape(b, h, w)
-        image_scores = self._image_scores(flat.reshape(b, h * w, d), patch_maps, nearest[:, 0])
-        return ScoreBatch(image_scores, patch_maps, patches.mean(axis=(1, 2)))
+        patch_scores = self._image_scores(flat.reshape(b, h * w, d), patch_maps, nearest[:, 0])
+        global_scores = None
+        if self.global_scorer is not None:
+            global_scores = self.global_scorer.score(pooled_statistics(patches))
+        return ScoreBatch(
+            self.combine(patch_scores, global_scores),
+            patch_maps,
+            patches.mean(axis=(1, 2)),
+            patch_scores,
+            global_scores,
+        )
+
+    def combine(self, patch_scores: np.ndarray, global_scores: np.ndarray | None) -> np.ndarray:
+        """The image score the config's scorer asks for, from the raw parts."""
+        if self.config.scorer == "patch":
+            return patch_scores
+        if global_scores is None:
+            raise PatchqError(
+                f"scorer {self.config.scorer!r} needs the model's global part, which this model "
+                "lacks; refit it"
+            )
+        if self.config.scorer == "global":
+            return global_scores
+        return fuse(self.normalise_parts(patch_scores, global_scores), FUSION)
+
+    def normalise_parts(self, patch_scores: np.ndarray, global_scores: np.ndarray) -> np.ndarray:
+        """(2, B) z-scores of both parts against the held-out normals' raw part scores."""
+        normalisers = [Normaliser.from_scores(self.part_calibration[:, i]) for i in range(2)]
+        return np.stack([normalisers[0](patch_scores), normalisers[1](global_scores)])
 
     def _image_scores(
         self, patches: np.ndarray, patch_maps: np.ndarray, nearest: np.ndarray

@@ -22,7 +22,7 @@ SIZE = 96
 @pytest.fixture(scope="module")
 def model() -> PatchCore:
     """A model whose bank holds every patch of 6 normal textures (ratio 1: exact bank)."""
-    config = PatchCoreConfig(image_size=SIZE, coreset_ratio=1.0)
+    config = PatchCoreConfig(image_size=SIZE, coreset_ratio=1.0, scorer="patch")
     extractor = build_extractor(config, torch.device("cpu"))
     batch = _batch(config, [make_texture(SIZE, seed) for seed in range(6)])
     patches = extractor(batch).numpy()
@@ -61,7 +61,7 @@ def test_bank_images_score_zero_and_defects_score_high(model: PatchCore) -> None
 
 
 def test_reweighting_scales_the_max_distance_down(model: PatchCore) -> None:
-    config = PatchCoreConfig(image_size=SIZE, coreset_ratio=1.0, num_neighbors=3)
+    config = PatchCoreConfig(image_size=SIZE, coreset_ratio=1.0, num_neighbors=3, scorer="patch")
     reweighted = PatchCore(config, model.extractor, model.bank, model.calibration)
     defective, _ = draw_defect(make_texture(SIZE, 51), "spot", seed=3)
     batch = _batch(config, [defective])

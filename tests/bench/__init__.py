@@ -1,0 +1,1 @@
+"""Accuracy benchmark on synthetic data: run `python -m tests.bench.accuracy`."""

@@ -1,0 +1,171 @@
+"""Synthetic benchmark images: a normal texture that varies locally, and three defect families.
+
+Normal images vary *inside* each image: stripe orientation, stripe period, stripe contrast,
+grain and colour drift smoothly over a 3x3 grid of control points within fixed ranges. That
+makes a fair test of whole-image ("global") defects: a global defect moves the whole image to
+one end of a range (all stripes tilted the same way, all coarse, all low-contrast, blurred, or a
+colour cast), so every patch alone still resembles some patch of a normal image, while the
+image as a whole does not. (With a uniform normal texture any global change would make every
+patch abnormal and plain PatchCore would find it trivially.)
+
+Families (``KINDS``): global (rotated, rescaled, blur, contrast, colour), tiny (3-8 px spots
+and 1-2 px scratches, every other one within a few pixels of the border) and local (the classic
+scratch and spot of tests/synthetic.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy.ndimage import gaussian_filter
+
+from tests.synthetic import draw_defect
+
+GLOBAL_KINDS = ("rotated", "rescaled", "blur", "contrast", "colour")
+TINY_KINDS = ("tiny_spot", "tiny_scratch")
+LOCAL_KINDS = ("scratch", "spot")
+KINDS = GLOBAL_KINDS + TINY_KINDS + LOCAL_KINDS
+FAMILY = {k: "global" for k in GLOBAL_KINDS} | {k: "tiny" for k in TINY_KINDS}
+FAMILY |= {k: "local" for k in LOCAL_KINDS}
+
+ANGLE = (-25.0, 25.0)  # stripe tilt from vertical, degrees
+PERIOD = (6.0, 11.0)  # pixels
+AMPLITUDE = (10.0, 30.0)
+GRAIN = (3.0, 8.0)
+GRID = 3
+
+
+@dataclass(frozen=True)
+class TextureParams:
+    """Per-control-point parameters, each a (GRID, GRID) array."""
+
+    angle: np.ndarray
+    period: np.ndarray
+    amplitude: np.ndarray
+    grain: np.ndarray
+
+
+def _params(rng: np.random.Generator) -> TextureParams:
+    def draw(bounds: tuple[float, float]) -> np.ndarray:
+        return rng.uniform(*bounds, (GRID, GRID))
+
+    return TextureParams(draw(ANGLE), draw(PERIOD), draw(AMPLITUDE), draw(GRAIN))
+
+
+def _weights(size: int) -> np.ndarray:
+    """(GRID*GRID, size, size) soft partition of the image around the control points."""
+    centres = (np.arange(GRID) + 0.5) * size / GRID
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    sigma = size / GRID / 2
+    bumps = np.stack(
+        [
+            np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+            for cy in centres
+            for cx in centres
+        ]
+    )
+    return bumps / bumps.sum(axis=0, keepdims=True)
+
+
+def _smooth(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return np.tensordot(values.reshape(-1), weights, axes=1)
+
+
+def render(
+    size: int, seed: int, params: TextureParams, cast: tuple[float, float, float] = (0, 0, 0)
+) -> np.ndarray:
+    """uint8 RGB (size, size, 3) texture: blended stripe patches + colour drift + grain."""
+    rng = np.random.default_rng(seed + 10_000)
+    weights = _weights(size)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    stripes = np.zeros((size, size))
+    for k, (angle, period) in enumerate(
+        zip(params.angle.ravel(), params.period.ravel(), strict=True)
+    ):
+        theta = np.deg2rad(angle)
+        phase = (xx * np.cos(theta) + yy * np.sin(theta)) / period + rng.uniform(0, 1)
+        stripes += weights[k] * np.sin(2 * np.pi * phase)
+    coarse = rng.uniform(90, 160, (4, 4, 3)).astype(np.uint8)
+    shading = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), np.float64)
+    amplitude = _smooth(params.amplitude, weights)[..., None]
+    grain = _smooth(params.grain, weights)[..., None] * rng.normal(0, 1, (size, size, 3))
+    image = shading + amplitude * stripes[..., None] + grain + np.asarray(cast, np.float64)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_normal(size: int, seed: int) -> np.ndarray:
+    """A normal image."""
+    return render(size, seed, _params(np.random.default_rng(seed)))
+
+
+def make_global_defect(size: int, seed: int, kind: str) -> np.ndarray:
+    """A normal image's parameters pushed, over the whole image, to one end of their range."""
+    rng = np.random.default_rng(seed)
+    params = _params(rng)
+    side = rng.choice([0, 1])
+    full = np.ones((GRID, GRID))
+    if kind == "rotated":
+        return render(
+            size,
+            seed,
+            TextureParams(full * ANGLE[side], params.period, params.amplitude, params.grain),
+        )
+    if kind == "rescaled":
+        return render(
+            size,
+            seed,
+            TextureParams(params.angle, full * PERIOD[1], params.amplitude, params.grain),
+        )
+    if kind == "contrast":
+        return render(
+            size,
+            seed,
+            TextureParams(params.angle, params.period, full * AMPLITUDE[0], full * GRAIN[0]),
+        )
+    if kind == "colour":
+        shift = rng.choice([-1, 1]) * 25.0
+        return render(size, seed, params, cast=(shift, 0.0, -shift))
+    if kind == "blur":
+        image = render(size, seed, params).astype(np.float64)
+        return np.clip(gaussian_filter(image, sigma=(1.2, 1.2, 0)), 0, 255).astype(np.uint8)
+    raise ValueError(f"global defect kind must be one of {GLOBAL_KINDS}, got {kind!r}")
+
+
+def draw_tiny_defect(image: np.ndarray, kind: str, seed: int) -> np.ndarray:
+    """A 3-8 px spot or a 1-2 px wide scratch; odd seeds place it within 6 px of the border."""
+    rng = np.random.default_rng(seed)
+    size = image.shape[0]
+    mask = Image.new("L", (size, size), 0)
+    pen = ImageDraw.Draw(mask)
+    margin = 2 if seed % 2 else size // 6
+    x, y = (int(v) for v in rng.integers(margin, size - margin - 8, 2))
+    if seed % 2:  # pin one coordinate to a border
+        x = int(rng.choice([margin, size - margin - 8]))
+    if kind == "tiny_spot":
+        diameter = int(rng.integers(3, 9))
+        pen.ellipse((x, y, x + diameter - 1, y + diameter - 1), fill=255)
+    elif kind == "tiny_scratch":
+        length = int(rng.integers(10, 24))
+        angle = rng.uniform(0, np.pi)
+        dx, dy = length * np.cos(angle), length * np.sin(angle)
+        pen.line(
+            (x, y, int(np.clip(x + dx, 0, size - 1)), int(np.clip(y + dy, 0, size - 1))),
+            fill=255,
+            width=int(rng.integers(1, 3)),
+        )
+    else:
+        raise ValueError(f"tiny defect kind must be one of {TINY_KINDS}, got {kind!r}")
+    defective = image.copy()
+    defective[np.asarray(mask) > 0] = (25, 25, 25) if rng.random() < 0.5 else (235, 225, 60)
+    return defective
+
+
+def make_defect(size: int, seed: int, kind: str) -> np.ndarray:
+    """One defective image of ``kind`` (any of KINDS)."""
+    if kind in GLOBAL_KINDS:
+        return make_global_defect(size, seed, kind)
+    if kind in TINY_KINDS:
+        return draw_tiny_defect(make_normal(size, seed), kind, seed)
+    return draw_defect(make_normal(size, seed), kind, seed)[0]
