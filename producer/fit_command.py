@@ -63,6 +63,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--neighbors", type=int, default=1, help="b of the paper's score reweighting (1 = off)"
     )
     group.add_argument(
+        "--scorer",
+        default=default.scorer,
+        choices=("patch", "global", "fused"),
+        help="image score: patch (max patch distance), global (whole-image statistics) or "
+        "fused (both, each normalised by the held-out normals; default)",
+    )
+    group.add_argument(
+        "--tile-size", type=int, help="score overlapping tiles of this size (multiple of 32)"
+    )
+    group.add_argument(
+        "--tile-overlap", type=int, default=default.tile_overlap, help="overlap between tiles"
+    )
+    group.add_argument(
         "--holdout",
         type=float,
         default=DEFAULT_HOLDOUT,
@@ -84,6 +97,9 @@ def config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
         max_bank=args.max_bank,
         index=args.index,
         num_neighbors=args.neighbors,
+        scorer=args.scorer,
+        tile_size=args.tile_size,
+        tile_overlap=args.tile_overlap,
         weights=args.weights,
         seed=args.seed,
     )
