@@ -318,7 +318,13 @@ def run_pipeline(
     if app is None:
         timings = score_in_process(sessions, submission.run_id, settings)
     else:
-        enqueue_pending(app, sessions, submission.run_id, settings.batch_size, settings.queue)
+        batches = enqueue_pending(
+            app, sessions, submission.run_id, settings.batch_size, settings.queue
+        )
+        print(
+            f"{batches} batches on queue {settings.queue!r}; waiting for `patchq worker` "
+            f"processes (Ctrl-C stops waiting, not the run: `patchq status {submission.run_name}`)"
+        )
         wait_for_run(sessions, submission.run_id)
     with sessions() as session:
         progress = run_progress(session, submission.run_id)
