@@ -129,3 +129,13 @@ def test_artifact_holds_no_pickled_objects(model: PatchCore) -> None:
         assert sorted(archive.namelist()) == ["bank.npy", "calibration.npy", "header.npy"]
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:  # raises on object arrays
         assert all(archive[name].dtype != object for name in archive.files)
+
+
+def test_device_auto_falls_back_to_cpu_and_missing_cuda_is_an_error(monkeypatch) -> None:
+    from common.errors import PatchqError
+    from common.patchcore import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(PatchqError, match="CUDA is not available"):
+        resolve_device("cuda:1")

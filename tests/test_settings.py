@@ -131,12 +131,3 @@ def test_describe_documents_every_setting() -> None:
     assert table["broker_url"][1] == ""
     assert table["model_cache_dir"][1] == "~/.cache/patchq/models"
     assert all(meaning for _, _, meaning in table.values())
-
-
-def test_resolve_device_cpu_and_auto(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert Settings.load({"device": "auto"}).resolve_device() == "cpu"
-    with pytest.raises(SettingsError, match="no CUDA device is available"):
-        Settings.load({"device": "cuda:1"}).resolve_device()
