@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC
 
 import numpy as np
@@ -26,7 +25,6 @@ from common.database import (
     latest_model_id,
     load_model_bytes,
     make_engine,
-    make_session_factory,
     mark_failed,
     model_content_hash,
     pending_image_ids,
@@ -37,19 +35,6 @@ from common.database import (
     upsert_scores,
 )
 from common.schema import Base, Image, Score
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    init_db(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return make_session_factory(engine)
 
 
 def _model(session: Session, category: str = "cell", content: bytes = b"artifact") -> int:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.artifact import artifact_hash, save_artifact
@@ -17,9 +16,6 @@ from common.database import (
     ImageRow,
     create_run,
     decode_array,
-    init_db,
-    make_engine,
-    make_session_factory,
     pending_image_ids,
     register_images,
     store_model,
@@ -49,19 +45,6 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> Fitted:
     result = fit_category(records, CONFIG, holdout=0.2, device="cpu", progress=False)
     test_paths = [r.path for r in records if r.split == "test"]
     return Fitted(result.model, save_artifact(result.model, "tex"), test_paths)
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    init_db(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return make_session_factory(engine)
 
 
 def _store(sessions: sessionmaker[Session], artifact: bytes) -> int:

@@ -7,7 +7,6 @@ that breaks a documented query fails here.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,6 @@ from common.database import (
     ImageRow,
     ScoreRow,
     create_run,
-    init_db,
-    make_engine,
     make_session_factory,
     mark_failed,
     pending_image_ids,
@@ -62,14 +59,6 @@ class Seeded:
     run_id: int
     # category -> [(path, score, worker)] of the scored images
     scores: dict[str, list[tuple[str, float, str]]] = field(default_factory=dict)
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    init_db(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture
