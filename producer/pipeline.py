@@ -38,7 +38,14 @@ from common.database import (
     run_progress,
 )
 from common.errors import PatchqError
-from common.layouts import ImageRecord, LayoutError, discover, discover_archive, list_categories
+from common.layouts import (
+    ImageRecord,
+    LayoutError,
+    discover,
+    discover_archive,
+    list_categories,
+    summarize,
+)
 from common.patchcore import PatchCoreConfig
 from common.schema import Image, Model, Run
 from common.scoring import TIMING_KEYS, ModelProvider, score_batch
@@ -308,6 +315,7 @@ def run_pipeline(
     """
     engine, sessions = open_database(settings)
     records = discover(data, categories or None)
+    print(summarize(records))
     app = broker_app(settings) if settings.broker_url else None
     model_ids = _ensure_models(sessions, records, settings, fit_options)
     submission = register_run(
