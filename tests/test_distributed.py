@@ -97,6 +97,10 @@ class Cluster:
         self._spawn("redis", [*argv, "--save", "", "--appendonly", "no", "--daemonize", "no"])
         _until(lambda: _redis_up(port), 20, "private redis-server to start", self)
 
+    def pause(self, name: str, paused: bool) -> None:
+        """SIGSTOP / SIGCONT a process group: freezes a worker so the run cannot end meanwhile."""
+        os.killpg(self.processes[name].pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
     def kill(self, name: str) -> None:
         """SIGKILL the process and its children (the worker's pool), as a crash would."""
         process = self.processes.pop(name)
@@ -145,7 +149,13 @@ def _redis_up(port: int) -> bool:
         return False
 
 
-def _until(condition: Callable[[], bool], timeout_s: float, what: str, cluster: Cluster) -> None:
+def _until(
+    condition: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    cluster: Cluster,
+    poll_s: float = 0.5,
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -153,7 +163,7 @@ def _until(condition: Callable[[], bool], timeout_s: float, what: str, cluster: 
                 f"--- {name}.log\n{cluster.log(name)[-3000:]}" for name in cluster.processes
             )
             pytest.fail(f"timed out after {timeout_s} s waiting for {what}\n{logs}")
-        time.sleep(0.5)
+        time.sleep(poll_s)
 
 
 def _cluster(tmp_path: Path, db_url: str, broker_url: str, data: Data) -> Cluster:
@@ -246,7 +256,8 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_nothing(
     cluster = cluster_factory(shared_broker)
     cluster.start_worker("doomed")
     run_id = cluster.submit()
-    _until(lambda: cluster.progress(run_id)[0] >= 4, RUN_TIMEOUT_S, "first batches", cluster)
+    # Poll fast: on an idle machine the whole run takes about a second.
+    _until(lambda: cluster.progress(run_id)[0] >= 2, RUN_TIMEOUT_S, "first batch", cluster, 0.02)
     cluster.kill("doomed")
     assert cluster.progress(run_id)[2] > 0, "the worker finished before it could be killed"
     cluster.start_worker("rescuer")
@@ -264,10 +275,12 @@ def test_redis_restart_mid_run_then_resubmit_completes_the_run(
     cluster.start_worker("survivor")
     cluster.wait_ready("survivor")
     run_id = cluster.submit()
-    _until(lambda: cluster.progress(run_id)[0] >= 4, RUN_TIMEOUT_S, "first batches", cluster)
+    _until(lambda: cluster.progress(run_id)[0] >= 2, RUN_TIMEOUT_S, "first batch", cluster, 0.02)
+    cluster.pause("survivor", True)  # the run cannot finish while Redis is down and back
+    assert cluster.progress(run_id)[2] > 0, "the run finished before Redis could be restarted"
     cluster.kill("redis")  # no persistence: the queue is gone
     cluster.start_redis(port)
-    assert cluster.progress(run_id)[2] > 0, "the run finished before Redis could be restarted"
+    cluster.pause("survivor", False)
     cluster.submit()  # the database knows what is pending; the same command refills the queue
     _until(lambda: cluster.progress(run_id)[2] == 0, RUN_TIMEOUT_S, "the run", cluster)
     _assert_scored_exactly_once(cluster, run_id, data)
