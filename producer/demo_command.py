@@ -11,11 +11,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from common.database import make_engine
-from common.schema import Model
 from producer.demo_data import write_elpv_demo
 from producer.fit_command import add_model_arguments
 from producer.pipeline import run_pipeline
@@ -51,27 +46,5 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     root = write_elpv_demo(args.root, limit_per_category=args.limit or None)
     print(f"demo data: {root} (elpv-dataset, CC BY-NC-SA 4.0)")
-    result = run_pipeline(root, args.category, settings, **pipeline_options(args))
-    engine = make_engine(settings.database_url)
-    with Session(engine) as session:
-        print(held_out_table(session, result.model_ids))
-    engine.dispose()
+    run_pipeline(root, args.category, settings, **pipeline_options(args))
     return 0
-
-
-def held_out_table(session: Session, model_ids: dict[str, int]) -> str:
-    """Each category's validation figures as stored with its model by `fit`."""
-    lines = ["held-out validation (images not in the memory bank):"]
-    for category, model_id in sorted(model_ids.items()):
-        validation = session.scalar(select(Model.validation).where(Model.id == model_id)) or {}
-        lines.append(
-            f"  {category}: AUROC {_fmt(validation.get('auroc'))}  "
-            f"AP {_fmt(validation.get('average_precision'))}  "
-            f"({validation.get('n_normal', 0)} normal, {validation.get('n_anomalous', 0)} "
-            f"defective; model {model_id})"
-        )
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

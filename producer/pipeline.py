@@ -318,6 +318,8 @@ def run_pipeline(
     print(summarize(records))
     app = broker_app(settings) if settings.broker_url else None
     model_ids = _ensure_models(sessions, records, settings, fit_options)
+    with sessions() as session:
+        print(held_out_table(session, model_ids))
     submission = register_run(
         sessions, find_images(data, categories, split), run_name, str(data), settings.batch_size
     )
@@ -387,3 +389,21 @@ def aggregate(engine: Engine, run_id: int, policy: str | None, out_dir: Path | N
     report = write_report(engine, run_id, summary.out_dir)
     print(f"report: {report}")
     return report
+
+
+def held_out_table(session: Session, model_ids: dict[str, int]) -> str:
+    """Each category's validation figures as stored with its model by `fit`."""
+    lines = ["held-out validation (images not in the memory bank):"]
+    for category, model_id in sorted(model_ids.items()):
+        validation = session.scalar(select(Model.validation).where(Model.id == model_id)) or {}
+        lines.append(
+            f"  {category}: AUROC {_fmt(validation.get('auroc'))}  "
+            f"AP {_fmt(validation.get('average_precision'))}  "
+            f"({validation.get('n_normal', 0)} normal, {validation.get('n_anomalous', 0)} "
+            f"defective; model {model_id})"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -106,3 +106,16 @@ def test_bad_queries_and_k_are_rejected() -> None:
             memory.search(queries, k)
     with pytest.raises(MemoryBankError, match="NaN"):
         memory.search(np.full((1, 3), np.nan), 1)
+
+
+def test_auto_index_is_exact_for_small_banks_and_ivf_for_large_ones() -> None:
+    from common.memory_bank import AUTO_IVF_MIN_SIZE
+
+    rng = np.random.default_rng(3)
+    assert MemoryBank(rng.standard_normal((100, 8)).astype(np.float32)).index_type == "flat"
+    large = rng.standard_normal((AUTO_IVF_MIN_SIZE, 8)).astype(np.float32)
+    bank = MemoryBank(large)
+    assert bank.index_type == "ivf"
+    distances, indices = bank.search(large[:50], 1)
+    np.testing.assert_array_equal(indices[:, 0], np.arange(50))  # each row finds itself
+    assert np.all(distances == 0)
