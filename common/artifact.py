@@ -1,22 +1,26 @@
 """The model artifact: one versioned file that loads without executing code.
 
-Format ``patchq-model`` version 2 is a NumPy ``.npz`` archive (a zip of ``.npy`` arrays), read with
+Format ``patchq-model`` version 3 is a NumPy ``.npz`` archive (a zip of ``.npy`` arrays), read with
 ``allow_pickle=False`` so a hostile file cannot run code:
 
 =====================  ======================================================================
-``header``             uint8 bytes of UTF-8 JSON: ``{"format": "patchq-model", "version": 2,
+``header``             uint8 bytes of UTF-8 JSON: ``{"format": "patchq-model", "version": 3,
                        "category": str, "config": PatchCoreConfig fields, "preprocessing":
                        {...}, "feature_dim": int, "validation": {...} | null}``
 ``bank``               float32 (N, D): the memory bank M, coreset-sampled patch features
 ``calibration``        float32 (n,): image scores of held-out normal images (never in M)
 ``global_mean``        float32 (2D,): mean pooled statistics of the bank images (optional)
 ``global_precision``   float32 (2D, 2D): their Ledoit-Wolf shrunk inverse covariance (optional)
-``part_calibration``   float32 (n, 2): raw [s*, global] scores of the held-out normals (optional)
+``part_calibration``   float32 (n, 3): raw [s*, global, pixel] scores of the held-out normals
+                       (optional; (n, 2) in version 2 models, which lack the pixel part)
+``pixel_mean``         float32 (4,): mean pixel statistics of the bank images (optional)
+``pixel_precision``    float32 (4, 4): their shrunk inverse covariance (optional)
 =====================  ======================================================================
 
 The three global arrays come together or not at all; a model without them scores with the
-patch scorer only. Version 1 (no global arrays, no scorer setting) is still read, as a
-patch-scorer model.
+patch scorer only. The two pixel arrays need the global ones. Version 2 (no pixel part) is
+read as a two-part model and scores as it did; version 1 (no global arrays, no scorer setting)
+as a patch-scorer model.
 
 The same bytes go into the ``models`` table, so a worker on another machine gets the model
 from the database; ``artifact_hash`` (SHA-256 of the bytes) names its on-disk cache entry.
@@ -41,9 +45,10 @@ from common.memory_bank import MemoryBank
 from common.patchcore import PatchCore, PatchCoreConfig, build_extractor, resolve_device
 
 FORMAT = "patchq-model"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 GLOBAL_ARRAYS = ("global_mean", "global_precision", "part_calibration")
+PIXEL_ARRAYS = ("pixel_mean", "pixel_precision")
 
 
 class ArtifactError(PatchqError):
@@ -61,6 +66,7 @@ class ModelArtifact:
     validation: dict[str, Any] | None
     global_scorer: GlobalScorer | None = None
     part_calibration: np.ndarray | None = None
+    pixel_scorer: GlobalScorer | None = None
 
 
 def artifact_hash(data: bytes) -> str:
@@ -89,6 +95,9 @@ def save_artifact(
         arrays["global_mean"] = model.global_scorer.mean
         arrays["global_precision"] = model.global_scorer.precision
         arrays["part_calibration"] = model.part_calibration
+    if model.pixel_scorer is not None:
+        arrays["pixel_mean"] = model.pixel_scorer.mean
+        arrays["pixel_precision"] = model.pixel_scorer.precision
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
@@ -106,6 +115,7 @@ def read_artifact(data: bytes) -> ModelArtifact:
         )
     config = _read_config(header)
     global_scorer, parts = _read_global(arrays)
+    pixel_scorer = _read_pixel(arrays, parts)
     if global_scorer is None and config.scorer != "patch":
         raise ArtifactError(
             f"model artifact uses the {config.scorer!r} scorer but lacks its global part; "
@@ -119,6 +129,7 @@ def read_artifact(data: bytes) -> ModelArtifact:
         header.get("validation"),
         global_scorer,
         parts,
+        pixel_scorer,
     )
 
 
@@ -141,12 +152,30 @@ def _read_global(arrays: dict[str, np.ndarray]) -> tuple[GlobalScorer | None, np
         raise ArtifactError(
             f"model artifact has {present} but not all of {list(GLOBAL_ARRAYS)}; refit the model"
         )
-    scorer = GlobalScorer(arrays["global_mean"], arrays["global_precision"])
+    return _checked(arrays["global_mean"], arrays["global_precision"]), arrays["part_calibration"]
+
+
+def _read_pixel(arrays: dict[str, np.ndarray], parts: np.ndarray | None) -> GlobalScorer | None:
+    """The pixel part: both arrays, a global part, and a third part_calibration column."""
+    present = [name for name in PIXEL_ARRAYS if name in arrays]
+    if not present:
+        return None
+    has_three_parts = parts is not None and parts.ndim == 2 and parts.shape[1] == 3
+    if len(present) != len(PIXEL_ARRAYS) or not has_three_parts:
+        raise ArtifactError(
+            f"model artifact has {present} without all of {list(PIXEL_ARRAYS)} and 3-part "
+            "calibration; refit the model"
+        )
+    return _checked(arrays["pixel_mean"], arrays["pixel_precision"])
+
+
+def _checked(mean: np.ndarray, precision: np.ndarray) -> GlobalScorer:
+    scorer = GlobalScorer(mean, precision)
     try:
         scorer.check()
     except PatchqError as exc:
         raise ArtifactError(f"model artifact is inconsistent: {exc}") from exc
-    return scorer, arrays["part_calibration"]
+    return scorer
 
 
 def load_artifact(data: bytes, device: str = "auto") -> PatchCore:
@@ -169,6 +198,7 @@ def load_artifact(data: bytes, device: str = "auto") -> PatchCore:
         artifact.calibration,
         artifact.global_scorer,
         artifact.part_calibration,
+        artifact.pixel_scorer,
     )
 
 

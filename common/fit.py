@@ -5,8 +5,9 @@ images, reporting a perfect AUROC of 1.0: a bank image's patches are in the bank
 distance is ~0. Here a seeded share of the good images is held out of the bank; they and the
 labelled defects are the only images that validation figures and thresholds come from.
 
-The whole-image part (common/global_scorer.py) is fitted on the pooled statistics of the same
-bank features, and the held-out normals' raw part scores calibrate the fused score.
+The whole-image parts (common/global_scorer.py) are fitted on the pooled statistics of the same
+bank features and on the bank images' already decoded pixels, and the held-out normals' raw part
+scores calibrate the fused score.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from common.batches import iter_batches
 from common.coreset import ApproximateGreedyCoresetSampler, RandomSubsampler
 from common.errors import PatchqError
-from common.global_scorer import GlobalScorer, pooled_statistics
+from common.global_scorer import GlobalScorer, image_statistics, pooled_statistics
 from common.layouts import ImageRecord
 from common.memory_bank import MemoryBank
 from common.patchcore import (
@@ -96,20 +97,25 @@ def fit_category(
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    features, statistics, skipped = _bank_features(
+    features, statistics, pixel_statistics, skipped = _bank_features(
         extractor, config, bank_records, batch_size, progress
     )
     timings["features_s"] = time.perf_counter() - start
     start = time.perf_counter()
     bank = _sample_bank(features, config, device=str(resolve_device(device).type))
     timings["coreset_s"] = time.perf_counter() - start
-    global_scorer = GlobalScorer.fit(statistics) if len(statistics) >= 2 else None
-    if global_scorer is None and config.scorer != "patch":
+    global_scorer = pixel_scorer = None
+    if len(statistics) >= 2:
+        global_scorer = GlobalScorer.fit(statistics)
+        pixel_scorer = GlobalScorer.fit(pixel_statistics)
+    elif config.scorer != "patch":
         raise FitError(f"scorer {config.scorer!r} needs at least 2 readable bank images")
 
     # Raw parts first: the fused score can only be normalised once held-out parts are known.
     probe_config = dataclasses.replace(config, scorer="patch")
-    probe = PatchCore(probe_config, extractor, bank, np.empty(0, np.float32), global_scorer)
+    probe = PatchCore(
+        probe_config, extractor, bank, np.empty(0, np.float32), global_scorer, None, pixel_scorer
+    )
     normals = held_out + [r for r in records if r.split == "test" and r.label == 0]
     anomalous = [r for r in records if r.label == 1]
     start = time.perf_counter()
@@ -127,6 +133,7 @@ def fit_category(
         np.empty(0, np.float32),
         global_scorer,
         normal_parts[:n_calibration] if global_scorer is not None else None,
+        pixel_scorer,
     )
     normal_scores = _combine(model, normal_parts)
     anomalous_scores = _combine(model, anomalous_parts)
@@ -147,9 +154,10 @@ def fit_category(
 
 
 def _combine(model: PatchCore, parts: np.ndarray) -> np.ndarray:
-    """The model's image scores from raw (n, 2) [s*, global] part scores."""
+    """The model's image scores from raw (n, parts) [s*, global(, pixel)] part scores."""
     global_scores = parts[:, 1] if model.global_scorer is not None else None
-    return model.combine(parts[:, 0], global_scores)
+    pixel_scores = parts[:, 2] if model.pixel_scorer is not None else None
+    return model.combine(parts[:, 0], global_scores, pixel_scores)
 
 
 def _single_category(records: Sequence[ImageRecord]) -> str:
@@ -169,11 +177,13 @@ def _bank_features(
     records: Sequence[ImageRecord],
     batch_size: int,
     progress: bool,
-) -> tuple[np.ndarray, np.ndarray, dict[Path, str]]:
-    """Patch features of every bank image, stacked (N_patches, D), and each image's pooled
-    statistics (N_images, 2D) for the global scorer; unreadable images skipped."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[Path, str]]:
+    """Patch features of every bank image, stacked (N_patches, D), each image's pooled
+    statistics (N_images, 2D) and pixel statistics (N_images, 4) for the whole-image parts;
+    unreadable images skipped."""
     chunks: list[np.ndarray] = []
     statistics: list[np.ndarray] = []
+    pixels: list[np.ndarray] = []
     skipped: dict[Path, str] = {}
     paths = [r.path for r in records]
     bar = tqdm(total=len(paths), desc="features", unit="img", disable=not progress)
@@ -183,11 +193,12 @@ def _bank_features(
             patches = extract_patches(extractor, config, decoded.tensor)
             chunks.append(patches.reshape(-1, patches.shape[-1]))
             statistics.append(pooled_statistics(patches))
+            pixels.append(image_statistics(decoded.tensor))
         bar.update(len(chunk))
     bar.close()
     if not chunks:
         raise FitError("none of the training images could be read; see the reasons above")
-    return np.concatenate(chunks), np.concatenate(statistics), skipped
+    return np.concatenate(chunks), np.concatenate(statistics), np.concatenate(pixels), skipped
 
 
 def _sample_bank(features: np.ndarray, config: PatchCoreConfig, device: str) -> MemoryBank:
@@ -211,8 +222,8 @@ def score_records(
     progress: bool,
     desc: str,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Raw (n, 2) [s*, global] scores of the readable records, in order (global is 0 when the
-    model has no global part); unreadable ones are returned apart."""
+    """Raw (n, model.n_parts) [s*, global(, pixel)] scores of the readable records, in order
+    (global is 0 when the model has no global part); unreadable ones are returned apart."""
     parts: list[np.ndarray] = []
     skipped: dict[Path, str] = {}
     paths = [r.path for r in records]
@@ -224,10 +235,14 @@ def score_records(
             global_scores = result.global_scores
             if global_scores is None:
                 global_scores = np.zeros_like(result.image_scores)
-            parts.append(np.stack([result.patch_scores, global_scores], axis=1))
+            columns = [result.patch_scores, global_scores]
+            if result.pixel_scores is not None:
+                columns.append(result.pixel_scores)
+            parts.append(np.stack(columns, axis=1))
         bar.update(len(chunk))
     bar.close()
-    return (np.concatenate(parts) if parts else np.empty((0, 2), np.float32)), skipped
+    empty = np.empty((0, model.n_parts), np.float32)
+    return (np.concatenate(parts) if parts else empty), skipped
 
 
 def validation_metrics(

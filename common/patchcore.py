@@ -6,11 +6,12 @@ features P(x_test) are each scored by the distance to their nearest neighbour in
 score s* is the largest of those distances (eq. 6), optionally reweighted by how isolated the
 nearest bank patch m* is among its b neighbours (eq. 7).
 
-Beyond the paper (issue 6): a whole-image part (common/global_scorer.py) scores the pooled
-statistics of the same patch features, and the ``scorer`` setting picks the image score:
-``patch`` (s*), ``global`` (Mahalanobis distance) or ``fused`` (both parts normalised by their
-held-out normal scores, common/normalise.py, then combined by FUSION). Large images can be
-scored as tiles (common/tiling.py).
+Beyond the paper (issue 6): whole-image parts (common/global_scorer.py) score the pooled
+statistics of the same patch features and, for colour cast and blur, which the features are
+built to ignore, the input pixels' statistics. The ``scorer`` setting picks the image score:
+``patch`` (s*), ``global`` (Mahalanobis distance of the feature statistics) or ``fused`` (every
+part z-scored against the held-out normals, common/normalise.py, then combined
+by FUSION). Large images can be scored as tiles (common/tiling.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from common.backbones import backbone_spec, load_backbone
 from common.errors import PatchqError
 from common.features import PatchFeatureExtractor
-from common.global_scorer import GlobalScorer, pooled_statistics
+from common.global_scorer import GlobalScorer, image_statistics, pooled_statistics
 from common.images import Preprocessing
 from common.memory_bank import MemoryBank
 from common.normalise import Normaliser, fuse
@@ -106,13 +107,15 @@ class PatchCoreConfig:
 @dataclass(frozen=True)
 class ScoreBatch:
     """Scores for a batch: the image score the config's scorer picks, the (h, w) patch
-    distance grid, pooled features, and the raw parts (s* and the global distance)."""
+    distance grid, pooled features, and the raw parts (s*, the feature statistics' distance
+    and the pixel statistics' distance)."""
 
     image_scores: np.ndarray
     patch_maps: np.ndarray
     embeddings: np.ndarray
     patch_scores: np.ndarray | None = None
     global_scores: np.ndarray | None = None
+    pixel_scores: np.ndarray | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -149,8 +152,9 @@ class PatchCore:
 
     ``calibration`` holds the image scores of normal images that are *not* in M; thresholds
     and score normalisation come from them, never from the bank's own images.
-    ``part_calibration`` (n, 2) holds the same images' raw [s*, global] scores, from which the
-    fused scorer normalises each part.
+    ``part_calibration`` (n, parts) holds the same images' raw [s*, global(, pixel)] scores,
+    from which the fused scorer normalises each part. ``pixel_scorer`` (the input pixels'
+    statistics) only comes with a ``global_scorer``; models saved before it have two parts.
     """
 
     def __init__(
@@ -161,14 +165,17 @@ class PatchCore:
         calibration: np.ndarray,
         global_scorer: GlobalScorer | None = None,
         part_calibration: np.ndarray | None = None,
+        pixel_scorer: GlobalScorer | None = None,
     ):
         self.config = config
         self.extractor = extractor
         self.bank = bank
         self.calibration = np.asarray(calibration, dtype=np.float32)
         self.global_scorer = global_scorer
-        parts = np.empty((0, 2)) if part_calibration is None else part_calibration
-        self.part_calibration = np.asarray(parts, dtype=np.float32).reshape(-1, 2)
+        self.pixel_scorer = pixel_scorer
+        n_parts = self.n_parts
+        parts = np.empty((0, n_parts)) if part_calibration is None else part_calibration
+        self.part_calibration = np.asarray(parts, dtype=np.float32).reshape(-1, n_parts)
         self.preprocessing = config.preprocessing()
         self.device = next(extractor.parameters()).device
 
@@ -178,8 +185,19 @@ class PatchCore:
         """The same model with held-out normal scores attached (extractor and bank shared)."""
         parts = self.part_calibration if part_calibration is None else part_calibration
         return PatchCore(
-            self.config, self.extractor, self.bank, calibration, self.global_scorer, parts
+            self.config,
+            self.extractor,
+            self.bank,
+            calibration,
+            self.global_scorer,
+            parts,
+            self.pixel_scorer,
         )
+
+    @property
+    def n_parts(self) -> int:
+        """Raw score parts: s*, the global distance (0 without a global part), pixel distance."""
+        return 3 if self.pixel_scorer is not None else 2
 
     def with_bank(self, bank: MemoryBank) -> PatchCore:
         """The same model searching ``bank`` (e.g. a wrapper that times the searches)."""
@@ -190,6 +208,7 @@ class PatchCore:
             self.calibration,
             self.global_scorer,
             self.part_calibration,
+            self.pixel_scorer,
         )
 
     def score_tensors(self, images: torch.Tensor) -> ScoreBatch:
@@ -200,18 +219,26 @@ class PatchCore:
         distances, nearest = self.bank.search(flat, k=1)
         patch_maps = distances[:, 0].reshape(b, h, w)
         patch_scores = self._image_scores(flat.reshape(b, h * w, d), patch_maps, nearest[:, 0])
-        global_scores = None
+        global_scores = pixel_scores = None
         if self.global_scorer is not None:
             global_scores = self.global_scorer.score(pooled_statistics(patches))
+        if self.pixel_scorer is not None:
+            pixel_scores = self.pixel_scorer.score(image_statistics(images))
         return ScoreBatch(
-            self.combine(patch_scores, global_scores),
+            self.combine(patch_scores, global_scores, pixel_scores),
             patch_maps,
             patches.mean(axis=(1, 2)),
             patch_scores,
             global_scores,
+            pixel_scores,
         )
 
-    def combine(self, patch_scores: np.ndarray, global_scores: np.ndarray | None) -> np.ndarray:
+    def combine(
+        self,
+        patch_scores: np.ndarray,
+        global_scores: np.ndarray | None,
+        pixel_scores: np.ndarray | None = None,
+    ) -> np.ndarray:
         """The image score the config's scorer asks for, from the raw parts."""
         if self.config.scorer == "patch":
             return patch_scores
@@ -222,12 +249,26 @@ class PatchCore:
             )
         if self.config.scorer == "global":
             return global_scores
-        return fuse(self.normalise_parts(patch_scores, global_scores), FUSION)
+        return fuse(self.normalise_parts(patch_scores, global_scores, pixel_scores), FUSION)
 
-    def normalise_parts(self, patch_scores: np.ndarray, global_scores: np.ndarray) -> np.ndarray:
-        """(2, B) z-scores of both parts against the held-out normals' raw part scores."""
-        normalisers = [Normaliser.from_scores(self.part_calibration[:, i]) for i in range(2)]
-        return np.stack([normalisers[0](patch_scores), normalisers[1](global_scores)])
+    def normalise_parts(
+        self,
+        patch_scores: np.ndarray,
+        global_scores: np.ndarray,
+        pixel_scores: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """(parts, B) z-scores of each part against the held-out normals' raw part scores."""
+        parts = [patch_scores, global_scores]
+        if self.pixel_scorer is not None:
+            if pixel_scores is None:
+                raise PatchqError("this model's fused score needs its pixel part's scores")
+            parts.append(pixel_scores)
+        return np.stack(
+            [
+                Normaliser.from_scores(self.part_calibration[:, i])(scores)
+                for i, scores in enumerate(parts)
+            ]
+        )
 
     def _image_scores(
         self, patches: np.ndarray, patch_maps: np.ndarray, nearest: np.ndarray

@@ -44,7 +44,7 @@ def test_validation_never_scores_memory_bank_images(seed_fit) -> None:
     assert result.validation["n_normal"] == 5 and result.validation["n_anomalous"] == 6
     # The calibration distribution is the held-out normal scores: none is a bank image's ~0 s*.
     assert len(result.model.calibration) == 5
-    assert result.model.part_calibration.shape == (5, 2)
+    assert result.model.part_calibration.shape == (5, 3)
     assert result.model.part_calibration[:, 0].min() > 0.05
 
 

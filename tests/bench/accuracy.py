@@ -37,7 +37,7 @@ CONFIGS = {
 }
 # The columns reported per config: the default shows every part and fusion.
 METHODS = {name: ("patch", "fused-max") for name in CONFIGS}
-METHODS["default"] = ("patch", "global", "fused-max", "fused-mean")
+METHODS["default"] = ("patch", "global", "pixel", "fused-max", "fused-mean")
 
 
 def write_set(
@@ -71,11 +71,12 @@ def write_set(
 
 
 def method_scores(model: PatchCore, parts: np.ndarray) -> dict[str, np.ndarray]:
-    """Scores of the patch part, the global part and both fusions from raw (n, 2) parts."""
-    normalised = model.normalise_parts(parts[:, 0], parts[:, 1])
+    """Scores of each raw part (s*, global, pixel) and both fusions from raw (n, 3) parts."""
+    normalised = model.normalise_parts(*parts.T)
     return {
         "patch": parts[:, 0],
         "global": parts[:, 1],
+        "pixel": parts[:, 2],
         "fused-max": fuse(normalised, "max"),
         "fused-mean": fuse(normalised, "mean"),
     }
@@ -105,7 +106,7 @@ def main() -> None:
             for method in METHODS[name]:
                 columns[f"{name} {method}"] = {k: s[method] for k, s in per_kind.items()}
             held_out = model.part_calibration
-            calibrations[name] = fuse(model.normalise_parts(held_out[:, 0], held_out[:, 1]), "max")
+            calibrations[name] = fuse(model.normalise_parts(*held_out.T), "max")
             print(
                 f"{name}: {time.perf_counter() - start:.0f} s, bank {model.bank.size}", flush=True
             )
