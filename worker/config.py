@@ -55,6 +55,9 @@ def make_app(settings: Settings) -> Celery:
             # Sweep for batches of vanished workers often enough to matter at this timeout.
             "unacked_restore_interval": restore_every_s,
             "unacked_restore_throttle": 1,
+            # The sweep takes a Redis mutex that lives this long if its holder is SIGKILLed
+            # mid-sweep; kombu's 300 s default would then hold up every redelivery that long.
+            "unacked_mutex_expire": restore_every_s * 3,
             "socket_connect_timeout": 5,
         },
         worker_send_task_events=False,
