@@ -18,6 +18,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ from common.fit import fit_category
 from common.images import load_rgb
 from common.layouts import ImageRecord, discover
 from common.memory_bank import MemoryBank
-from common.patchcore import PatchCore, PatchCoreConfig
+from common.patchcore import PatchCore, PatchCoreConfig, build_extractor
 from common.schema import Image, Score
 from common.scoring import TIMING_KEYS, ModelProvider, score_batch
 from producer.demo_data import write_elpv_demo
@@ -62,6 +63,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--approx-max", type=int, default=300_000, help="largest bank to build HNSW/IVF for"
+    )
+    parser.add_argument(
+        "--precision", default="auto", help="backbone arithmetic: auto, float32, bfloat16"
     )
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
     return parser.parse_args(argv)
@@ -147,8 +151,10 @@ def bench_naive(
     model: PatchCore, bank_paths: list[Path], evaluation: list[ImageRecord], seed: int
 ) -> dict:
     """The notebook recipe on the same bank images, backbone and evaluation images."""
+    # A notebook runs the backbone in float32, as PyTorch does unless told otherwise.
+    extractor = build_extractor(replace(model.config, precision="float32"), torch.device("cpu"))
     start = time.perf_counter()
-    naive = NaivePatchCore.fit(model.extractor, model.preprocessing, bank_paths, seed)
+    naive = NaivePatchCore.fit(extractor, model.preprocessing, bank_paths, seed)
     fit_s = time.perf_counter() - start
     scores, seconds = score_all(naive, [r.path for r in evaluation])
     labels = [r.label for r in evaluation]
@@ -244,9 +250,10 @@ def print_table(results: dict) -> None:
         f"{'naive':>12} {naive['ms_per_image']:8.1f} {naive['images_per_s']:8.1f} "
         f"{naive['auroc']:7.3f} {naive['bank_size']:9,}"
     )
+    arithmetic = "bfloat16" if results["backbone_bfloat16"] else "float32"
     print(
-        f"speed-up vs naive: {results['speedup_vs_naive']:.1f}x  (patchq AUROC: default fused "
-        f"score, index {results['index']}; naive: s*)"
+        f"speed-up vs naive: {results['speedup_vs_naive']:.1f}x  (patchq: fused score, "
+        f"{results['index']} index, {arithmetic} backbone; naive: s*, float32)"
     )
     split = "  ".join(f"{k} {v:.1f}" for k, v in scoring["split_ms_per_image"].items())
     print(f"patchq ms/image split: {split}")
@@ -268,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     fit_records, evaluation = select_records(
         args.data, args.train, args.eval_normal, args.eval_defect
     )
-    config = PatchCoreConfig()
+    config = PatchCoreConfig(precision=args.precision)
     fit = bench_fit(fit_records, config, args.batch_size)
     result = fit.pop("result")
     # Defects were used in fit's validation; none is in the bank, so scoring them is honest.
@@ -285,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "naive": naive,
         "speedup_vs_naive": scoring["images_per_s"] / naive["images_per_s"],
         "index": result.model.bank.index_type,
+        "backbone_bfloat16": result.model.extractor.bfloat16,
         "index_choice": bench_index_choice(result.model, evaluation, args.batch_size),
         "patches": (config.image_size // 8) ** 2,
         "search": bench_search(result.model, evaluation, sizes, args.approx_max),

@@ -79,6 +79,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--tile-overlap", type=int, default=default.tile_overlap, help="overlap between tiles"
     )
     group.add_argument(
+        "--precision",
+        default=default.precision,
+        choices=("auto", "float32", "bfloat16"),
+        help="backbone arithmetic (default auto: bfloat16 where the CPU/GPU has it natively)",
+    )
+    group.add_argument(
         "--holdout",
         type=float,
         default=DEFAULT_HOLDOUT,
@@ -103,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
         scorer=args.scorer,
         tile_size=args.tile_size,
         tile_overlap=args.tile_overlap,
+        precision=args.precision,
         weights=args.weights,
         seed=args.seed,
     )

@@ -12,6 +12,7 @@ import torch
 
 from common.anomaly_map import anomaly_map
 from common.artifact import ArtifactError, load_artifact, read_artifact, save_artifact
+from common.errors import PatchqError
 from common.memory_bank import MemoryBank
 from common.patchcore import PatchCore, PatchCoreConfig, build_extractor
 from tests.synthetic import draw_defect, make_texture
@@ -139,3 +140,25 @@ def test_device_auto_falls_back_to_cpu_and_missing_cuda_is_an_error(monkeypatch)
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(PatchqError, match="CUDA is not available"):
         resolve_device("cuda:1")
+
+
+def test_bfloat16_backbone_gives_nearly_the_float32_features() -> None:
+    images = _batch(PatchCoreConfig(image_size=64), [make_texture(64, 5)])
+    by_precision = {
+        precision: build_extractor(
+            PatchCoreConfig(image_size=64, precision=precision), torch.device("cpu")
+        )(images)
+        for precision in ("float32", "bfloat16")
+    }
+    reference = by_precision["float32"]
+    error = (by_precision["bfloat16"] - reference).norm() / reference.norm()
+    assert by_precision["bfloat16"].dtype == torch.float32
+    assert 0 < error < 0.05
+
+
+def test_models_saved_before_the_precision_setting_load_as_float32() -> None:
+    saved = PatchCoreConfig().to_dict()
+    del saved["precision"]
+    assert PatchCoreConfig.from_dict(saved).precision == "float32"
+    with pytest.raises(PatchqError, match="precision must be one of"):
+        PatchCoreConfig(precision="float8")
