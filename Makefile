@@ -38,3 +38,4 @@ format: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) -m bench.run
+	$(PY) -m bench.worker_bench --images 480 --image-size 224 --batch-size 16
