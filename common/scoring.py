@@ -17,6 +17,7 @@ by content hash and built lazily in the process that scores, never in a parent t
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -45,6 +46,7 @@ from common.patchcore import PatchCore
 from common.schema import Image
 
 DEFAULT_CACHED_MODELS = 3
+log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 TIMING_KEYS = ("model_s", "decode_s", "backbone_s", "search_s", "write_s")
 
@@ -111,11 +113,22 @@ class ModelProvider:
 
     @staticmethod
     def _write_cache(path: Path, data: bytes) -> None:
-        """Write via a temporary file and rename, so concurrent workers never read half a file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
-            tmp.write(data)
-        os.replace(tmp.name, path)
+        """Write via a temporary file and rename, so concurrent workers never read half a file.
+
+        The cache only saves database reads: a folder that cannot be written is logged, and
+        scoring goes on with the bytes already in memory.
+        """
+        tmp: Path | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
+                tmp = Path(f.name)
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as error:
+            log.warning("model cache %s not written (%s); set PATCHQ_MODEL_CACHE_DIR", path, error)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
 
 class _TimedBank:

@@ -172,3 +172,15 @@ def test_provider_caches_artifacts_on_disk_by_hash(
     cached.write_bytes(fitted.artifact[:100])  # a torn cache file is fetched again
     assert _provider(sessions, tmp_path).get(model_id).bank.size == model.bank.size
     assert cached.read_bytes() == fitted.artifact
+
+
+def test_unwritable_model_cache_does_not_stop_scoring(
+    fitted: Fitted, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    provider = ModelProvider(sessions, blocker / "cache", device="cpu")
+    run_id, ids = _run(sessions, _store(sessions, fitted.artifact), fitted.test_paths)
+    outcome = score_batch(sessions, run_id, ids, provider, "w1")
+    assert sorted(outcome.done) == ids and not outcome.failed
+    assert list(tmp_path.glob("**/*.part")) == []

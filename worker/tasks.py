@@ -65,6 +65,13 @@ def score_batch_task(self: Task, run_id: int, image_ids: list[int]) -> None:
     except PatchqError as error:
         _fail(sessions, run_id, image_ids, str(error))
         raise
+    except OperationalError:
+        raise  # transient database trouble: autoretry_for delivers the batch again
+    except Exception as error:
+        # Anything else (CUDA out of memory, a FAISS error, a full disk) would be acked and
+        # forgotten, leaving the images pending forever: record it on them first.
+        _fail(sessions, run_id, image_ids, f"unexpected {type(error).__name__}: {error}")
+        raise
     log.info(
         "run %s: %d done, %d failed, %d skipped; %s",
         run_id,
