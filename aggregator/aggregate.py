@@ -31,6 +31,7 @@ from aggregator.metrics import (
     RankingMetrics,
     ThresholdMetrics,
     check_scores,
+    predict,
     ranking_metrics,
     report_text,
     threshold_metrics,
@@ -324,7 +325,14 @@ def evaluate_category(data: CategoryData, policy: Policy, seed: int = SPLIT_SEED
         )
         report = report_text(sets.evaluation_labels, sets.evaluation_scores, choice.value)
     return CategoryResult(
-        data, policy, choice, sets, ranking, at_threshold, report, data.scores >= choice.value
+        data,
+        policy,
+        choice,
+        sets,
+        ranking,
+        at_threshold,
+        report,
+        predict(data.scores, choice.value),
     )
 
 

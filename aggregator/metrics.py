@@ -6,8 +6,7 @@ predicted anomalous when its score is at or above the threshold.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import (
@@ -57,9 +56,6 @@ class ThresholdMetrics:
     fp: int
     fn: int
     tp: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @property
     def confusion(self) -> np.ndarray:

@@ -19,6 +19,7 @@ from aggregator import plots
 from aggregator.aggregate import (
     SUMMARY_COLUMNS,
     CategoryResult,
+    RunSummary,
     aggregate_run,
     default_out_dir,
     latest_policies,
@@ -57,10 +58,14 @@ def write_report(engine: Engine, run_id: int | str, out_dir: Path | None = None)
         policies = latest_policies(session, run_id)
     out = out_dir or default_out_dir(run_id, run_name)
     summary = aggregate_run(engine, run_id, out_dir=out, echo=None, policy_for=policies.get)
-    sections = []
+    return render_report(engine, summary)
+
+
+def render_report(engine: Engine, summary: RunSummary) -> Path:
+    """Plot an aggregation just computed and write <summary.out_dir>/index.html; returns it."""
+    out, run_id, run_name = summary.out_dir, summary.run_id, summary.run_name
     with Session(engine) as session:
-        for result in summary.results:
-            sections.append(_category_section(session, result, out))
+        sections = [_category_section(session, result, out) for result in summary.results]
     title = f"patchq run {run_id}" + (f" ({run_name})" if run_name else "")
     page = "\n".join(
         [

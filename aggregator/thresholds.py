@@ -22,7 +22,6 @@ PRESETS = {
     "final": "target_precision:0.90",
     "critical": "target_recall:0.99",
 }
-LABELLED_KINDS = ("youden", "max_f1", "target_recall", "target_precision")
 # kind -> (lowest, highest, whether the bounds themselves are allowed) for the parameter.
 PARAMETER_RANGES = {
     "target_recall": (0.0, 1.0, False, True),
@@ -62,10 +61,6 @@ class Policy:
     def label(self) -> str:
         """For people: a preset shows its rule too."""
         return f"{self.preset} ({self.rule})" if self.preset else self.rule
-
-    @property
-    def needs_labels(self) -> bool:
-        return self.kind in LABELLED_KINDS
 
 
 @dataclass(frozen=True)

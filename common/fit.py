@@ -64,7 +64,7 @@ def split_holdout(
 ) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """Split good images into (bank, held-out) with a seeded shuffle; both keep at least one."""
     if not 0 <= share < 1:
-        raise FitError(f"holdout share must be in [0, 1), got {share}")
+        raise FitError(f"holdout share must be in [0, 1), got {share}; e.g. --holdout 0.2")
     order = np.random.default_rng(seed).permutation(len(good))
     n_holdout = round(share * len(good))
     if share > 0 and len(good) >= 2:
@@ -91,7 +91,7 @@ def fit_category(
     if config.scorer != "patch" and not held_out:
         raise FitError(
             f"scorer {config.scorer!r} is calibrated on held-out normal images; "
-            "fit with a holdout share > 0 or use the patch scorer"
+            "fit with --holdout above 0 (e.g. 0.2) or use --scorer patch"
         )
     extractor = build_extractor(config, resolve_device(device))
     timings: dict[str, float] = {}

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from common.artifact import artifact_hash, save_artifact
@@ -91,7 +92,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of good images kept out of the bank for calibration (default 0.2)",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the holdout split and sampler")
-    group.add_argument("--batch-size", type=int, default=32, help="images per backbone batch")
+    group.add_argument(
+        "--batch-size", type=int, help="images per batch (default: PATCHQ_BATCH_SIZE, 32)"
+    )
     group.add_argument("--device", help="auto, cpu or cuda[:N] (default: PATCHQ_DEVICE or auto)")
 
 
@@ -116,10 +119,10 @@ def config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = Settings.load({"device": args.device})
+    settings = Settings.load({"device": args.device, "batch_size": args.batch_size})
     records = discover(args.data, args.category)
     print(summarize(records))
-    fit_and_store(records, config_from_args(args), settings, args.holdout, args.batch_size)
+    fit_and_store(records, config_from_args(args), settings, args.holdout)
     return 0
 
 
@@ -128,30 +131,45 @@ def fit_and_store(
     config: PatchCoreConfig,
     settings: Settings,
     holdout: float,
-    batch_size: int,
 ) -> dict[str, int]:
     """Fit every category in ``records``, store each model; returns category -> model id."""
     engine = make_engine(settings.database_url)
-    init_db(engine)
-    model_ids: dict[str, int] = {}
-    for category in sorted({r.category for r in records}):
-        print(f"\nfitting {category} ({config.backbone}, {config.image_size} px)")
-        subset = [r for r in records if r.category == category]
-        result = fit_category(subset, config, holdout, settings.device, batch_size)
-        data = save_artifact(result.model, category, result.validation)
-        with Session(engine) as session, session.begin():
-            model_ids[category] = store_model(
-                session,
-                category=category,
-                artifact_bytes=data,
-                content_hash=artifact_hash(data),
-                backbone=config.backbone,
-                config=config.to_dict(),
-                validation=result.validation,
-                bank_size=result.model.bank.size,
-            )
-        print(describe_fit(result, model_ids[category]))
-    return model_ids
+    try:
+        init_db(engine)
+        return {
+            category: _fit_one(engine, [r for r in records if r.category == category], config,
+                               settings, holdout)
+            for category in sorted({r.category for r in records})
+        }  # fmt: skip
+    finally:
+        engine.dispose()
+
+
+def _fit_one(
+    engine: Engine,
+    records: Sequence[ImageRecord],
+    config: PatchCoreConfig,
+    settings: Settings,
+    holdout: float,
+) -> int:
+    """Fit one category's model, store it, print what a quality engineer needs; its id."""
+    category = records[0].category
+    print(f"\nfitting {category} ({config.backbone}, {config.image_size} px)")
+    result = fit_category(records, config, holdout, settings.device, settings.batch_size)
+    data = save_artifact(result.model, category, result.validation)
+    with Session(engine) as session, session.begin():
+        model_id = store_model(
+            session,
+            category=category,
+            artifact_bytes=data,
+            content_hash=artifact_hash(data),
+            backbone=config.backbone,
+            config=config.to_dict(),
+            validation=result.validation,
+            bank_size=result.model.bank.size,
+        )
+    print(describe_fit(result, model_id))
+    return model_id
 
 
 def describe_fit(result: FitResult, model_id: int) -> str:

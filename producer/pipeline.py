@@ -285,7 +285,6 @@ class FitOptions:
 
     config: PatchCoreConfig
     holdout: float
-    batch_size: int
     refit: bool = False
 
 
@@ -363,7 +362,6 @@ def _ensure_models(
             options.config,
             settings,
             options.holdout,
-            options.batch_size,
         )
     return {c: fitted.get(c) or existing[c] for c in categories}  # type: ignore[misc]
 
@@ -383,10 +381,9 @@ def describe_progress(
 def aggregate(engine: Engine, run_id: int, policy: str | None, out_dir: Path | None) -> Path:
     """Thresholds, predictions, metrics and the HTML report of the run; returns the report."""
     from aggregator.aggregate import aggregate_run  # matplotlib & co. only when needed
-    from aggregator.report import write_report
+    from aggregator.report import render_report
 
-    summary = aggregate_run(engine, run_id, policy, out_dir)
-    report = write_report(engine, run_id, summary.out_dir)
+    report = render_report(engine, aggregate_run(engine, run_id, policy, out_dir))
     print(f"report: {report}")
     return report
 

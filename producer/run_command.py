@@ -57,15 +57,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings.load({"device": args.device})
+    return Settings.load({"device": args.device, "batch_size": args.batch_size})
 
 
 def pipeline_options(args: argparse.Namespace) -> dict[str, object]:
     """Keyword arguments of run_pipeline taken from the flags."""
     return {
-        "fit_options": FitOptions(
-            config_from_args(args), args.holdout, args.batch_size, refit=args.refit
-        ),
+        "fit_options": FitOptions(config_from_args(args), args.holdout, refit=args.refit),
         "run_name": args.run_name,
         "split": args.split,
         "policy": args.policy,
