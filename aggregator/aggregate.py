@@ -41,10 +41,10 @@ from aggregator.thresholds import Policy, ThresholdChoice, choose_threshold, par
 from common.aggregate_schema import Metric, Prediction, Threshold
 from common.anomaly_map import anomaly_map
 from common.artifact import read_artifact
-from common.database import decode_array, run_progress
+from common.database import decode_array, resolve_run, run_progress
 from common.errors import PatchqError
 from common.images import Preprocessing
-from common.schema import Image, Model, Run, Score
+from common.schema import Image, Model, Score
 
 SPLIT_SEED = 0
 DEFAULT_LABELLED_POLICY = "youden"
@@ -145,20 +145,6 @@ class RunSummary:
     out_dir: Path
     summary_csv: Path
     category_csvs: dict[str, Path]
-
-
-def resolve_run(session: Session, run: str | int) -> tuple[int, str | None]:
-    """(id, name) of a run given by id or name."""
-    text = str(run).strip()
-    row = session.execute(select(Run.id, Run.name).where(Run.name == text)).first()
-    if row is None and text.isdigit():
-        row = session.execute(select(Run.id, Run.name).where(Run.id == int(text))).first()
-    if row is None:
-        raise AggregateError(
-            f"run {text!r} is not in the database; give a run id or name from `patchq status`, "
-            "and check PATCHQ_DATABASE_URL"
-        )
-    return row.id, row.name
 
 
 def default_out_dir(run_id: int, run_name: str | None) -> Path:

@@ -24,10 +24,9 @@ from aggregator.aggregate import (
     default_out_dir,
     latest_policies,
     load_patch_maps,
-    resolve_run,
 )
 from aggregator.exports import PREDICTIONS_FILE, SUMMARY_FILE, category_dir
-from common.database import decode_array
+from common.database import decode_array, resolve_run
 from common.schema import Score
 
 INDEX_FILE = "index.html"

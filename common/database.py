@@ -255,6 +255,24 @@ def create_run(session: Session, name: str | None, source: str, batch_size: int)
     return run.id
 
 
+class UnknownRunError(PatchqError):
+    """A run reference (id or name) that is not in the database."""
+
+
+def resolve_run(session: Session, ref: str | int) -> tuple[int, str | None]:
+    """(id, name) of a run given by name or id, as users type either."""
+    text = str(ref).strip()
+    row = session.execute(select(Run.id, Run.name).where(Run.name == text)).first()
+    if row is None and text.isdigit():
+        row = session.execute(select(Run.id, Run.name).where(Run.id == int(text))).first()
+    if row is None:
+        raise UnknownRunError(
+            f"run {text!r} is not in the database; give a run id or name from `patchq status` "
+            "or `patchq submit`, and check PATCHQ_DATABASE_URL"
+        )
+    return row.id, row.name
+
+
 def run_id_by_name(session: Session, name: str) -> int | None:
     """The id of the run called `name`, so resubmitting a name continues that run."""
     return session.scalars(select(Run.id).where(Run.name == name)).first()

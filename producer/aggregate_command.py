@@ -7,8 +7,8 @@ from pathlib import Path
 
 from aggregator.aggregate import DEFAULT_LABELLED_POLICY, DEFAULT_UNLABELLED_POLICY, aggregate_run
 from aggregator.thresholds import POLICY_HELP
-from common.database import init_db, make_engine
 from common.settings import Settings
+from producer.pipeline import open_database
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    engine = make_engine(Settings.load().database_url)
-    init_db(engine)
-    aggregate_run(engine, args.run_ref, args.policy, args.out)
+    engine, _ = open_database(Settings.load())
+    try:
+        aggregate_run(engine, args.run_ref, args.policy, args.out)
+    finally:
+        engine.dispose()
     return 0

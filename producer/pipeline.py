@@ -47,7 +47,7 @@ from common.layouts import (
     summarize,
 )
 from common.patchcore import PatchCoreConfig
-from common.schema import Image, Model, Run
+from common.schema import Image, Model
 from common.scoring import TIMING_KEYS, ModelProvider, score_batch
 from common.settings import Settings, mask_url
 from producer.fit_command import fit_and_store
@@ -160,19 +160,6 @@ def _image_row(record: ImageRecord, model_id: int) -> ImageRow:
         defect_type=record.defect_type,
         mask_path=None if record.mask_path is None else str(record.mask_path.absolute()),
     )
-
-
-def resolve_run(session: Session, run: str) -> int:
-    """Run id from a name or an id."""
-    run_id = run_id_by_name(session, run)
-    if run_id is None and run.isdigit():
-        run_id = session.scalars(select(Run.id).where(Run.id == int(run))).first()
-    if run_id is None:
-        raise SubmitError(
-            f"run {run!r} is not in the database; give the name `patchq submit` printed, "
-            "and check PATCHQ_DATABASE_URL"
-        )
-    return run_id
 
 
 def broker_app(settings: Settings) -> Celery:

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from aggregator.report import write_report
-from common.database import init_db, make_engine
 from common.settings import Settings
+from producer.pipeline import open_database
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    engine = make_engine(Settings.load().database_url)
-    init_db(engine)
-    print(write_report(engine, args.run_ref, args.out))
+    engine, _ = open_database(Settings.load())
+    try:
+        print(write_report(engine, args.run_ref, args.out))
+    finally:
+        engine.dispose()
     return 0

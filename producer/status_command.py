@@ -12,13 +12,12 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from common.database import CategoryProgress, run_progress
+from common.database import CategoryProgress, resolve_run, run_progress
 from common.settings import Settings
 from producer.pipeline import (
     describe_progress,
     failure_examples,
     open_database,
-    resolve_run,
     wait_for_run,
 )
 
@@ -42,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     engine, sessions = open_database(Settings.load())
     with sessions() as session:
-        run_id = resolve_run(session, args.run_ref)
+        run_id, _ = resolve_run(session, args.run_ref)
     if args.watch:
         wait_for_run(sessions, run_id)
     with sessions() as session:

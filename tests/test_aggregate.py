@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from aggregator.aggregate import AggregateError, aggregate_run
+from aggregator.aggregate import aggregate_run
 from common.aggregate_schema import Metric, Prediction, Threshold
-from common.database import make_engine
+from common.database import UnknownRunError, make_engine
 from producer.cli import main
 from tests.aggregate_data import build_dataset, populate
 
@@ -110,7 +110,7 @@ def test_normal_quantile_uses_fit_held_out_scores(run, dataset, tmp_path) -> Non
 
 def test_unknown_run_is_a_clear_error(run, tmp_path) -> None:
     engine, _ = run
-    with pytest.raises(AggregateError, match="run 'nope' is not in the database"):
+    with pytest.raises(UnknownRunError, match="run 'nope' is not in the database"):
         aggregate_run(engine, "nope", out_dir=tmp_path, echo=None)
 
 
