@@ -348,6 +348,21 @@ def mark_failed(session: Session, run_id: int, reasons: Mapping[int, str]) -> No
     )
 
 
+def retry_failed(session: Session, run_id: int) -> int:
+    """Put the run's failed images back to pending with a fresh delivery count; returns how many.
+
+    For after the cause is fixed (a file restored, a permission granted, a worker's GPU
+    replaced): the next submit of the run enqueues them like any pending image.
+    """
+    result = session.execute(
+        update(Image)
+        .where(Image.run_id == run_id, Image.status == "failed")
+        .values(status="pending", error=None, attempts=0)
+        .execution_options(synchronize_session=False, preserve_rowcount=True)
+    )
+    return result.rowcount
+
+
 def upsert_scores(session: Session, rows: Sequence[ScoreRow]) -> None:
     """Write a batch's scores in one INSERT .. ON CONFLICT DO UPDATE and mark those images done.
 

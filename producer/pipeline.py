@@ -34,6 +34,7 @@ from common.database import (
     make_session_factory,
     pending_image_ids,
     register_images,
+    retry_failed,
     run_id_by_name,
     run_progress,
 )
@@ -74,6 +75,7 @@ class Submission:
     run_name: str
     added: int  # images new to the run
     pending: int  # images of the run still to score
+    retried: int = 0  # failed images put back to pending
 
 
 def open_database(settings: Settings) -> tuple[Engine, sessionmaker[Session]]:
@@ -138,16 +140,19 @@ def register_run(
     run_name: str | None,
     source: str,
     batch_size: int,
+    retry: bool = False,
 ) -> Submission:
-    """Create the run (or continue the one of that name) and register its images."""
+    """Create the run (or continue the one of that name) and register its images; with
+    ``retry``, its failed images are put back to pending first."""
     name = run_name or default_run_name()
     with sessions.begin() as session:
         model_ids = latest_models(session, sorted({r.category for r in records}))
         run_id = run_id_by_name(session, name) or create_run(session, name, source, batch_size)
         rows = [_image_row(record, model_ids[record.category]) for record in records]
         added = register_images(session, run_id, rows)
+        retried = retry_failed(session, run_id) if retry else 0
         pending = len(pending_image_ids(session, run_id))
-    return Submission(run_id, name, added, pending)
+    return Submission(run_id, name, added, pending, retried)
 
 
 def _image_row(record: ImageRecord, model_id: int) -> ImageRow:

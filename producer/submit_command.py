@@ -46,6 +46,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--split", choices=SPLITS, default="test", help="which images of a data root (default test)"
     )
     parser.add_argument("--batch-size", type=int, help="images per task (PATCHQ_BATCH_SIZE)")
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="continuing a run: put its failed images back in the queue (after fixing the cause)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -55,12 +60,13 @@ def run(args: argparse.Namespace) -> int:
     app = broker_app(settings)
     engine, sessions = open_database(settings)
     submission = register_run(
-        sessions, records, args.run_name, str(args.source), settings.batch_size
+        sessions, records, args.run_name, str(args.source), settings.batch_size, args.retry_failed
     )
     batches = enqueue_pending(app, sessions, submission.run_id, settings.batch_size, settings.queue)
     engine.dispose()
     print(
         f"run {submission.run_name} (id {submission.run_id}): {submission.added} new images, "
+        f"{submission.retried} failed ones retried, "
         f"{submission.pending} pending -> {batches} batches on queue {settings.queue!r}; "
         f"follow it with `patchq status {submission.run_name}`"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from common.database import (
     decode_array,
     pending_image_ids,
     register_images,
+    retry_failed,
     store_model,
 )
 from common.fit import fit_category
@@ -184,3 +186,25 @@ def test_unwritable_model_cache_does_not_stop_scoring(
     outcome = score_batch(sessions, run_id, ids, provider, "w1")
     assert sorted(outcome.done) == ids and not outcome.failed
     assert list(tmp_path.glob("**/*.part")) == []
+
+
+def test_failed_images_put_back_to_pending_are_scored_once_fixed(
+    fitted: Fitted, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    missing = tmp_path / "late" / "arrives-later.png"
+    paths = [*fitted.test_paths[:2], missing]
+    run_id, ids = _run(sessions, _store(sessions, fitted.artifact), paths)
+    provider = _provider(sessions, tmp_path)
+    assert len(score_batch(sessions, run_id, ids, provider, "w1").failed) == 1
+    missing.parent.mkdir()
+    shutil.copy(fitted.test_paths[2], missing)  # the cause is fixed
+    with sessions.begin() as session:
+        assert retry_failed(session, run_id) == 1
+        assert pending_image_ids(session, run_id) == [ids[2]]
+    outcome = score_batch(sessions, run_id, ids, provider, "w2")
+    assert outcome.done == [ids[2]] and sorted(outcome.skipped) == ids[:2]
+    with sessions() as session:
+        statuses = dict(session.execute(select(Image.path, Image.status)).all())
+        assert set(statuses.values()) == {"done"}
+        assert session.scalar(select(func.count()).select_from(Score)) == 3
+        assert session.scalar(select(Image.error).where(Image.id == ids[2])) is None
