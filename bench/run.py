@@ -32,9 +32,7 @@ from common.batches import iter_batches
 from common.database import (
     ImageRow,
     create_run,
-    init_db,
-    make_engine,
-    make_session_factory,
+    open_database,
     register_images,
     store_model,
 )
@@ -107,35 +105,33 @@ def bench_scoring(
     model: PatchCore, evaluation: list[ImageRecord], batch_size: int, workdir: Path
 ) -> dict:
     """The real in-process path: SQLite run, `score_batch` per batch, rows written."""
-    engine = make_engine(f"sqlite:///{workdir / 'bench.db'}")
-    init_db(engine)
-    factory = make_session_factory(engine)
-    data = save_artifact(model, CATEGORY)
-    with factory.begin() as session:
-        model_id = store_model(
-            session, CATEGORY, data, artifact_hash(data), model.config.backbone,
-            model.config.to_dict(), None, model.bank.size,
-        )  # fmt: skip
-        run_id = create_run(session, "bench", "bench", batch_size)
-        rows = [
-            ImageRow(category=CATEGORY, path=str(r.path), model_id=model_id, label=r.label)
-            for r in evaluation
-        ]
-        register_images(session, run_id, rows)
-        ids = list(session.scalars(select(Image.id).where(Image.run_id == run_id)))
-    provider = ModelProvider(factory, workdir / "cache", device="cpu")
-    provider.get(model_id)  # load once, as a worker does before its first batch
-    timings = dict.fromkeys(TIMING_KEYS, 0.0)
-    start = time.perf_counter()
-    for i in range(0, len(ids), batch_size):
-        outcome = score_batch(factory, run_id, ids[i : i + batch_size], provider, "bench")
-        for key, value in outcome.timings.items():
-            timings[key] += value
-    elapsed = time.perf_counter() - start
-    with factory() as session:
-        scored = session.execute(
-            select(Image.label, Score.score).join(Score, Score.image_id == Image.id)
-        ).all()
+    with open_database(f"sqlite:///{workdir / 'bench.db'}") as (_, factory):
+        data = save_artifact(model, CATEGORY)
+        with factory.begin() as session:
+            model_id = store_model(
+                session, CATEGORY, data, artifact_hash(data), model.config.backbone,
+                model.config.to_dict(), None, model.bank.size,
+            )  # fmt: skip
+            run_id = create_run(session, "bench", "bench", batch_size)
+            rows = [
+                ImageRow(category=CATEGORY, path=str(r.path), model_id=model_id, label=r.label)
+                for r in evaluation
+            ]
+            register_images(session, run_id, rows)
+            ids = list(session.scalars(select(Image.id).where(Image.run_id == run_id)))
+        provider = ModelProvider(factory, workdir / "cache", device="cpu")
+        provider.get(model_id)  # load once, as a worker does before its first batch
+        timings = dict.fromkeys(TIMING_KEYS, 0.0)
+        start = time.perf_counter()
+        for i in range(0, len(ids), batch_size):
+            outcome = score_batch(factory, run_id, ids[i : i + batch_size], provider, "bench")
+            for key, value in outcome.timings.items():
+                timings[key] += value
+        elapsed = time.perf_counter() - start
+        with factory() as session:
+            scored = session.execute(
+                select(Image.label, Score.score).join(Score, Score.image_id == Image.id)
+            ).all()
     labels, scores = zip(*scored, strict=True)
     n = len(ids)
     return {

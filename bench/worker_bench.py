@@ -33,7 +33,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.artifact import artifact_hash, save_artifact
-from common.database import run_progress, store_model
+from common.database import open_database, run_progress, store_model
 from common.fit import fit_category
 from common.layouts import discover
 from common.patchcore import PatchCoreConfig
@@ -45,7 +45,6 @@ from producer.pipeline import (
     broker_app,
     enqueue_pending,
     find_images,
-    open_database,
     register_run,
     score_in_process,
 )
@@ -79,33 +78,34 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
         "PATCHQ_MODEL_CACHE_DIR": str(tmp / "models"),
     }
     settings = Settings.load({k.removeprefix("PATCHQ_").lower(): v for k, v in env.items()})
-    engine, sessions = open_database(settings)
-    root = tmp / "data"
-    make_seed_layout(root, "tex", n_good=30, n_bad=4, n_test=args.images, size=args.image_size)
-    config = PatchCoreConfig(image_size=args.image_size, coreset_ratio=0.1)
-    print(f"fitting on 30 synthetic {args.image_size} px images ...", flush=True)
-    model = fit_category(discover(root), config, device="cpu", progress=False).model
-    data = save_artifact(model, "tex")
-    with sessions.begin() as session:
-        store_model(session, "tex", data, artifact_hash(data), config.backbone, {}, None, 1)
-    records = find_images(root, ["tex"], "test")
+    with open_database(settings.database_url) as (_, sessions):
+        root = tmp / "data"
+        make_seed_layout(root, "tex", n_good=30, n_bad=4, n_test=args.images, size=args.image_size)
+        config = PatchCoreConfig(image_size=args.image_size, coreset_ratio=0.1)
+        print(f"fitting on 30 synthetic {args.image_size} px images ...", flush=True)
+        model = fit_category(discover(root), config, device="cpu", progress=False).model
+        data = save_artifact(model, "tex")
+        with sessions.begin() as session:
+            store_model(session, "tex", data, artifact_hash(data), config.backbone, {}, None, 1)
+        records = find_images(root, ["tex"], "test")
 
-    results: list[tuple[str, float, dict[str, float]]] = []
-    submission = register_run(sessions, records, "in-process", "bench", args.batch_size)
-    start = time.perf_counter()
-    timings = score_in_process(sessions, submission.run_id, settings, progress=False)
-    results.append(("in-process", time.perf_counter() - start, timings))
-    for workers in (1, 2):
-        name = f"{workers}-worker"
-        submission = register_run(sessions, records, name, "bench", args.batch_size)
-        results.append((name, *score_on_workers(tmp, env, settings, sessions, submission, workers)))
-    with sessions() as session:
-        runs = session.execute(
-            select(Run.name, Image.status, func.count())
-            .join(Image)
-            .group_by(Run.name, Image.status)
-        ).all()
-    engine.dispose()
+        results: list[tuple[str, float, dict[str, float]]] = []
+        submission = register_run(sessions, records, "in-process", "bench", args.batch_size)
+        start = time.perf_counter()
+        timings = score_in_process(sessions, submission.run_id, settings, progress=False)
+        results.append(("in-process", time.perf_counter() - start, timings))
+        for workers in (1, 2):
+            name = f"{workers}-worker"
+            submission = register_run(sessions, records, name, "bench", args.batch_size)
+            results.append(
+                (name, *score_on_workers(tmp, env, settings, sessions, submission, workers))
+            )
+        with sessions() as session:
+            runs = session.execute(
+                select(Run.name, Image.status, func.count())
+                .join(Image)
+                .group_by(Run.name, Image.status)
+            ).all()
     not_done = [(run, status, count) for run, status, count in runs if status != "done"]
     if not_done:
         raise SystemExit(f"some images were not scored: {not_done}")

@@ -8,7 +8,8 @@ PostgreSQL, because Celery delivers a batch at least once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -157,6 +158,18 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions whose loaded rows stay readable after commit (workers use them after the write)."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def open_database(url: str) -> Iterator[tuple[Engine, sessionmaker[Session]]]:
+    """Engine and sessions on ``url``, migrated to this patchq's schema; the engine is
+    disposed on exit, errors included, so no command leaves connections behind."""
+    engine = make_engine(url)
+    try:
+        init_db(engine)
+        yield engine, make_session_factory(engine)
+    finally:
+        engine.dispose()
 
 
 def init_db(engine: Engine) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from aggregator.aggregate import DEFAULT_LABELLED_POLICY, DEFAULT_UNLABELLED_POLICY, aggregate_run
 from aggregator.thresholds import POLICY_HELP
+from common.database import open_database
 from common.settings import Settings
-from producer.pipeline import open_database
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,9 +34,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    engine, _ = open_database(Settings.load())
-    try:
+    with open_database(Settings.load().database_url) as (engine, _):
         aggregate_run(engine, args.run_ref, args.policy, args.out)
-    finally:
-        engine.dispose()
     return 0

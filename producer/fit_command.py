@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from common.artifact import artifact_hash, save_artifact
-from common.database import init_db, make_engine, store_model
+from common.database import open_database, store_model
 from common.fit import DEFAULT_HOLDOUT, FitResult, fit_category
 from common.layouts import ImageRecord, discover, summarize
 from common.patchcore import PatchCoreConfig
@@ -133,16 +133,12 @@ def fit_and_store(
     holdout: float,
 ) -> dict[str, int]:
     """Fit every category in ``records``, store each model; returns category -> model id."""
-    engine = make_engine(settings.database_url)
-    try:
-        init_db(engine)
+    with open_database(settings.database_url) as (engine, _):
         return {
             category: _fit_one(engine, [r for r in records if r.category == category], config,
                                settings, holdout)
             for category in sorted({r.category for r in records})
         }  # fmt: skip
-    finally:
-        engine.dispose()
 
 
 def _fit_one(

@@ -28,10 +28,8 @@ from common.database import (
     CategoryProgress,
     ImageRow,
     create_run,
-    init_db,
     latest_model_id,
-    make_engine,
-    make_session_factory,
+    open_database,
     pending_image_ids,
     register_images,
     retry_failed,
@@ -76,13 +74,6 @@ class Submission:
     added: int  # images new to the run
     pending: int  # images of the run still to score
     retried: int = 0  # failed images put back to pending
-
-
-def open_database(settings: Settings) -> tuple[Engine, sessionmaker[Session]]:
-    """Engine and sessions on PATCHQ_DATABASE_URL, migrated to this patchq's schema."""
-    engine = make_engine(settings.database_url)
-    init_db(engine)
-    return engine, make_session_factory(engine)
 
 
 def find_images(
@@ -304,35 +295,41 @@ def run_pipeline(
     Without a broker the batches are scored in this process; with one they are enqueued
     for `patchq worker` processes and this waits, following progress in the database.
     """
-    engine, sessions = open_database(settings)
-    records = discover(data, categories or None)
-    print(summarize(records))
-    app = broker_app(settings) if settings.broker_url else None
-    model_ids = _ensure_models(sessions, records, settings, fit_options)
-    with sessions() as session:
-        print(held_out_table(session, model_ids))
-    submission = register_run(
-        sessions, find_images(data, categories, split), run_name, str(data), settings.batch_size
-    )
-    print(f"run {submission.run_name} (id {submission.run_id}): {submission.pending} to score")
-    timings = dict.fromkeys(TIMING_KEYS, 0.0)
-    if app is None:
-        timings = score_in_process(sessions, submission.run_id, settings)
-    else:
-        batches = enqueue_pending(
-            app, sessions, submission.run_id, settings.batch_size, settings.queue
+    with open_database(settings.database_url) as (engine, sessions):
+        records = discover(data, categories or None)
+        print(summarize(records))
+        app = broker_app(settings) if settings.broker_url else None
+        model_ids = _ensure_models(sessions, records, settings, fit_options)
+        with sessions() as session:
+            print(held_out_table(session, model_ids))
+        submission = register_run(
+            sessions, find_images(data, categories, split), run_name, str(data), settings.batch_size
         )
-        print(
-            f"{batches} batches on queue {settings.queue!r}; waiting for `patchq worker` "
-            f"processes (Ctrl-C stops waiting, not the run: `patchq status {submission.run_name}`)"
-        )
-        wait_for_run(sessions, submission.run_id)
-    with sessions() as session:
-        progress = run_progress(session, submission.run_id)
-        print(describe_progress(progress, failure_examples(session, submission.run_id)))
-    aggregate(engine, submission.run_id, policy, out_dir)
-    engine.dispose()
+        print(f"run {submission.run_name} (id {submission.run_id}): {submission.pending} to score")
+        timings = _score(app, sessions, submission, settings)
+        with sessions() as session:
+            progress = run_progress(session, submission.run_id)
+            print(describe_progress(progress, failure_examples(session, submission.run_id)))
+        aggregate(engine, submission.run_id, policy, out_dir)
     return PipelineResult(submission.run_id, submission.run_name, model_ids, progress, timings)
+
+
+def _score(
+    app: Celery | None,
+    sessions: sessionmaker[Session],
+    submission: Submission,
+    settings: Settings,
+) -> dict[str, float]:
+    """Score the run in this process (no broker) or wait for the workers; in-process timings."""
+    if app is None:
+        return score_in_process(sessions, submission.run_id, settings)
+    batches = enqueue_pending(app, sessions, submission.run_id, settings.batch_size, settings.queue)
+    print(
+        f"{batches} batches on queue {settings.queue!r}; waiting for `patchq worker` "
+        f"processes (Ctrl-C stops waiting, not the run: `patchq status {submission.run_name}`)"
+    )
+    wait_for_run(sessions, submission.run_id)
+    return dict.fromkeys(TIMING_KEYS, 0.0)
 
 
 def _ensure_models(

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from aggregator.report import write_report
+from common.database import open_database
 from common.settings import Settings
-from producer.pipeline import open_database
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,9 +28,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    engine, _ = open_database(Settings.load())
-    try:
+    with open_database(Settings.load().database_url) as (engine, _):
         print(write_report(engine, args.run_ref, args.out))
-    finally:
-        engine.dispose()
     return 0

@@ -12,12 +12,11 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from common.database import CategoryProgress, resolve_run, run_progress
+from common.database import CategoryProgress, open_database, resolve_run, run_progress
 from common.settings import Settings
 from producer.pipeline import (
     describe_progress,
     failure_examples,
-    open_database,
     wait_for_run,
 )
 
@@ -39,15 +38,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    engine, sessions = open_database(Settings.load())
-    with sessions() as session:
-        run_id, _ = resolve_run(session, args.run_ref)
-    if args.watch:
-        wait_for_run(sessions, run_id)
-    with sessions() as session:
-        rows = run_progress(session, run_id)
-        failures = failure_examples(session, run_id)
-    engine.dispose()
+    with open_database(Settings.load().database_url) as (_, sessions):
+        with sessions() as session:
+            run_id, _ = resolve_run(session, args.run_ref)
+        if args.watch:
+            wait_for_run(sessions, run_id)
+        with sessions() as session:
+            rows = run_progress(session, run_id)
+            failures = failure_examples(session, run_id)
     print(f"run {args.run_ref} (id {run_id})")
     print(progress_table(rows))
     print(describe_progress(rows, failures))

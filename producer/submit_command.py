@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.database import open_database
 from common.settings import Settings
 from producer.pipeline import (
     SPLITS,
     broker_app,
     enqueue_pending,
     find_images,
-    open_database,
     register_run,
 )
 
@@ -58,12 +58,14 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.load({"batch_size": args.batch_size})
     records = find_images(args.source, args.category, args.split)
     app = broker_app(settings)
-    engine, sessions = open_database(settings)
-    submission = register_run(
-        sessions, records, args.run_name, str(args.source), settings.batch_size, args.retry_failed
-    )
-    batches = enqueue_pending(app, sessions, submission.run_id, settings.batch_size, settings.queue)
-    engine.dispose()
+    with open_database(settings.database_url) as (_, sessions):
+        submission = register_run(
+            sessions, records, args.run_name, str(args.source), settings.batch_size,
+            args.retry_failed,
+        )  # fmt: skip
+        batches = enqueue_pending(
+            app, sessions, submission.run_id, settings.batch_size, settings.queue
+        )
     print(
         f"run {submission.run_name} (id {submission.run_id}): {submission.added} new images, "
         f"{submission.retried} failed ones retried, "

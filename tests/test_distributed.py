@@ -28,13 +28,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from common.artifact import artifact_hash, save_artifact
 from common.batches import decode_batch
-from common.database import run_progress, store_model
+from common.database import init_db, make_engine, make_session_factory, run_progress, store_model
 from common.fit import fit_category
 from common.layouts import discover
 from common.patchcore import PatchCoreConfig
 from common.schema import Image, Score
 from common.settings import Settings
-from producer.pipeline import broker_app, enqueue_pending, find_images, open_database, register_run
+from producer.pipeline import broker_app, enqueue_pending, find_images, register_run
 from tests.synthetic import make_seed_layout
 
 pytestmark = pytest.mark.integration
@@ -182,7 +182,9 @@ def _cluster(tmp_path: Path, db_url: str, broker_url: str, data: Data) -> Cluste
     }
     overrides = {k.removeprefix("PATCHQ_").lower(): v for k, v in env.items() if "PATCHQ_" in k}
     settings = Settings.load(overrides)
-    engine, sessions = open_database(settings)
+    engine = make_engine(db_url)
+    init_db(engine)
+    sessions = make_session_factory(engine)
     with sessions.begin() as session:
         digest = artifact_hash(data.artifact)
         store_model(session, "tex", data.artifact, digest, CONFIG.backbone, {}, None, 1)
