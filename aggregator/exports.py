@@ -9,10 +9,8 @@ import csv
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from aggregator.aggregate import CategoryResult
+from aggregator.evaluation import CategoryResult
 
 PREDICTION_COLUMNS = ("path", "score", "label", "prediction", "threshold", "policy", "role")
 SUMMARY_FILE = "summary.csv"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.images import Preprocessing, load_rgb
+from common.data.images import Preprocessing, load_rgb
 
 
 def model_frame_image(path: Path, preprocessing: Preprocessing) -> np.ndarray:

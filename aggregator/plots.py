@@ -14,9 +14,9 @@ from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from aggregator.aggregate import CategoryResult
+from aggregator.evaluation import CategoryResult
 from aggregator.frames import model_frame_image, model_frame_mask
-from common.anomaly_map import anomaly_map
+from common.engine.anomaly_map import anomaly_map
 from common.errors import PatchqError
 
 DPI = 100

@@ -16,18 +16,13 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from aggregator import plots
-from aggregator.aggregate import (
-    SUMMARY_COLUMNS,
-    CategoryResult,
-    RunSummary,
-    aggregate_run,
-    default_out_dir,
-    latest_policies,
-    load_patch_maps,
-)
+from aggregator.aggregate import RunSummary, aggregate_run, default_out_dir, latest_policies
+from aggregator.category_data import load_patch_maps
+from aggregator.console import SUMMARY_COLUMNS
+from aggregator.evaluation import CategoryResult
 from aggregator.exports import PREDICTIONS_FILE, SUMMARY_FILE, category_dir
-from common.database import decode_array, resolve_run
-from common.schema import Score
+from common.store.database import decode_array, resolve_run
+from common.store.schema import Score
 
 INDEX_FILE = "index.html"
 PCA_MAX_POINTS = 2000  # a scatter of more points says nothing more and slows the page

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from common.coreset import ApproximateGreedyCoresetSampler, RandomSubsampler, coverage_radius
+from common.engine.coreset import ApproximateGreedyCoresetSampler, RandomSubsampler, coverage_radius
 
 
 def _peak_rss_mb() -> float:

@@ -15,8 +15,8 @@ import faiss
 import numpy as np
 import torch
 
-from common.features import PatchFeatureExtractor
-from common.images import Preprocessing, load_rgb
+from common.data.images import Preprocessing, load_rgb
+from common.engine.features import PatchFeatureExtractor
 
 NAIVE_BANK_CAP = 120_000
 

@@ -27,22 +27,22 @@ from sklearn.metrics import roc_auc_score
 from sqlalchemy import select
 
 from bench.naive import NaivePatchCore, score_all
-from common.artifact import artifact_hash, save_artifact
-from common.batches import iter_batches
-from common.database import (
+from common.data.batches import iter_batches
+from common.data.images import load_rgb
+from common.data.layouts import ImageRecord, discover
+from common.engine.artifact import artifact_hash, save_artifact
+from common.engine.fit import fit_category
+from common.engine.memory_bank import MemoryBank
+from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor
+from common.scoring import TIMING_KEYS, ModelProvider, score_batch
+from common.store.database import (
     ImageRow,
     create_run,
     open_database,
     register_images,
     store_model,
 )
-from common.fit import fit_category
-from common.images import load_rgb
-from common.layouts import ImageRecord, discover
-from common.memory_bank import MemoryBank
-from common.patchcore import PatchCore, PatchCoreConfig, build_extractor
-from common.schema import Image, Score
-from common.scoring import TIMING_KEYS, ModelProvider, score_batch
+from common.store.schema import Image, Score
 from producer.demo_data import write_elpv_demo
 
 CATEGORY = "mono"

@@ -32,22 +32,16 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.artifact import artifact_hash, save_artifact
-from common.database import open_database, run_progress, store_model
-from common.fit import fit_category
-from common.layouts import discover
-from common.patchcore import PatchCoreConfig
-from common.schema import Image, Run
+from common.data.layouts import discover
+from common.engine.artifact import artifact_hash, save_artifact
+from common.engine.fit import fit_category
+from common.engine.patchcore import PatchCoreConfig
 from common.scoring import TIMING_KEYS
 from common.settings import Settings
-from producer.pipeline import (
-    Submission,
-    broker_app,
-    enqueue_pending,
-    find_images,
-    register_run,
-    score_in_process,
-)
+from common.store.database import open_database, run_progress, store_model
+from common.store.schema import Image, Run
+from producer.pipeline import score_in_process
+from producer.submission import Submission, broker_app, enqueue_pending, find_images, register_run
 from tests.synthetic import make_seed_layout
 
 ROOT = Path(__file__).parents[1]

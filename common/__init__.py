@@ -1,1 +1,2 @@
-"""Shared core of patchq: settings, images, layouts, backbones, PatchCore, artifacts, SQL."""
+"""What every part of patchq shares: settings, errors and the scoring task body at the top;
+the model in `engine/`, image input in `data/`, the SQL database in `store/`."""

@@ -30,9 +30,11 @@ from typing import TypeVar
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.artifact import artifact_hash, load_artifact
-from common.batches import decode_batch
-from common.database import (
+from common.data.batches import decode_batch
+from common.engine.artifact import artifact_hash, load_artifact
+from common.engine.memory_bank import MemoryBank
+from common.engine.patchcore import PatchCore
+from common.store.database import (
     ScoreRow,
     bump_attempts,
     images_by_id,
@@ -41,9 +43,7 @@ from common.database import (
     model_content_hash,
     upsert_scores,
 )
-from common.memory_bank import MemoryBank
-from common.patchcore import PatchCore
-from common.schema import Image
+from common.store.schema import Image
 
 DEFAULT_CACHED_MODELS = 3
 log = logging.getLogger(__name__)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aggregator.aggregate import DEFAULT_LABELLED_POLICY, DEFAULT_UNLABELLED_POLICY, aggregate_run
+from aggregator.aggregate import aggregate_run
+from aggregator.evaluation import DEFAULT_LABELLED_POLICY, DEFAULT_UNLABELLED_POLICY
 from aggregator.thresholds import POLICY_HELP
-from common.database import open_database
 from common.settings import Settings
+from common.store.database import open_database
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -9,12 +9,12 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from common.artifact import artifact_hash, save_artifact
-from common.database import open_database, store_model
-from common.fit import DEFAULT_HOLDOUT, FitResult, fit_category
-from common.layouts import ImageRecord, discover, summarize
-from common.patchcore import PatchCoreConfig
+from common.data.layouts import ImageRecord, discover, summarize
+from common.engine.artifact import artifact_hash, save_artifact
+from common.engine.fit import DEFAULT_HOLDOUT, FitResult, fit_category
+from common.engine.patchcore import PatchCoreConfig
 from common.settings import Settings
+from common.store.database import open_database, store_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from aggregator.report import write_report
-from common.database import open_database
 from common.settings import Settings
+from common.store.database import open_database
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

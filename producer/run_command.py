@@ -14,7 +14,8 @@ from pathlib import Path
 from aggregator.thresholds import POLICY_HELP
 from common.settings import Settings
 from producer.fit_command import add_model_arguments, config_from_args
-from producer.pipeline import SPLITS, FitOptions, run_pipeline
+from producer.pipeline import FitOptions, run_pipeline
+from producer.submission import SPLITS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

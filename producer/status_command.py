@@ -12,13 +12,9 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from common.database import CategoryProgress, open_database, resolve_run, run_progress
 from common.settings import Settings
-from producer.pipeline import (
-    describe_progress,
-    failure_examples,
-    wait_for_run,
-)
+from common.store.database import CategoryProgress, open_database, resolve_run, run_progress
+from producer.progress import describe_progress, failure_examples, wait_for_run
 
 BAR_COLUMNS = 100
 MIN_SPAN_S = 1.0

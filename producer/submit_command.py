@@ -10,15 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.database import open_database
 from common.settings import Settings
-from producer.pipeline import (
-    SPLITS,
-    broker_app,
-    enqueue_pending,
-    find_images,
-    register_run,
-)
+from common.store.database import open_database
+from producer.submission import SPLITS, broker_app, enqueue_pending, find_images, register_run
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

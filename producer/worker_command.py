@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from common.database import make_engine
 from common.settings import Settings
-from producer.pipeline import broker_app
+from common.store.database import make_engine
+from producer.submission import broker_app
 
 EPILOG = (
     "GPUs: one worker per GPU, each with CUDA_VISIBLE_DEVICES=N and --concurrency 1 "

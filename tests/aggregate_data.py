@@ -15,9 +15,12 @@ import numpy as np
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from common.artifact import artifact_hash, save_artifact
-from common.batches import decode_batch
-from common.database import (
+from common.data.batches import decode_batch
+from common.data.layouts import ImageRecord, discover
+from common.engine.artifact import artifact_hash, save_artifact
+from common.engine.fit import fit_category
+from common.engine.patchcore import PatchCore, PatchCoreConfig
+from common.store.database import (
     ImageRow,
     create_run,
     init_db,
@@ -25,10 +28,7 @@ from common.database import (
     store_model,
     upsert_scores,
 )
-from common.fit import fit_category
-from common.layouts import ImageRecord, discover
-from common.patchcore import PatchCore, PatchCoreConfig
-from common.schema import Image
+from common.store.schema import Image
 from tests.synthetic import make_mvtec_layout, make_seed_layout
 
 CONFIG = PatchCoreConfig(image_size=64, coreset_ratio=0.25)

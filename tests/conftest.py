@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.database import init_db, make_engine, make_session_factory
+from common.store.database import init_db, make_engine, make_session_factory
 
 # The PostgreSQL test server; each test gets its own database created (and dropped) through it.
 POSTGRES_ADMIN_URL = os.environ.get(

@@ -10,8 +10,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from aggregator.aggregate import aggregate_run
-from common.aggregate_schema import Metric, Prediction, Threshold
-from common.database import UnknownRunError, make_engine
+from common.store.aggregate_schema import Metric, Prediction, Threshold
+from common.store.database import UnknownRunError, make_engine
 from producer.cli import main
 from tests.aggregate_data import build_dataset, populate
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from common.backbones import (
+from common.engine.backbones import (
     TF_LITE_MEAN,
     TF_LITE_STD,
     BackboneError,

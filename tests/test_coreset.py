@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import common.coreset as coreset
-from common.coreset import (
+import common.engine.coreset as coreset
+from common.engine.coreset import (
     ApproximateGreedyCoresetSampler,
     CoresetError,
     RandomSubsampler,

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, event, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.database import (
+from common.store.database import (
     MIGRATIONS_DIR,
     DatabaseError,
     ImageRow,
@@ -36,7 +36,7 @@ from common.database import (
     store_model,
     upsert_scores,
 )
-from common.schema import Base, Image, Score
+from common.store.schema import Base, Image, Score
 
 
 def _model(session: Session, category: str = "cell", content: bytes = b"artifact") -> int:
@@ -96,7 +96,7 @@ def test_migrations_create_tables_and_indexes(engine: Engine) -> None:
 
 
 def test_migrations_match_the_models(engine: Engine) -> None:
-    """A change to common/schema.py without a new migration fails here."""
+    """A change to common/store/schema.py without a new migration fails here."""
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
 

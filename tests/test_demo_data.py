@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.layouts import discover, discover_archive
+from common.data.layouts import discover, discover_archive
 from producer.demo_data import DemoDataError, write_elpv_demo
 
 

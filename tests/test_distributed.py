@@ -26,15 +26,21 @@ import redis
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.artifact import artifact_hash, save_artifact
-from common.batches import decode_batch
-from common.database import init_db, make_engine, make_session_factory, run_progress, store_model
-from common.fit import fit_category
-from common.layouts import discover
-from common.patchcore import PatchCoreConfig
-from common.schema import Image, Score
+from common.data.batches import decode_batch
+from common.data.layouts import discover
+from common.engine.artifact import artifact_hash, save_artifact
+from common.engine.fit import fit_category
+from common.engine.patchcore import PatchCoreConfig
 from common.settings import Settings
-from producer.pipeline import broker_app, enqueue_pending, find_images, register_run
+from common.store.database import (
+    init_db,
+    make_engine,
+    make_session_factory,
+    run_progress,
+    store_model,
+)
+from common.store.schema import Image, Score
+from producer.submission import broker_app, enqueue_pending, find_images, register_run
 from tests.synthetic import make_seed_layout
 
 pytestmark = pytest.mark.integration

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.batches import decode_batch
-from common.ensemble import (
+from common.data.batches import decode_batch
+from common.data.layouts import ImageRecord, discover
+from common.engine.ensemble import (
     Ensemble,
     EnsembleError,
     EnsembleFit,
@@ -17,10 +18,9 @@ from common.ensemble import (
     load_ensemble,
     save_ensemble,
 )
-from common.fit import score_records
-from common.layouts import ImageRecord, discover
-from common.normalise import Normaliser
-from common.patchcore import PatchCore, PatchCoreConfig
+from common.engine.fit import score_records
+from common.engine.normalise import Normaliser
+from common.engine.patchcore import PatchCore, PatchCoreConfig
 from tests.synthetic import make_seed_layout, make_texture, save
 
 MEMBERS = (

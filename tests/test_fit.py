@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from common.fit import FitError, fit_category, split_holdout
-from common.layouts import ImageRecord, discover
-from common.patchcore import PatchCoreConfig
+from common.data.layouts import ImageRecord, discover
+from common.engine.fit import FitError, fit_category, split_holdout
+from common.engine.patchcore import PatchCoreConfig
 from tests.synthetic import make_mvtec_layout, make_seed_layout
 
 CONFIG = PatchCoreConfig(image_size=64, coreset_ratio=0.25)

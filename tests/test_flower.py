@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 import redis
 
-from common.database import init_db, make_engine
 from common.settings import Settings
+from common.store.database import init_db, make_engine
 
 pytestmark = pytest.mark.integration
 

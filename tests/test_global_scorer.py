@@ -11,12 +11,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from common.artifact import load_artifact, read_artifact, save_artifact
-from common.fit import FitResult, fit_category, score_records
-from common.global_scorer import GlobalScorer, image_statistics, pooled_statistics
-from common.layouts import ImageRecord
-from common.normalise import Normaliser
-from common.patchcore import PatchCoreConfig
+from common.data.layouts import ImageRecord
+from common.engine.artifact import load_artifact, read_artifact, save_artifact
+from common.engine.fit import FitResult, fit_category, score_records
+from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
+from common.engine.normalise import Normaliser
+from common.engine.patchcore import PatchCoreConfig
 from tests.bench.generators import make_defect, make_normal
 from tests.synthetic import save
 
@@ -123,7 +123,7 @@ def test_artifact_keeps_the_global_parts_and_reads_versions_1_and_2(fitted) -> N
     data = save_artifact(result.model, "tex")
     loaded = load_artifact(data, device="cpu")
     records = _records(root, "colour", range(700, 702), 1, "test")
-    from common.batches import decode_batch
+    from common.data.batches import decode_batch
 
     batch = decode_batch([r.path for r in records], loaded.preprocessing).tensor
     np.testing.assert_allclose(

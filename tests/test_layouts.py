@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.layouts import (
+from common.data.layouts import (
     ImageRecord,
     LayoutError,
     discover,

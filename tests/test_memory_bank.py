@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.engine.memory_bank import MemoryBank, MemoryBankError
 from common.errors import PatchqError
-from common.memory_bank import MemoryBank, MemoryBankError
 
 
 def _brute_force(bank: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -109,7 +109,7 @@ def test_bad_queries_and_k_are_rejected() -> None:
 
 
 def test_auto_index_is_exact_for_small_banks_and_ivf_for_large_ones() -> None:
-    from common.memory_bank import AUTO_IVF_MIN_SIZE
+    from common.engine.memory_bank import AUTO_IVF_MIN_SIZE
 
     rng = np.random.default_rng(3)
     assert MemoryBank(rng.standard_normal((100, 8)).astype(np.float32)).index_type == "flat"

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.anomaly_map import anomaly_map
-from common.artifact import ArtifactError, load_artifact, read_artifact, save_artifact
+from common.engine.anomaly_map import anomaly_map
+from common.engine.artifact import ArtifactError, load_artifact, read_artifact, save_artifact
+from common.engine.memory_bank import MemoryBank
+from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor
 from common.errors import PatchqError
-from common.memory_bank import MemoryBank
-from common.patchcore import PatchCore, PatchCoreConfig, build_extractor
 from tests.synthetic import draw_defect, make_texture
 
 SIZE = 96
@@ -133,8 +133,8 @@ def test_artifact_holds_no_pickled_objects(model: PatchCore) -> None:
 
 
 def test_device_auto_falls_back_to_cpu_and_missing_cuda_is_an_error(monkeypatch) -> None:
+    from common.engine.patchcore import resolve_device
     from common.errors import PatchqError
-    from common.patchcore import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")

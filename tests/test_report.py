@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from aggregator.aggregate import aggregate_run
 from aggregator.report import write_report
-from common.aggregate_schema import Threshold
-from common.database import make_engine
+from common.store.aggregate_schema import Threshold
+from common.store.database import make_engine
 from producer.cli import main
 from tests.aggregate_data import build_dataset, populate
 

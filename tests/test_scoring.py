@@ -11,9 +11,13 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.artifact import artifact_hash, save_artifact
-from common.batches import decode_batch
-from common.database import (
+from common.data.batches import decode_batch
+from common.data.layouts import discover
+from common.engine.artifact import artifact_hash, save_artifact
+from common.engine.fit import fit_category
+from common.engine.patchcore import PatchCore, PatchCoreConfig
+from common.scoring import ModelProvider, score_batch
+from common.store.database import (
     ImageRow,
     create_run,
     decode_array,
@@ -22,11 +26,7 @@ from common.database import (
     retry_failed,
     store_model,
 )
-from common.fit import fit_category
-from common.layouts import discover
-from common.patchcore import PatchCore, PatchCoreConfig
-from common.schema import Image, Score
-from common.scoring import ModelProvider, score_batch
+from common.store.schema import Image, Score
 from tests.synthetic import make_seed_layout
 
 CONFIG = PatchCoreConfig(image_size=64, coreset_ratio=0.25)

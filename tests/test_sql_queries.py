@@ -1,6 +1,6 @@
 """The README's ready queries (docs/queries.sql) give the right answers on SQLite and PostgreSQL.
 
-Rows are written with the same common.database functions the workers use, so a schema change
+Rows are written with the same common.store.database functions the workers use, so a schema change
 that breaks a documented query fails here.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from common.database import (
+from common.store.database import (
     ImageRow,
     ScoreRow,
     create_run,

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.anomaly_map import anomaly_map
-from common.batches import decode_batch
+from common.data.batches import decode_batch
+from common.data.layouts import ImageRecord
+from common.engine.anomaly_map import anomaly_map
+from common.engine.fit import fit_category
+from common.engine.patchcore import PatchCoreConfig, build_extractor
+from common.engine.tiling import tile_starts, tiled_features
 from common.errors import PatchqError
-from common.fit import fit_category
-from common.layouts import ImageRecord
-from common.patchcore import PatchCoreConfig, build_extractor
-from common.tiling import tile_starts, tiled_features
 from tests.synthetic import make_texture, save
 
 SIZE = 128

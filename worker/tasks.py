@@ -16,9 +16,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.database import DatabaseError, make_engine, make_session_factory, mark_failed
 from common.errors import PatchqError
 from common.scoring import ModelProvider, score_batch
+from common.store.database import DatabaseError, make_engine, make_session_factory, mark_failed
 from worker.app import app, settings
 from worker.config import TASK_NAME
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from common.ensemble import combine_members
-from common.fit import fit_category, score_records
-from common.layouts import ImageRecord
-from common.normalise import fuse
-from common.patchcore import PatchCore, PatchCoreConfig
+from common.data.layouts import ImageRecord
+from common.engine.ensemble import combine_members
+from common.engine.fit import fit_category, score_records
+from common.engine.normalise import fuse
+from common.engine.patchcore import PatchCore, PatchCoreConfig
 from tests.bench.generators import FAMILY, KINDS, make_defect, make_normal
 from tests.synthetic import save
 
@@ -121,7 +121,7 @@ def _ensemble(
     calibrations: dict[str, np.ndarray],
     names: tuple[str, ...],
 ) -> dict[str, np.ndarray]:
-    """Mean of the members' z-scored fused-max scores (what common/ensemble.py computes)."""
+    """Mean of the members' z-scored fused-max scores (what common/engine/ensemble.py computes)."""
     member_calibration = [calibrations[n] for n in names]
     kinds = columns[f"{names[0]} patch"]
     return {

@@ -6,12 +6,12 @@ features P(x_test) are each scored by the distance to their nearest neighbour in
 score s* is the largest of those distances (eq. 6), optionally reweighted by how isolated the
 nearest bank patch m* is among its b neighbours (eq. 7).
 
-Beyond the paper (issue 6): whole-image parts (common/global_scorer.py) score the pooled
+Beyond the paper (issue 6): whole-image parts (common/engine/global_scorer.py) score the pooled
 statistics of the same patch features and, for colour cast and blur, which the features are
 built to ignore, the input pixels' statistics. The ``scorer`` setting picks the image score:
 ``patch`` (s*), ``global`` (Mahalanobis distance of the feature statistics) or ``fused`` (every
-part z-scored against the held-out normals, common/normalise.py, then combined
-by FUSION). Large images can be scored as tiles (common/tiling.py).
+part z-scored against the held-out normals, common/engine/normalise.py, then combined
+by FUSION). Large images can be scored as tiles (common/engine/tiling.py).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.backbones import backbone_spec, load_backbone
+from common.data.images import Preprocessing
+from common.engine.backbones import backbone_spec, load_backbone
+from common.engine.features import PatchFeatureExtractor
+from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
+from common.engine.memory_bank import MemoryBank
+from common.engine.normalise import Normaliser, fuse
+from common.engine.tiling import tiled_features
 from common.errors import PatchqError
-from common.features import PatchFeatureExtractor
-from common.global_scorer import GlobalScorer, image_statistics, pooled_statistics
-from common.images import Preprocessing
-from common.memory_bank import MemoryBank
-from common.normalise import Normaliser, fuse
-from common.tiling import tiled_features
 
 SCORERS = ("patch", "global", "fused")
 # How the fused scorer combines the normalised parts; chosen on tests/bench (see its README).

@@ -1,7 +1,7 @@
 """Alembic environment: runs patchq's migrations on the connection the caller hands over.
 
-patchq has no alembic.ini; `common.database.init_db` builds the config and passes its connection
-in `config.attributes["connection"]`. To write the next revision, do the same with
+patchq has no alembic.ini; `common.store.database.init_db` builds the config and passes its
+connection in `config.attributes["connection"]`. To write the next revision, do the same with
 `alembic.command.revision(config, message=..., autogenerate=True, rev_id="0002")` against a
 database at head, then review the generated file.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from alembic import context
 
-import common.aggregate_schema  # noqa: F401  (registers the aggregator's tables on Base)
-from common.schema import Base
+import common.store.aggregate_schema  # noqa: F401  (registers the aggregator's tables on Base)
+from common.store.schema import Base
 
 connection = context.config.attributes["connection"]
 context.configure(

@@ -13,8 +13,8 @@ import faiss
 import numpy as np
 import torch
 
+from common.engine.memory_bank import as_float_matrix
 from common.errors import PatchqError
-from common.memory_bank import as_float_matrix
 
 # Candidate-set size for the lazy greedy step (see ApproximateGreedyCoresetSampler). Each step
 # touches this many projected rows, which stay in cache; larger means fewer full passes.

@@ -5,7 +5,7 @@ images, reporting a perfect AUROC of 1.0: a bank image's patches are in the bank
 distance is ~0. Here a seeded share of the good images is held out of the bank; they and the
 labelled defects are the only images that validation figures and thresholds come from.
 
-The whole-image parts (common/global_scorer.py) are fitted on the pooled statistics of the same
+The whole-image parts (engine/global_scorer.py) are fitted on the pooled statistics of the same
 bank features and on the bank images' already decoded pixels, and the held-out normals' raw part
 scores calibrate the fused score.
 """
@@ -23,19 +23,19 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 from tqdm import tqdm
 
-from common.batches import iter_batches
-from common.coreset import ApproximateGreedyCoresetSampler, RandomSubsampler
-from common.errors import PatchqError
-from common.global_scorer import GlobalScorer, image_statistics, pooled_statistics
-from common.layouts import ImageRecord
-from common.memory_bank import MemoryBank
-from common.patchcore import (
+from common.data.batches import iter_batches
+from common.data.layouts import ImageRecord
+from common.engine.coreset import ApproximateGreedyCoresetSampler, RandomSubsampler
+from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
+from common.engine.memory_bank import MemoryBank
+from common.engine.patchcore import (
     PatchCore,
     PatchCoreConfig,
     build_extractor,
     extract_patches,
     resolve_device,
 )
+from common.errors import PatchqError
 
 DEFAULT_HOLDOUT = 0.2
 

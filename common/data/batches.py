@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from common.images import ImageLoadError, Preprocessing, load_rgb
+from common.data.images import ImageLoadError, Preprocessing, load_rgb
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.backbones import FeatureBackbone
+from common.engine.backbones import FeatureBackbone
 from common.errors import PatchqError
 
 

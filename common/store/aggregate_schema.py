@@ -1,6 +1,6 @@
 """The aggregator's tables: thresholds, metrics and predictions per (run, category, policy).
 
-Kept apart from common/schema.py so the aggregator can evolve its tables without touching the
+Kept apart from common/store/schema.py so the aggregator can evolve its tables without touching the
 scoring tables; migration 0002 creates them. Aggregating again with the same policy replaces
 that policy's rows, so the tables always hold one consistent answer per policy.
 """
@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from common.schema import Base, UtcDateTime, utcnow
+from common.store.schema import Base, UtcDateTime, utcnow
 
 PREDICTION_ROLES = ("calibration", "evaluation", "unlabelled", "excluded")
 

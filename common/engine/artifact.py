@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.engine.global_scorer import GlobalScorer
+from common.engine.memory_bank import MemoryBank
+from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor, resolve_device
 from common.errors import PatchqError
-from common.global_scorer import GlobalScorer
-from common.memory_bank import MemoryBank
-from common.patchcore import PatchCore, PatchCoreConfig, build_extractor, resolve_device
 
 FORMAT = "patchq-model"
 VERSION = 3

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.data.images import IMAGE_EXTENSIONS, is_image_file
 from common.errors import PatchqError
-from common.images import IMAGE_EXTENSIONS, is_image_file
 
 _EXTENSIONS_TEXT = " ".join(sorted(IMAGE_EXTENSIONS))
 _MANIFEST_SUFFIXES = frozenset({".csv", ".txt"})

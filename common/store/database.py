@@ -26,8 +26,8 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import PatchqError
-from common.schema import Base, Image, Model, Run, Score, utcnow
 from common.settings import mask_url
+from common.store.schema import Base, Image, Model, Run, Score, utcnow
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000

@@ -3,7 +3,7 @@
 Members may differ in backbone (Lite0/1/2, WRN-50), layers or input size. Their raw scores
 have unrelated units, so averaging them raw lets the member with the largest distances decide.
 Each member's image score is first turned into a z-score against that member's held-out normal
-scores (common/normalise.py), and the ensemble score is the mean of those z-scores; the patch
+scores (common/engine/normalise.py), and the ensemble score is the mean of those z-scores; the patch
 maps are normalised the same way (by the member's s* on the held-out normals), resized to the
 first member's grid and averaged.
 
@@ -13,7 +13,7 @@ the combined score of those images.
 
 File format ``patchq-ensemble`` version 1: an ``.npz`` (read with ``allow_pickle=False``) with
 ``header`` (UTF-8 JSON: format, version, category, members, validation) and ``member_<i>``,
-each the uint8 bytes of an ordinary ``patchq-model`` artifact (common/artifact.py), so every
+each the uint8 bytes of an ordinary ``patchq-model`` artifact (common/engine/artifact.py), so every
 member is validated exactly as a single model is.
 """
 
@@ -30,13 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.artifact import ArtifactError, load_artifact, save_artifact
+from common.data.images import Preprocessing
+from common.data.layouts import ImageRecord
+from common.engine.artifact import ArtifactError, load_artifact, save_artifact
+from common.engine.fit import FitResult, fit_category, validation_metrics
+from common.engine.normalise import Normaliser
+from common.engine.patchcore import PatchCore, PatchCoreConfig, ScoreBatch
 from common.errors import PatchqError
-from common.fit import FitResult, fit_category, validation_metrics
-from common.images import Preprocessing
-from common.layouts import ImageRecord
-from common.normalise import Normaliser
-from common.patchcore import PatchCore, PatchCoreConfig, ScoreBatch
 
 FORMAT = "patchq-ensemble"
 VERSION = 1

@@ -1,0 +1,89 @@
+"""What `patchq aggregate` prints: one block per category and the summary table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aggregator.evaluation import CategoryResult
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def describe_category(result: CategoryResult) -> str:
+    """The terminal block of one category: sets, threshold, classification report, matrix."""
+    data, row = result.data, result.summary_row()
+    lines = [
+        f"\n== {data.category} — policy {result.policy.label}: threshold {result.choice.value:.4g}",
+        f"   calibration (threshold chosen on): {row['calibration_set']}",
+        f"   evaluation (figures below from):   {row['evaluation_set']}",
+    ]
+    if result.choice.note:
+        lines.append(f"   note: {result.choice.note}")
+    if data.n_failed or data.n_pending:
+        lines.append(f"   not scored: {data.n_failed} failed, {data.n_pending} pending")
+    if result.at_threshold is None:
+        lines.append("   no labelled images to evaluate on")
+    else:
+        m = result.at_threshold
+        reason = result.ranking.undefined_reason if result.ranking else None
+        lines += [
+            "",
+            result.report.rstrip(),
+            "",
+            f"   AUROC {_fmt(row['auroc'])}  AP {_fmt(row['average_precision'])}"
+            + (f"  ({reason})" if reason else ""),
+            f"   specificity {_fmt(m.specificity)}  balanced accuracy {_fmt(m.balanced_accuracy)}  "
+            f"MCC {_fmt(m.mcc)}",
+            "   confusion matrix      predicted normal  predicted anomalous",
+            f"     true normal       {m.tn:>16}  {m.fp:>19}",
+            f"     true anomalous    {m.fn:>16}  {m.tp:>19}",
+        ]
+    if result.pixel is not None:
+        lines.append(
+            f"   pixel AUROC {_fmt(result.pixel.pixel_auroc)}  AUPRO@0.3 {_fmt(result.pixel.aupro)}"
+            f"  ({result.pixel.n_images} labelled images, threshold-free)"
+        )
+    lines.append(
+        f"   predictions: {row['n_flagged']} of {row['n_images']} scored images flagged anomalous"
+    )
+    return "\n".join(lines)
+
+
+SUMMARY_COLUMNS = (
+    ("category", "category", None),
+    ("policy", "policy", None),
+    ("threshold", "threshold", 4),
+    ("flagged", "n_flagged", None),
+    ("images", "n_images", None),
+    ("AUROC", "auroc", 3),
+    ("AP", "average_precision", 3),
+    ("precision", "precision", 3),
+    ("recall", "recall", 3),
+    ("F1", "f1", 3),
+    ("px AUROC", "pixel_auroc", 3),
+    ("AUPRO", "aupro", 3),
+)
+
+
+def summary_table(results: Sequence[CategoryResult]) -> str:
+    """All categories in one aligned table (evaluation-set figures)."""
+    cells = [[title for title, _, _ in SUMMARY_COLUMNS]]
+    for result in results:
+        row = result.summary_row()
+        cells.append(
+            [
+                str(row[key]) if digits is None else _fmt(row[key], digits)
+                for _, key, digits in SUMMARY_COLUMNS
+            ]
+        )
+    widths = [max(len(r[i]) for r in cells) for i in range(len(SUMMARY_COLUMNS))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in cells
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\nsummary (figures on each category's evaluation set)\n" + "\n".join(lines)

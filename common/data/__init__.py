@@ -1,0 +1,1 @@
+"""Image input: decoding files into arrays, reading data-set layouts and archives, batching."""

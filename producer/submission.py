@@ -1,0 +1,181 @@
+"""Submitting a run: find its images, register them with each category's latest model, and
+enqueue the pending ones as batches of ids for the workers.
+
+Registration is idempotent per (run, path): submitting the same source to the same run again
+adds nothing and enqueues only what is still pending, which is how a lost queue is refilled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.data.layouts import (
+    ImageRecord,
+    LayoutError,
+    discover,
+    discover_archive,
+    list_categories,
+)
+from common.errors import PatchqError
+from common.settings import Settings, mask_url
+from common.store.database import (
+    ImageRow,
+    create_run,
+    latest_model_id,
+    pending_image_ids,
+    register_images,
+    retry_failed,
+    run_id_by_name,
+)
+from common.store.schema import Model
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+SPLITS = ("test", "train", "all")
+BROKER_CHECK_TIMEOUT_S = 3.0
+
+
+class SubmitError(PatchqError):
+    """A run cannot be submitted as asked; the message names what is missing and the fix."""
+
+
+class BrokerError(PatchqError):
+    """The broker cannot be reached or is not configured."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    run_id: int
+    run_name: str
+    added: int  # images new to the run
+    pending: int  # images of the run still to score
+    retried: int = 0  # failed images put back to pending
+
+
+def find_images(
+    source: Path, categories: Sequence[str] | None, split: str = "test"
+) -> list[ImageRecord]:
+    """Images to score: a data root's `split` images, or every image of a folder tree/manifest.
+
+    A folder counts as a data root when it holds <category>/train/good folders; then
+    `categories` picks among them (default: all). A plain folder or manifest needs exactly one
+    category, the model its images are scored with.
+    """
+    if source.is_dir() and list_categories(source):
+        records = discover(source, categories or None)
+        chosen = [r for r in records if split == "all" or r.split == split]
+        if not chosen:
+            names = ", ".join(sorted({r.category for r in records}))
+            raise SubmitError(
+                f"{source}: no {split} images for {names}; add images there "
+                "or pick another --split (test, train, all)"
+            )
+        return chosen
+    if not categories or len(categories) != 1:
+        raise SubmitError(
+            f"{source} is a folder tree or manifest, not a data root; give the category whose "
+            "model scores it with exactly one --category"
+        )
+    if not source.exists():
+        raise LayoutError(
+            f"{source}: not found; give a data root, a folder of images or a manifest"
+        )
+    return discover_archive(source, categories[0])
+
+
+def latest_models(session: Session, categories: Sequence[str]) -> dict[str, int]:
+    """Each category's newest model id; a category without one is a one-line error."""
+    found = {category: latest_model_id(session, category) for category in categories}
+    missing = sorted(category for category, model_id in found.items() if model_id is None)
+    if missing:
+        known = sorted(set(session.scalars(select(Model.category).distinct())))
+        raise SubmitError(
+            f"no model for category {', '.join(missing)} (models exist for: "
+            f"{', '.join(known) or 'none'}); run `patchq fit --data ROOT --category "
+            f"{missing[0]}` first"
+        )
+    return {category: model_id for category, model_id in found.items() if model_id is not None}
+
+
+def default_run_name() -> str:
+    return datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
+
+
+def register_run(
+    sessions: sessionmaker[Session],
+    records: Sequence[ImageRecord],
+    run_name: str | None,
+    source: str,
+    batch_size: int,
+    retry: bool = False,
+) -> Submission:
+    """Create the run (or continue the one of that name) and register its images; with
+    ``retry``, its failed images are put back to pending first."""
+    name = run_name or default_run_name()
+    with sessions.begin() as session:
+        model_ids = latest_models(session, sorted({r.category for r in records}))
+        run_id = run_id_by_name(session, name) or create_run(session, name, source, batch_size)
+        rows = [_image_row(record, model_ids[record.category]) for record in records]
+        added = register_images(session, run_id, rows)
+        retried = retry_failed(session, run_id) if retry else 0
+        pending = len(pending_image_ids(session, run_id))
+    return Submission(run_id, name, added, pending, retried)
+
+
+def _image_row(record: ImageRecord, model_id: int) -> ImageRow:
+    return ImageRow(
+        category=record.category,
+        path=str(record.path.absolute()),  # workers may run elsewhere, in another folder
+        model_id=model_id,
+        split=record.split,
+        label=record.label,
+        defect_type=record.defect_type,
+        mask_path=None if record.mask_path is None else str(record.mask_path.absolute()),
+    )
+
+
+def broker_app(settings: Settings) -> Celery:
+    """The Celery app (as the workers build it) after checking the broker answers."""
+    from worker.config import make_app  # imported here: in-process runs never need Celery
+
+    app = make_app(settings)
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=BROKER_CHECK_TIMEOUT_S)
+    except Exception as error:  # kombu wraps every transport's own connection errors
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BrokerError(
+            f"cannot reach the broker at {mask_url(settings.broker_url or '')}: {reason}; "
+            "start Redis there or fix PATCHQ_BROKER_URL"
+        ) from None
+    return app
+
+
+def enqueue_pending(
+    app: Celery, sessions: sessionmaker[Session], run_id: int, batch_size: int, queue: str
+) -> int:
+    """Send the run's pending images as batches of ids; returns the number of batches."""
+    from worker.config import TASK_NAME
+
+    with sessions() as session:
+        ids = pending_image_ids(session, run_id)
+    batches = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
+    with app.producer_or_acquire() as producer:
+        for batch in batches:
+            app.send_task(
+                TASK_NAME,
+                args=[run_id, batch],
+                queue=queue,
+                producer=producer,
+                retry=True,
+                retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_max": 2},
+            )
+    return len(batches)
