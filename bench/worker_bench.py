@@ -1,15 +1,23 @@
-"""Scoring throughput: in-process vs 1 and 2 `patchq worker` processes, on the same images.
+"""Scoring throughput: serial vs pipelined, in-process and in `patchq worker` processes.
 
     .venv/bin/python -m bench.worker_bench [--images 160] [--image-size 224] [--batch-size 16]
+        [--workers 1 2] [--no-op-model]
 
-Fits one synthetic category once, then scores the same test images three times, each as a new
-run in one results database: in this process (`score_batch` called in a loop, as `patchq run`
-does without a broker), then through Redis with one and with two worker processes. Throughput
-is images / wall time from the first batch sent to the last image done, so the workers' model
-loading (once per process, on its first batch) is included. The time split (model load,
-decode, backbone, search, DB write) is what score_batch reports, summed over all batches; for
-the workers it is read back from their log lines. Each worker process gets
-OMP_NUM_THREADS = cores / workers, so two workers do not oversubscribe the CPU.
+Fits one synthetic category once, then scores the same test images several times, each as a
+new run in one results database: in this process one batch after the other (`score_batch` in a
+loop: "serial"), in this process with PATCHQ_PIPELINE_DEPTH batches overlapping ("in-process",
+what `patchq run` does without a broker), then through Redis with one `--pool prefork` worker
+(one batch at a time, the old worker), and with 1 and 2 pipelined workers (the default
+threads pool). Throughput is images / wall time from the first batch sent to the last image
+done, so the workers' model loading (once per process) is included. The time split (model
+load, decode, backbone, search, DB write) is what the stages report, summed over all batches
+(for workers, read back from their log lines); "overlap" is that sum over the wall time: above
+1.0 the stages ran at the same time. Each worker process gets OMP_NUM_THREADS = cores /
+workers, so two workers do not oversubscribe the CPU.
+
+--no-op-model (the feed ceiling): the model is replaced by one that computes nothing
+(bench.noop_model), so what is left is claim, decode and write; it also reports images per
+CPU-second of this process, i.e. images/s per core.
 
 Needs Redis (--broker, default the local server's database 15) and writes everything to a
 temporary folder.
@@ -32,13 +40,15 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.data.layouts import discover
+from bench.noop_model import NoOpProvider
+from common.data.batches import decode_batch
+from common.data.layouts import ImageRecord, discover
 from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
-from common.engine.patchcore import PatchCoreConfig
-from common.scoring import TIMING_KEYS
+from common.engine.patchcore import PatchCore, PatchCoreConfig
+from common.scoring import TIMING_KEYS, ModelProvider, score_batch
 from common.settings import Settings
-from common.store.database import open_database, run_progress, store_model
+from common.store.database import open_database, pending_image_ids, run_progress, store_model
 from common.store.schema import Image, Run
 from producer.pipeline import score_in_process
 from producer.submission import Submission, broker_app, enqueue_pending, find_images, register_run
@@ -57,6 +67,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images per task")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/15")
     parser.add_argument("--database-url", help="results database (default: a temporary SQLite)")
+    parser.add_argument(
+        "--workers", type=int, nargs="*", default=[1, 2], help="pipelined worker counts to run"
+    )
+    parser.add_argument(
+        "--no-op-model",
+        action="store_true",
+        help="feed ceiling: a model that computes nothing, in-process only",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="patchq-bench-") as tmp:
         bench(Path(tmp), args)
@@ -73,27 +91,34 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
     }
     settings = Settings.load({k.removeprefix("PATCHQ_").lower(): v for k, v in env.items()})
     with open_database(settings.database_url) as (_, sessions):
-        root = tmp / "data"
-        make_seed_layout(root, "tex", n_good=30, n_bad=4, n_test=args.images, size=args.image_size)
         config = PatchCoreConfig(image_size=args.image_size, coreset_ratio=0.1)
-        print(f"fitting on 30 synthetic {args.image_size} px images ...", flush=True)
-        model = fit_category(discover(root), config, device="cpu", progress=False).model
-        data = save_artifact(model, "tex")
-        with sessions.begin() as session:
-            store_model(session, "tex", data, artifact_hash(data), config.backbone, {}, None, 1)
-        records = find_images(root, ["tex"], "test")
+        model, records = fit_and_store(tmp / "data", sessions, config, args.images, "cpu")
 
         results: list[tuple[str, float, dict[str, float]]] = []
-        submission = register_run(sessions, records, "in-process", "bench", args.batch_size)
-        start = time.perf_counter()
-        timings = score_in_process(sessions, submission.run_id, settings, progress=False)
-        results.append(("in-process", time.perf_counter() - start, timings))
-        for workers in (1, 2):
-            name = f"{workers}-worker"
-            submission = register_run(sessions, records, name, "bench", args.batch_size)
-            results.append(
-                (name, *score_on_workers(tmp, env, settings, sessions, submission, workers))
-            )
+        provider = ModelProvider(sessions, settings.model_cache_dir, settings.device)
+        if args.no_op_model:
+            probe = decode_batch([records[0].path], model.preprocessing).tensor
+            provider = NoOpProvider(provider, probe)  # type: ignore[assignment]
+
+        def register(name: str) -> Submission:
+            return register_run(sessions, records, name, "bench", args.batch_size)
+
+        for label, score in (("serial", _score_serial), ("in-process", score_in_process)):
+            run_id = register(label).run_id
+            cpu, start = time.process_time(), time.perf_counter()
+            timings = score(sessions, run_id, settings, progress=False, provider=provider)
+            wall = time.perf_counter() - start
+            timings["cpu_s"] = time.process_time() - cpu
+            results.append((label, wall, timings))
+        if not args.no_op_model:
+            worker_runs = [("1-serial", 1, "prefork")] + [
+                (f"{n}-worker", n, "threads") for n in args.workers
+            ]
+            for name, workers, pool in worker_runs:
+                split = score_on_workers(
+                    tmp, env, settings, sessions, register(name), workers, pool
+                )
+                results.append((name, *split))
         with sessions() as session:
             runs = session.execute(
                 select(Run.name, Image.status, func.count())
@@ -105,16 +130,61 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
         raise SystemExit(f"some images were not scored: {not_done}")
 
     cores = os.cpu_count()
+    model_name = "no-op model (feed ceiling)" if args.no_op_model else config.backbone
     print(
         f"\n{args.images} images of {args.image_size} px, batches of {args.batch_size}, "
-        f"{config.backbone}, {cores} CPU cores, {env['PATCHQ_DATABASE_URL'].split(':')[0]}"
+        f"pipeline depth {settings.pipeline_depth}, {model_name}, {cores} CPU cores, "
+        f"{env['PATCHQ_DATABASE_URL'].split(':')[0]}"
     )
     header = f"{'path':<12}{'images/s':>9}{'wall s':>8}" + "".join(f"{k:>12}" for k in TIMING_KEYS)
+    header += f"{'overlap':>9}{'img/CPU-s':>10}"
     print(header + "\n" + "-" * len(header))
     for label, wall, split in results:
         row = f"{label:<12}{args.images / wall:>9.1f}{wall:>8.1f}"
-        print(row + "".join(f"{split[k]:>12.1f}" for k in TIMING_KEYS))
-    print("(time split: seconds summed over batches and worker processes)")
+        row += "".join(f"{split[k]:>12.1f}" for k in TIMING_KEYS)
+        row += f"{sum(split[k] for k in TIMING_KEYS) / wall:>9.2f}"
+        row += f"{args.images / split['cpu_s']:>10.1f}" if "cpu_s" in split else f"{'':>10}"
+        print(row)
+    print(
+        "(time split: seconds summed over batches and worker processes; overlap: their sum / "
+        "wall; img/CPU-s: images per CPU-second of this process = images/s per core)"
+    )
+
+
+def _score_serial(
+    sessions: sessionmaker[Session],
+    run_id: int,
+    settings: Settings,
+    progress: bool,
+    provider: ModelProvider,
+) -> dict[str, float]:
+    """The run's batches one after the other with `score_batch` (no overlap): the baseline."""
+    with sessions() as session:
+        ids = pending_image_ids(session, run_id)
+    totals = dict.fromkeys(TIMING_KEYS, 0.0)
+    for start in range(0, len(ids), settings.batch_size):
+        batch = ids[start : start + settings.batch_size]
+        outcome = score_batch(sessions, run_id, batch, provider, "serial", 2)
+        for key, seconds in outcome.timings.items():
+            totals[key] += seconds
+    return totals
+
+
+def fit_and_store(
+    root: Path,
+    sessions: sessionmaker[Session],
+    config: PatchCoreConfig,
+    n_test: int,
+    device: str,
+) -> tuple[PatchCore, list[ImageRecord]]:
+    """Fit category "tex" on 30 synthetic textures and store it; (model, its test images)."""
+    make_seed_layout(root, "tex", n_good=30, n_bad=4, n_test=n_test, size=config.image_size)
+    print(f"fitting {config.backbone} on 30 synthetic {config.image_size} px images", flush=True)
+    model = fit_category(discover(root), config, device=device, progress=False).model
+    data = save_artifact(model, "tex")
+    with sessions.begin() as session:
+        store_model(session, "tex", data, artifact_hash(data), config.backbone, {}, None, 1)
+    return model, find_images(root, ["tex"], "test")
 
 
 def score_on_workers(
@@ -124,17 +194,23 @@ def score_on_workers(
     sessions: sessionmaker[Session],
     submission: Submission,
     workers: int,
+    pool: str,
 ) -> tuple[float, dict[str, float]]:
-    """Start `workers` patchq worker processes, enqueue the run, wait; (wall s, time split)."""
+    """Start `workers` patchq worker processes (Celery `pool`), enqueue the run, wait;
+    (wall s, time split)."""
     threads = str(max(1, (os.cpu_count() or 1) // workers))
-    logs = [tmp / f"w{workers}-{i}.log" for i in range(workers)]
+    logs = [tmp / f"{pool}{workers}-{i}.log" for i in range(workers)]
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for i, log in enumerate(logs):
             with log.open("wb") as output:
                 processes.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "producer.cli", "worker", f"--hostname=b{i}@%h"],
+                        [
+                            sys.executable,
+                            *("-m", "producer.cli", "worker", f"--pool={pool}"),
+                            f"--hostname=b{i}@%h",
+                        ],
                         cwd=tmp,
                         env=os.environ
                         | env

@@ -20,17 +20,18 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.data.batches import decode_batch
+from common.data.batches import DecodedBatch, decode_batch
 from common.engine.artifact import artifact_hash, load_artifact
 from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore
@@ -66,9 +67,9 @@ class ModelProvider:
 
     A worker that scores several categories keeps the last `capacity` models built; the
     artifact bytes are read from the database only when the disk cache lacks them (checked by
-    content hash, so a truncated cache file is fetched again). The provider belongs to the
-    process that created it: after a fork it drops what it holds rather than share CUDA or
-    FAISS state with its parent.
+    content hash, so a truncated cache file is fetched again). Threads of one process share
+    it safely. The provider belongs to the process that created it: after a fork it drops
+    what it holds rather than share CUDA or FAISS state with its parent.
     """
 
     def __init__(
@@ -84,9 +85,14 @@ class ModelProvider:
         self._capacity = max(1, capacity)
         self._models: OrderedDict[int, PatchCore] = OrderedDict()
         self._pid = os.getpid()
+        self._lock = threading.Lock()  # a pipelined worker asks from several threads
 
     def get(self, model_id: int) -> PatchCore:
-        """The model, built on first use in this process."""
+        """The model, built on first use in this process (once, whichever thread asks)."""
+        with self._lock:
+            return self._get(model_id)
+
+    def _get(self, model_id: int) -> PatchCore:
         if os.getpid() != self._pid:
             self._models.clear()
             self._pid = os.getpid()
@@ -161,28 +167,27 @@ def score_batch(
 
     `max_deliveries`: an image delivered more often than this is marked failed instead of
     scored (None: no limit). Unreadable images are marked failed with their reason; the rest
-    of the batch is scored.
+    of the batch is scored. The four stages below run one after the other here;
+    common.pipelined overlaps them across consecutive batches.
     """
     outcome = BatchOutcome()
-    images = _claim(session_factory, run_id, image_ids, max_deliveries, outcome)
-    rows: list[ScoreRow] = []
-    by_model: dict[int, list[Image]] = defaultdict(list)
-    for image in images:
-        by_model[image.model_id].append(image)
-    for model_id, group in by_model.items():
-        model = _timed(outcome, "model_s", lambda m=model_id: model_provider.get(m))
-        rows += _score_group(model, run_id, group, worker_name, outcome)
-    start = time.perf_counter()
-    if rows or outcome.failed:
-        with session_factory.begin() as session:
-            upsert_scores(session, rows)
-            mark_failed(session, run_id, outcome.failed)
-    outcome.timings["write_s"] += time.perf_counter() - start
-    outcome.done = [row["image_id"] for row in rows]
+    images = claim_batch(session_factory, run_id, image_ids, max_deliveries, outcome)
+    groups = decode_groups(images, model_provider, outcome)
+    rows = infer_groups(groups, run_id, worker_name, outcome)
+    write_batch(session_factory, run_id, rows, outcome)
     return outcome
 
 
-def _claim(
+@dataclass(frozen=True)
+class DecodedGroup:
+    """Images of a batch that share a model, decoded and ready for the backbone."""
+
+    model: PatchCore
+    images: list[Image]
+    decoded: DecodedBatch
+
+
+def claim_batch(
     session_factory: sessionmaker[Session],
     run_id: int,
     image_ids: Sequence[int],
@@ -208,37 +213,81 @@ def _claim(
     return [i for i in pending if i.id not in worn_out]
 
 
-def _score_group(
-    model: PatchCore, run_id: int, images: list[Image], worker_name: str, outcome: BatchOutcome
+def decode_groups(
+    images: list[Image],
+    model_provider: ModelProvider,
+    outcome: BatchOutcome,
+    pin_memory: bool = False,
+) -> list[DecodedGroup]:
+    """Group images by model and decode each group; unreadable files go to `outcome.failed`.
+
+    `pin_memory`: put the batch in page-locked memory, so its copy to a GPU can be
+    asynchronous (pointless on CPU).
+    """
+    by_model: dict[int, list[Image]] = defaultdict(list)
+    for image in images:
+        by_model[image.model_id].append(image)
+    groups = []
+    for model_id, group in by_model.items():
+        model = _timed(outcome, "model_s", lambda m=model_id: model_provider.get(m))
+        decoded = _timed(
+            outcome,
+            "decode_s",
+            lambda m=model, g=group: decode_batch([Path(i.path) for i in g], m.preprocessing),
+        )
+        outcome.failed |= {group[index].id: reason for index, reason in decoded.failures.items()}
+        if decoded.ok:
+            if pin_memory:
+                decoded = replace(decoded, tensor=decoded.tensor.pin_memory())
+            groups.append(DecodedGroup(model, group, decoded))
+    return groups
+
+
+def infer_groups(
+    groups: list[DecodedGroup], run_id: int, worker_name: str, outcome: BatchOutcome
 ) -> list[ScoreRow]:
-    """Decode and score images that share a model; failures go to `outcome.failed`."""
-    decoded = _timed(
-        outcome,
-        "decode_s",
-        lambda: decode_batch([Path(i.path) for i in images], model.preprocessing),
-    )
-    outcome.failed |= {images[index].id: reason for index, reason in decoded.failures.items()}
-    if not decoded.ok:
-        return []
-    bank = _TimedBank(model.bank)
-    timed_model = model.with_bank(bank)  # type: ignore[arg-type]
+    """Backbone and nearest-neighbour search of decoded groups: their score rows."""
+    return [row for group in groups for row in _score_group(group, run_id, worker_name, outcome)]
+
+
+def write_batch(
+    session_factory: sessionmaker[Session],
+    run_id: int,
+    rows: list[ScoreRow],
+    outcome: BatchOutcome,
+) -> None:
+    """One transaction: every score row of the batch and its failures, as idempotent upserts."""
     start = time.perf_counter()
-    result = timed_model.score_tensors(decoded.tensor)
+    if rows or outcome.failed:
+        with session_factory.begin() as session:
+            upsert_scores(session, rows)
+            mark_failed(session, run_id, outcome.failed)
+    outcome.timings["write_s"] += time.perf_counter() - start
+    outcome.done = [row["image_id"] for row in rows]
+
+
+def _score_group(
+    group: DecodedGroup, run_id: int, worker_name: str, outcome: BatchOutcome
+) -> list[ScoreRow]:
+    bank = _TimedBank(group.model.bank)
+    timed_model = group.model.with_bank(bank)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    result = timed_model.score_tensors(group.decoded.tensor)
     elapsed = time.perf_counter() - start
     outcome.timings["search_s"] += bank.seconds
     outcome.timings["backbone_s"] += elapsed - bank.seconds
-    per_image_ms = 1000 * elapsed / len(decoded.ok)
+    per_image_ms = 1000 * elapsed / len(group.decoded.ok)
     return [
         ScoreRow(
             run_id=run_id,
-            image_id=images[index].id,
+            image_id=group.images[index].id,
             score=float(result.image_scores[row]),
             patch_map=result.patch_maps[row],
             embedding=result.embeddings[row],
             worker=worker_name,
             duration_ms=per_image_ms,
         )
-        for row, index in enumerate(decoded.ok)
+        for row, index in enumerate(group.decoded.ok)
     ]
 
 

@@ -59,6 +59,13 @@ class Settings:
         default=32,
         metadata=_about("images per scoring task (the backbone runs on whole batches)"),
     )
+    pipeline_depth: int = field(
+        default=3,
+        metadata=_about(
+            "batches one worker holds at once: decoding, on the backbone, being written "
+            "(1: one batch at a time)"
+        ),
+    )
     model_cache_dir: Path = field(
         default=DEFAULT_MODEL_CACHE_DIR,
         metadata=_about(
@@ -150,7 +157,7 @@ class Settings:
         """Reject values that parse but cannot work, before any process starts on them."""
         if not _DEVICE_PATTERN.fullmatch(self.device):
             _fail("device", repr(self.device), "is not a device; use auto, cpu, cuda or cuda:N")
-        for name in ("batch_size", "task_time_limit_s", "visibility_timeout_s"):
+        for name in ("batch_size", "pipeline_depth", "task_time_limit_s", "visibility_timeout_s"):
             if getattr(self, name) < 1:
                 _fail(name, str(getattr(self, name)), "must be at least 1")
         if self.max_redeliveries < 0:

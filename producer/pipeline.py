@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from common.data.layouts import ImageRecord, discover, summarize
 from common.engine.patchcore import PatchCoreConfig
-from common.scoring import TIMING_KEYS, ModelProvider, score_batch
+from common.pipelined import PipelinedScorer, score_pipelined
+from common.scoring import TIMING_KEYS, ModelProvider
 from common.settings import Settings
 from common.store.database import (
     CategoryProgress,
@@ -43,19 +44,31 @@ def score_in_process(
     run_id: int,
     settings: Settings,
     progress: bool = True,
+    provider: ModelProvider | None = None,
 ) -> dict[str, float]:
-    """Score the run's pending images here, batch by batch; returns summed timings (s)."""
+    """Score the run's pending images here, PATCHQ_PIPELINE_DEPTH batches overlapping (as in a
+    worker); returns the timings (s) summed over batches, so they add up to more than the wall
+    time when the stages overlap. `provider`: where models come from (default: the database,
+    cached on disk; the feed-ceiling benchmark passes one of no-op models)."""
     with sessions() as session:
         ids = pending_image_ids(session, run_id)
-    provider = ModelProvider(sessions, settings.model_cache_dir, settings.device)
+    if provider is None:
+        provider = ModelProvider(sessions, settings.model_cache_dir, settings.device)
     worker = f"inprocess@{socket.gethostname()}/{os.getpid()}"
+    scorer = PipelinedScorer(
+        sessions,
+        provider,
+        worker,
+        settings.max_redeliveries + 1,
+        pin_memory=settings.device.startswith("cuda"),
+    )
+    batches = [
+        ids[start : start + settings.batch_size]
+        for start in range(0, len(ids), settings.batch_size)
+    ]
     totals = dict.fromkeys(TIMING_KEYS, 0.0)
     with tqdm(total=len(ids), desc="scoring", unit="img", disable=not progress) as bar:
-        for start in range(0, len(ids), settings.batch_size):
-            batch = ids[start : start + settings.batch_size]
-            outcome = score_batch(
-                sessions, run_id, batch, provider, worker, settings.max_redeliveries + 1
-            )
+        for batch, outcome in score_pipelined(scorer, run_id, batches, settings.pipeline_depth):
             for key, seconds in outcome.timings.items():
                 totals[key] += seconds
             bar.update(len(batch))

@@ -1,14 +1,16 @@
 """`patchq worker`: a Celery worker that scores batches from the queue.
 
 GPU machines: run one worker process per GPU, each pinned to its GPU with
-CUDA_VISIBLE_DEVICES and --concurrency 1, e.g.
+CUDA_VISIBLE_DEVICES (one process: the default threads pool), e.g.
 
     CUDA_VISIBLE_DEVICES=0 patchq worker --hostname gpu0@%h &
     CUDA_VISIBLE_DEVICES=1 patchq worker --hostname gpu1@%h &
 
-The pool forks before any model is built: CUDA, the model and the FAISS index are created in
-the process that scores, on its first batch (several processes sharing one GPU each hold a
-copy of the model and mostly queue on the device).
+The default pool is `threads` with PATCHQ_PIPELINE_DEPTH threads: one process, one model,
+and while one batch is on the backbone the next is decoded and the one before written
+(common.pipelined). `--pool prefork` forks before any model is built: CUDA, the model and the
+FAISS index are created in the process that scores, on its first batch (several processes
+sharing one GPU each hold a copy of the model and mostly queue on the device).
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from common.store.database import make_engine
 from producer.submission import broker_app
 
 EPILOG = (
-    "GPUs: one worker per GPU, each with CUDA_VISIBLE_DEVICES=N and --concurrency 1 "
+    "GPUs: one worker per GPU, each with CUDA_VISIBLE_DEVICES=N "
     "(e.g. `CUDA_VISIBLE_DEVICES=0 patchq worker --hostname gpu0@%h`). The model, CUDA and "
-    "FAISS are initialised in the pool process on its first batch, never before the fork. "
+    "FAISS are initialised on the first batch, in the process that scores. "
     "Settings: PATCHQ_BROKER_URL, PATCHQ_DATABASE_URL, PATCHQ_QUEUE, PATCHQ_DEVICE, "
-    "PATCHQ_MODEL_CACHE_DIR, PATCHQ_TASK_TIME_LIMIT_S, PATCHQ_VISIBILITY_TIMEOUT_S, "
-    "PATCHQ_MAX_REDELIVERIES."
+    "PATCHQ_MODEL_CACHE_DIR, PATCHQ_PIPELINE_DEPTH, PATCHQ_TASK_TIME_LIMIT_S, "
+    "PATCHQ_VISIBILITY_TIMEOUT_S, PATCHQ_MAX_REDELIVERIES."
 )
 
 
@@ -42,7 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
     )
     parser.add_argument(
-        "--concurrency", type=int, default=1, help="pool processes (default 1; 1 per GPU)"
+        "--concurrency",
+        type=int,
+        help="pool threads or processes (default: PATCHQ_PIPELINE_DEPTH threads, 1 process)",
     )
     parser.add_argument("--queues", help="comma-separated queues to consume (default PATCHQ_QUEUE)")
     parser.add_argument(
@@ -51,9 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--loglevel", default="INFO", help="Celery log level (default INFO)")
     parser.add_argument(
         "--pool",
-        default="prefork",
-        choices=("prefork", "solo"),
-        help="Celery pool (default prefork)",
+        default="threads",
+        choices=("threads", "prefork", "solo"),
+        help="Celery pool (default threads: batches overlap in one process, one per GPU)",
     )
     parser.set_defaults(run=run)
 
@@ -64,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
     make_engine(settings.database_url).dispose()  # idem for the database; nothing kept open
     from worker.app import app  # the app the task is registered on
 
+    concurrency = args.concurrency or (settings.pipeline_depth if args.pool == "threads" else 1)
     argv = [
         "worker",
-        f"--concurrency={args.concurrency}",
+        f"--concurrency={concurrency}",
         f"--queues={args.queues or settings.queue}",
         f"--loglevel={args.loglevel}",
         f"--pool={args.pool}",

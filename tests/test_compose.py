@@ -76,7 +76,7 @@ def test_worker_reserves_one_gpu_and_runs_one_process(services: dict[str, Any]) 
     ]
     command = worker["command"]
     assert command[0] == "worker"
-    assert command[command.index("--concurrency") + 1] == "1"
+    assert command[command.index("--pool") + 1] == "threads"  # threads of one process
 
 
 def test_image_storage_is_read_only_at_the_same_path(services: dict[str, Any]) -> None:

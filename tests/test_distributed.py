@@ -292,3 +292,22 @@ def test_redis_restart_mid_run_then_resubmit_completes_the_run(
     cluster.submit()  # the database knows what is pending; the same command refills the queue
     _until(lambda: cluster.progress(run_id)[2] == 0, RUN_TIMEOUT_S, "the run", cluster)
     _assert_scored_exactly_once(cluster, run_id, data)
+
+
+def test_pipelined_worker_holds_at_most_its_depth_of_batches(
+    cluster_factory: Callable[[str], Cluster], shared_broker: str, data: Data
+) -> None:
+    """The default worker overlaps batches, yet holds (unacknowledged) no more than its depth."""
+    cluster = cluster_factory(shared_broker)
+    cluster.start_worker("piped")
+    cluster.wait_ready("piped")
+    run_id = cluster.submit()
+    _until(lambda: cluster.progress(run_id)[0] >= 2, RUN_TIMEOUT_S, "first batch", cluster, 0.02)
+    cluster.pause("piped", True)
+    held = redis.Redis.from_url(shared_broker).hlen("unacked")  # kombu's unacknowledged tasks
+    pending = cluster.progress(run_id)[2]
+    cluster.pause("piped", False)
+    assert pending > 0, "the worker finished before it could be paused"
+    assert 0 < held <= cluster.settings.pipeline_depth
+    _until(lambda: cluster.progress(run_id)[2] == 0, RUN_TIMEOUT_S, "the run", cluster)
+    _assert_scored_exactly_once(cluster, run_id, data)

@@ -16,6 +16,7 @@ from common.data.layouts import discover
 from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
 from common.engine.patchcore import PatchCore, PatchCoreConfig
+from common.pipelined import PipelinedScorer, score_pipelined
 from common.scoring import ModelProvider, score_batch
 from common.store.database import (
     ImageRow,
@@ -208,3 +209,45 @@ def test_failed_images_put_back_to_pending_are_scored_once_fixed(
         assert set(statuses.values()) == {"done"}
         assert session.scalar(select(func.count()).select_from(Score)) == 3
         assert session.scalar(select(Image.error).where(Image.id == ids[2])) is None
+
+
+def test_pipelined_batches_score_like_serial_ones_and_write_once(
+    fitted: Fitted, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Three batches in flight at once: the same rows as one batch after the other."""
+    model_id = _store(sessions, fitted.artifact)
+    paths = [*fitted.test_paths, *_bad_files(tmp_path / "bad", fitted.test_paths[0]).values()]
+    serial_run, serial_ids = _run(sessions, model_id, paths)
+    provider = _provider(sessions, tmp_path)
+    for start in range(0, len(serial_ids), 2):
+        score_batch(sessions, serial_run, serial_ids[start : start + 2], provider, "serial")
+    run_id, ids = _run(sessions, model_id, paths)
+    scorer = PipelinedScorer(sessions, provider, "pipelined")
+    batches = [ids[start : start + 2] for start in range(0, len(ids), 2)]
+    outcomes = [outcome for _, outcome in score_pipelined(scorer, run_id, batches, depth=3)]
+    assert sorted(i for o in outcomes for i in o.done) == ids[: len(fitted.test_paths)]
+    assert sum(len(o.failed) for o in outcomes) == 4
+    with sessions() as session:
+        rows = session.execute(
+            select(Image.run_id, Image.path, Image.status, Score.score).outerjoin(Score)
+        ).all()
+        per_image = set(
+            session.scalars(select(func.count()).select_from(Score).group_by(Score.image_id))
+        )
+    by_run = {run: {p: (s, v) for r, p, s, v in rows if r == run} for run in (serial_run, run_id)}
+    assert by_run[run_id] == by_run[serial_run] and per_image == {1}
+
+
+def test_one_batch_delivered_three_times_at_once_is_written_once(
+    fitted: Fitted, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    run_id, ids = _run(sessions, _store(sessions, fitted.artifact), fitted.test_paths)
+    scorer = PipelinedScorer(sessions, _provider(sessions, tmp_path), "pipelined")
+    list(score_pipelined(scorer, run_id, [ids, ids, ids], depth=3))
+    with sessions() as session:
+        per_image = session.execute(
+            select(Score.image_id, func.count()).group_by(Score.image_id)
+        ).all()
+        statuses = set(session.scalars(select(Image.status)))
+    assert sorted(i for i, _ in per_image) == ids and {n for _, n in per_image} == {1}
+    assert statuses == {"done"} and scorer.overdue(0.0) == []

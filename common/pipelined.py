@@ -1,0 +1,101 @@
+"""Keep the backbone busy: overlap the stages of consecutive batches in one process.
+
+`score_batch` runs claim -> decode -> backbone and search -> write one after the other, so the
+device idles through every decode and every SQL write. A `PipelinedScorer` runs the same stage
+functions (common.scoring) from several threads, one batch per thread, and lets only one batch
+at a time onto the backbone and the index (which use every core, or the GPU, on their own).
+While batch n is there, batch n+1 is claimed and decoded (PIL releases the GIL) and batch n-1
+is written (the database driver waits on I/O without the GIL).
+
+Each call still returns only once its own rows are committed. That is what keeps results
+exactly once with acks late: a Celery task (one per thread of the worker's `threads` pool) is
+acknowledged after its write, never before, so a worker that dies holds at most `depth`
+unacknowledged batches, all redelivered, and the idempotent upserts keyed by (run, image) make
+any repeat harmless. The price is one thread, one database session and one decoded batch per
+pipeline slot.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.scoring import (
+    BatchOutcome,
+    ModelProvider,
+    claim_batch,
+    decode_groups,
+    infer_groups,
+    write_batch,
+)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A batch being scored and since when (time.monotonic())."""
+
+    run_id: int
+    image_ids: tuple[int, ...]
+    since: float
+
+
+class PipelinedScorer:
+    """Scores batches from any number of threads, one at a time on the backbone and index."""
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        model_provider: ModelProvider,
+        worker_name: str,
+        max_deliveries: int | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        self._sessions = session_factory
+        self._models = model_provider
+        self._worker = worker_name
+        self._max_deliveries = max_deliveries
+        self._pin_memory = pin_memory
+        self._device = threading.Lock()
+        self._guard = threading.Lock()
+        self._in_flight: dict[int, InFlight] = {}
+
+    def score(self, run_id: int, image_ids: Sequence[int]) -> BatchOutcome:
+        """What `score_batch` does for one batch, overlapping with other threads' batches."""
+        outcome = BatchOutcome()
+        key = threading.get_ident()
+        with self._guard:
+            self._in_flight[key] = InFlight(run_id, tuple(image_ids), time.monotonic())
+        try:
+            images = claim_batch(self._sessions, run_id, image_ids, self._max_deliveries, outcome)
+            groups = decode_groups(images, self._models, outcome, self._pin_memory)
+            with self._device:
+                rows = infer_groups(groups, run_id, self._worker, outcome)
+            write_batch(self._sessions, run_id, rows, outcome)
+        finally:
+            with self._guard:
+                del self._in_flight[key]
+        return outcome
+
+    def overdue(self, limit_s: float) -> list[InFlight]:
+        """Batches in flight for longer than `limit_s` seconds (for a worker's watchdog)."""
+        now = time.monotonic()
+        with self._guard:
+            return [batch for batch in self._in_flight.values() if now - batch.since > limit_s]
+
+
+def score_pipelined(
+    scorer: PipelinedScorer, run_id: int, batches: Sequence[Sequence[int]], depth: int
+) -> Iterator[tuple[Sequence[int], BatchOutcome]]:
+    """Score `batches` with `depth` of them in flight; yields (batch, outcome) as each ends.
+
+    At most `depth` batches are claimed, decoded or unwritten at any moment, so memory stays
+    bounded whatever the number of batches.
+    """
+    with ThreadPoolExecutor(max_workers=max(1, depth), thread_name_prefix="pipeline") as pool:
+        outcomes = pool.map(lambda ids: scorer.score(run_id, ids), batches)
+        yield from zip(batches, outcomes, strict=True)
