@@ -58,10 +58,10 @@ def _store(sessions: sessionmaker[Session], artifact: bytes) -> int:
 
 
 def _run(
-    sessions: sessionmaker[Session], model_id: int, paths: list[Path]
+    sessions: sessionmaker[Session], model_id: int, paths: list[Path], name: str = "r"
 ) -> tuple[int, list[int]]:
     with sessions.begin() as session:
-        run_id = create_run(session, "r", "test", batch_size=len(paths))
+        run_id = create_run(session, name, "test", batch_size=len(paths))
         rows = [ImageRow(category="tex", path=str(p), model_id=model_id) for p in paths]
         register_images(session, run_id, rows)
         return run_id, pending_image_ids(session, run_id)
@@ -221,7 +221,7 @@ def test_pipelined_batches_score_like_serial_ones_and_write_once(
     provider = _provider(sessions, tmp_path)
     for start in range(0, len(serial_ids), 2):
         score_batch(sessions, serial_run, serial_ids[start : start + 2], provider, "serial")
-    run_id, ids = _run(sessions, model_id, paths)
+    run_id, ids = _run(sessions, model_id, paths, name="pipelined")
     scorer = PipelinedScorer(sessions, provider, "pipelined")
     batches = [ids[start : start + 2] for start in range(0, len(ids), 2)]
     outcomes = [outcome for _, outcome in score_pipelined(scorer, run_id, batches, depth=3)]
