@@ -24,6 +24,7 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,26 +65,32 @@ def main() -> None:
         train, test = write_set(Path(folder), args.size, args.train, args.normals, args.per_kind)
         records = [r for kind in test.values() for r in kind]
         labels = np.array([r.label for r in records])
-        rows = []
-        if not args.no_anomalib:
-            rows.append(
-                ("anomalib 2.7 PatchCore", *run_anomalib(Path(folder), train, records, args))
-            )
-        rows += run_patchq(train, records, args)
-    print(
-        f"\n{len(records)} test images ({int((labels == 0).sum())} normal) of {args.size} px, "
-        f"{len(train)} train normals, Lite0 at 224 px, coreset {args.coreset_ratio}, "
-        f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
-    )
-    header = f"{'engine':<34}{'fit s':>7}{'bank':>7}{'ms/img':>8}{'img/s':>7}{'AUROC':>7}"
-    print(header + "\n" + "-" * len(header))
-    for name, fit_s, bank, score_s, scores in rows:
-        auroc = roc_auc_score(labels, scores)
-        per_image = 1000 * score_s / len(records)
         print(
-            f"{name:<34}{fit_s:>7.1f}{bank:>7}{per_image:>8.1f}"
-            f"{len(records) / score_s:>7.1f}{auroc:>7.3f}"
+            f"{len(records)} test images ({int((labels == 0).sum())} normal) of {args.size} px, "
+            f"{len(train)} train normals, Lite0 at 224 px, coreset {args.coreset_ratio}, "
+            f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
         )
+        header = f"{'engine':<34}{'fit s':>7}{'bank':>7}{'ms/img':>8}{'img/s':>7}{'AUROC':>7}"
+        print(header + "\n" + "-" * len(header), flush=True)
+        if not args.no_anomalib:
+            _print_row(
+                "anomalib 2.7 PatchCore", *run_anomalib(Path(folder), train, records, args), labels
+            )
+        for row in run_patchq(train, records, args):
+            _print_row(*row, labels)
+
+
+def _print_row(
+    name: str, fit_s: float, bank: int, score_s: float, scores: np.ndarray, labels: np.ndarray
+) -> None:
+    """One engine's line, printed as soon as it is measured."""
+    per_image = 1000 * score_s / len(labels)
+    auroc = roc_auc_score(labels, scores)
+    print(
+        f"{name:<34}{fit_s:>7.1f}{bank:>7}{per_image:>8.1f}{len(labels) / score_s:>7.1f}"
+        f"{auroc:>7.3f}",
+        flush=True,
+    )
 
 
 def run_anomalib(
@@ -99,7 +106,7 @@ def run_anomalib(
         "batch_size": args.batch_size,
     }
     (folder / "job.json").write_text(json.dumps(job))
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    env = os.environ | {"PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
     if JEMALLOC.exists():
         env["LD_PRELOAD"] = str(JEMALLOC)
     subprocess.run(
@@ -119,7 +126,7 @@ def run_anomalib(
 
 def run_patchq(
     train: list[ImageRecord], test: list[ImageRecord], args: argparse.Namespace
-) -> list[tuple[str, float, int, float, np.ndarray]]:
+) -> Iterator[tuple[str, float, int, float, np.ndarray]]:
     """One fit, then the test images scored with each search: rows for the table."""
     config = PatchCoreConfig(coreset_ratio=args.coreset_ratio, index="flat")
     start = time.perf_counter()
@@ -131,12 +138,10 @@ def run_patchq(
         decode_batch(paths[i : i + args.batch_size], preprocessing).tensor
         for i in range(0, len(paths), args.batch_size)
     ]
-    rows = []
     for search in args.search:
         variant = model.with_bank(MemoryBank(model.bank.vectors, index=search))
         score_s, scores = _score(variant, tensors)
-        rows.append((f"patchq {config.scorer}, {search}", fit_s, model.bank.size, score_s, scores))
-    return rows
+        yield f"patchq {config.scorer}, {search}", fit_s, model.bank.size, score_s, scores
 
 
 def _score(model: PatchCore, tensors: list[torch.Tensor]) -> tuple[float, np.ndarray]:

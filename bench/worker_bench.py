@@ -100,8 +100,12 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
             probe = decode_batch([records[0].path], model.preprocessing).tensor
             provider = NoOpProvider(provider, probe)  # type: ignore[assignment]
 
-        def register(name: str) -> Submission:
-            return register_run(sessions, records, name, "bench", args.batch_size)
+        def register(name: str, subset: list[ImageRecord] | None = None) -> Submission:
+            return register_run(sessions, subset or records, name, "bench", args.batch_size)
+
+        # Warm-up: the model is loaded and the first-call kernels are built before any timing.
+        warm_up = register("warm-up", records[: args.batch_size]).run_id
+        _score_serial(sessions, warm_up, settings, progress=False, provider=provider)
 
         for label, score in (("serial", _score_serial), ("in-process", score_in_process)):
             run_id = register(label).run_id
