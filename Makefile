@@ -43,7 +43,7 @@ bench: $(INSTALLED)
 # The README's picture of the report (docs/report-screenshot.png), from a fresh `patchq demo`
 # with the current code in its own folder and database, photographed by headless Chromium.
 SHOT_DIR ?= build/screenshot
-SHOT_SIZE ?= 1150,2500
+SHOT_SIZE ?= 1150,2350
 screenshot: $(INSTALLED) system-test-deps
 	rm -rf $(SHOT_DIR) && mkdir -p $(SHOT_DIR)
 	PATCHQ_DATABASE_URL=sqlite:///$(SHOT_DIR)/patchq.db $(VENV)/bin/patchq demo \
