@@ -75,7 +75,7 @@ def map_scale(normal_patch_maxima: np.ndarray, shown_maps: Sequence[np.ndarray])
     maxima = maxima[np.isfinite(maxima)]
     if len(maxima) and maxima.max() > 0:
         top = float(np.quantile(maxima, NORMAL_QUANTILE))
-        reference = f"top of normal = p99 of {len(maxima)} held-out normal images' largest"
+        reference = f"top of normal: p99 of {len(maxima)} held-out normal images' largest distance"
         return MapScale(top, reference)
     peak = max((float(np.nanmax(m)) for m in shown_maps), default=1.0)
     return MapScale(max(peak, 1e-6) / 2, "no held-out normals: scaled to these maps")
@@ -212,7 +212,7 @@ def _map_colour_bar(figure: Figure, axes_row: np.ndarray, scale: MapScale) -> No
     bar.set_ticks([0.0, scale.normal_top, scale.hottest])
     bar.set_ticklabels(["0", f"{scale.normal_top:.3g}\ntop of\nnormal", f"≥ {scale.hottest:.3g}"])
     bar.ax.tick_params(labelsize=8)
-    figure.suptitle(f"colour: patch distance ({scale.reference})", fontsize=9)
+    figure.suptitle(f"colour: distance to the nearest normal patch; {scale.reference}", fontsize=9)
 
 
 def embedding_pca(
