@@ -225,6 +225,14 @@ def shared_broker() -> str:
     return url
 
 
+def _submit_until_first_batch(cluster: Cluster) -> int:
+    """Submit the run and return its id once a first batch is done, the run still going."""
+    run_id = cluster.submit()
+    # Poll fast: on an idle machine the whole run takes about a second.
+    _until(lambda: cluster.progress(run_id)[0] >= 2, RUN_TIMEOUT_S, "first batch", cluster, 0.02)
+    return run_id
+
+
 def _assert_scored_exactly_once(cluster: Cluster, run_id: int, data: Data) -> set[str]:
     """Every image done with one score row equal to the in-process score; returns workers."""
     with cluster.sessions() as session:
@@ -263,9 +271,7 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_nothing(
 ) -> None:
     cluster = cluster_factory(shared_broker)
     cluster.start_worker("doomed")
-    run_id = cluster.submit()
-    # Poll fast: on an idle machine the whole run takes about a second.
-    _until(lambda: cluster.progress(run_id)[0] >= 2, RUN_TIMEOUT_S, "first batch", cluster, 0.02)
+    run_id = _submit_until_first_batch(cluster)
     cluster.kill("doomed")
     assert cluster.progress(run_id)[2] > 0, "the worker finished before it could be killed"
     cluster.start_worker("rescuer")
@@ -282,8 +288,7 @@ def test_redis_restart_mid_run_then_resubmit_completes_the_run(
     cluster.start_redis(port)
     cluster.start_worker("survivor")
     cluster.wait_ready("survivor")
-    run_id = cluster.submit()
-    _until(lambda: cluster.progress(run_id)[0] >= 2, RUN_TIMEOUT_S, "first batch", cluster, 0.02)
+    run_id = _submit_until_first_batch(cluster)
     cluster.pause("survivor", True)  # the run cannot finish while Redis is down and back
     assert cluster.progress(run_id)[2] > 0, "the run finished before Redis could be restarted"
     cluster.kill("redis")  # no persistence: the queue is gone
@@ -301,8 +306,7 @@ def test_pipelined_worker_holds_at_most_its_depth_of_batches(
     cluster = cluster_factory(shared_broker)
     cluster.start_worker("piped")
     cluster.wait_ready("piped")
-    run_id = cluster.submit()
-    _until(lambda: cluster.progress(run_id)[0] >= 2, RUN_TIMEOUT_S, "first batch", cluster, 0.02)
+    run_id = _submit_until_first_batch(cluster)
     cluster.pause("piped", True)
     held = redis.Redis.from_url(shared_broker).hlen("unacked")  # kombu's unacknowledged tasks
     pending = cluster.progress(run_id)[2]
