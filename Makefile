@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench system-test-deps screenshot
+.PHONY: install demo test lint format bench bench-anomalib system-test-deps screenshot
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ format: $(INSTALLED)
 bench: $(INSTALLED)
 	$(PY) -m bench.run
 	$(PY) -m bench.worker_bench --images 480 --image-size 224 --batch-size 16
+
+# patchq's engine vs anomalib's PatchCore; anomalib goes into its own git-ignored venv.
+bench-anomalib: $(INSTALLED)
+	test -x bench/anomalib/.venv/bin/python || bench/anomalib/install.sh $(VENV)
+	$(PY) -m bench.engine_vs_anomalib --train 20 --search flat hnsw
 
 # The README's picture of the report (docs/report-screenshot.png), from a fresh `patchq demo`
 # with the current code in its own folder and database, photographed by headless Chromium.
