@@ -148,7 +148,7 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
         row += "".join(f"{split[k]:>12.1f}" for k in TIMING_KEYS)
         row += f"{sum(split[k] for k in TIMING_KEYS) / wall:>9.2f}"
         row += f"{args.images / split['cpu_s']:>10.1f}" if "cpu_s" in split else f"{'':>10}"
-        print(row)
+        print(row.rstrip())
     print(
         "(time split: seconds summed over batches and worker processes; overlap: their sum / "
         "wall; img/CPU-s: images per CPU-second of this process = images/s per core)"
