@@ -86,6 +86,18 @@ class Settings:
             "seconds before Redis redelivers an unacknowledged task (must exceed the time limit)"
         ),
     )
+    lease_s: int = field(
+        default=60,
+        metadata=_about(
+            "seconds a worker's claim on a batch lasts without a heartbeat; then it is requeued"
+        ),
+    )
+    heartbeat_s: int = field(
+        default=5,
+        metadata=_about(
+            "seconds between a worker's heartbeats (lease renewal, workers table, requeue sweep)"
+        ),
+    )
     flower_basic_auth: str | None = field(
         default=None,
         metadata=_about(
@@ -150,7 +162,13 @@ class Settings:
         """Reject values that parse but cannot work, before any process starts on them."""
         if not _DEVICE_PATTERN.fullmatch(self.device):
             _fail("device", repr(self.device), "is not a device; use auto, cpu, cuda or cuda:N")
-        for name in ("batch_size", "task_time_limit_s", "visibility_timeout_s"):
+        for name in (
+            "batch_size",
+            "task_time_limit_s",
+            "visibility_timeout_s",
+            "lease_s",
+            "heartbeat_s",
+        ):
             if getattr(self, name) < 1:
                 _fail(name, str(getattr(self, name)), "must be at least 1")
         if self.max_redeliveries < 0:
@@ -163,6 +181,13 @@ class Settings:
                 str(self.visibility_timeout_s),
                 f"must exceed PATCHQ_TASK_TIME_LIMIT_S={self.task_time_limit_s}, or Redis "
                 "redelivers batches that are still running",
+            )
+        if self.lease_s <= 2 * self.heartbeat_s:
+            _fail(
+                "lease_s",
+                str(self.lease_s),
+                f"must exceed twice PATCHQ_HEARTBEAT_S={self.heartbeat_s}, or a live worker's "
+                "batches are requeued between two heartbeats",
             )
         if self.flower_basic_auth and any(
             not user or not password

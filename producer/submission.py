@@ -163,19 +163,8 @@ def enqueue_pending(
     app: Celery, sessions: sessionmaker[Session], run_id: int, batch_size: int, queue: str
 ) -> int:
     """Send the run's pending images as batches of ids; returns the number of batches."""
-    from worker.config import TASK_NAME
+    from worker.broker import send_batches
 
     with sessions() as session:
         ids = pending_image_ids(session, run_id)
-    batches = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
-    with app.producer_or_acquire() as producer:
-        for batch in batches:
-            app.send_task(
-                TASK_NAME,
-                args=[run_id, batch],
-                queue=queue,
-                producer=producer,
-                retry=True,
-                retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_max": 2},
-            )
-    return len(batches)
+    return send_batches(app, run_id, ids, batch_size, queue)

@@ -18,7 +18,6 @@ from common.store.database import (
     DatabaseError,
     ImageRow,
     ScoreRow,
-    bump_attempts,
     create_run,
     decode_array,
     encode_array,
@@ -194,14 +193,6 @@ def test_mark_failed_stores_reasons_and_never_undoes_a_result(
             ("failed", "not an image"),
             ("done", None),
         ]
-
-
-def test_bump_attempts_counts_deliveries(sessions: sessionmaker[Session]) -> None:
-    with sessions.begin() as session:
-        _, ids = _run_with_images(session, {"cell": 3})
-        bump_attempts(session, ids[:2])
-    with sessions.begin() as session:
-        assert bump_attempts(session, ids[1:]) == {ids[1]: 2, ids[2]: 1}
 
 
 def test_run_progress_counts_per_category(sessions: sessionmaker[Session]) -> None:

@@ -195,7 +195,7 @@ def init_db(engine: Engine) -> None:
             ) from None
 
 
-def _insert(session: Session, entity: type[Base]) -> Any:
+def insert_statement(session: Session, entity: type[Base]) -> Any:
     """The dialect's Core INSERT, which knows ON CONFLICT."""
     dialect = session.get_bind().dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(entity.__table__)
@@ -213,7 +213,7 @@ def store_model(
 ) -> int:
     """Id of the model with this content hash, inserting it unless an identical one is stored."""
     session.execute(
-        _insert(session, Model)
+        insert_statement(session, Model)
         .values(
             category=category,
             artifact=artifact_bytes,
@@ -309,7 +309,7 @@ def register_images(session: Session, run_id: int, rows: Sequence[ImageRow]) -> 
     added = 0
     for start in range(0, len(values), REGISTER_CHUNK_ROWS):
         result = session.execute(
-            _insert(session, Image)
+            insert_statement(session, Image)
             .values(values[start : start + REGISTER_CHUNK_ROWS])
             .on_conflict_do_nothing(index_elements=["run_id", "path"])
             .execution_options(preserve_rowcount=True)  # INSERT rowcounts are otherwise -1
@@ -334,17 +334,6 @@ def images_by_id(session: Session, ids: Sequence[int]) -> list[Image]:
     return list(session.scalars(select(Image).where(Image.id.in_(ids)).order_by(Image.id)))
 
 
-def bump_attempts(session: Session, ids: Sequence[int]) -> dict[int, int]:
-    """Count one more delivery of these images; returns each image's attempts so far."""
-    session.execute(
-        update(Image)
-        .where(Image.id.in_(ids))
-        .values(attempts=Image.attempts + 1)
-        .execution_options(synchronize_session=False)
-    )
-    return dict(session.execute(select(Image.id, Image.attempts).where(Image.id.in_(ids))).all())
-
-
 def mark_failed(session: Session, run_id: int, reasons: Mapping[int, str]) -> None:
     """Mark images failed with their reasons in one statement; a done image stays done.
 
@@ -356,7 +345,12 @@ def mark_failed(session: Session, run_id: int, reasons: Mapping[int, str]) -> No
     session.execute(
         update(Image)
         .where(Image.run_id == run_id, Image.id.in_(list(reasons)), Image.status != "done")
-        .values(status="failed", error=case(dict(reasons), value=Image.id))
+        .values(
+            status="failed",
+            error=case(dict(reasons), value=Image.id),
+            leased_by=None,
+            lease_until=None,
+        )
         .execution_options(synchronize_session=False)
     )
 
@@ -391,7 +385,7 @@ def upsert_scores(session: Session, rows: Sequence[ScoreRow]) -> None:
         session.execute(select(Image.id, Image.category).where(Image.id.in_(image_ids))).all()
     )
     values = [_score_values(row, categories[row["image_id"]]) for row in latest.values()]
-    statement = _insert(session, Score).values(values)
+    statement = insert_statement(session, Score).values(values)
     written = [name for name in values[0] if name not in ("run_id", "image_id")]
     session.execute(
         statement.on_conflict_do_update(
@@ -402,7 +396,7 @@ def upsert_scores(session: Session, rows: Sequence[ScoreRow]) -> None:
     session.execute(
         update(Image)
         .where(Image.id.in_(image_ids))
-        .values(status="done", error=None)
+        .values(status="done", error=None, leased_by=None, lease_until=None)
         .execution_options(synchronize_session=False)
     )
 
