@@ -99,6 +99,12 @@ class Cluster:
         argv = [sys.executable, "-m", "producer.cli", "worker", f"--hostname={name}@%h"]
         self._spawn(name, argv)
 
+    def start_workers(self, *names: str) -> None:
+        """Start workers and wait until all of them take batches."""
+        for name in names:
+            self.start_worker(name)
+        self.wait_ready(*names)
+
     def start_redis(self, port: int) -> None:
         argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
         self._spawn("redis", [*argv, "--save", "", "--appendonly", "no", "--daemonize", "no"])

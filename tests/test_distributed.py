@@ -17,9 +17,7 @@ def test_two_workers_share_the_work_and_match_in_process_scores(
     cluster_factory: ClusterFactory, shared_broker: str, db_url: str, cluster_data: Data
 ) -> None:
     cluster = cluster_factory(shared_broker, db_url)
-    cluster.start_worker("alpha")
-    cluster.start_worker("beta")
-    cluster.wait_ready("alpha", "beta")
+    cluster.start_workers("alpha", "beta")
     run_id = cluster.submit()
     cluster.wait_finished(run_id)
     workers = assert_scored_exactly_once(cluster, run_id, cluster_data)

@@ -93,29 +93,30 @@ def _status(cluster: Cluster) -> str:
     return result.stdout
 
 
-def _recovered(cluster: Cluster, run_id: int, fault: str) -> None:
-    seconds = cluster.wait_finished(run_id, f"the run to finish after {fault}")
-    print(f"\n[recovery] {fault}: run finished {seconds:.0f} s after it")
+def _recovered(cluster: Cluster, run_id: int, fault: str, fault_at: float) -> None:
+    """Wait for the run to finish; print the seconds since the fault (`fault_at`, monotonic)."""
+    cluster.wait_finished(run_id, f"the run to finish after {fault}")
+    print(f"\n[recovery] {fault}: run finished {time.monotonic() - fault_at:.0f} s after it")
 
 
 def test_sigkilled_worker_batch_is_requeued_when_its_lease_runs_out(
     cluster_factory: ClusterFactory, shared_broker: str, postgres_url: str, cluster_data: Data
 ) -> None:
     cluster = cluster_factory(shared_broker, postgres_url)
-    cluster.start_worker("doomed")
-    cluster.start_worker("rescuer")
-    cluster.wait_ready("doomed", "rescuer")
+    cluster.start_workers("doomed", "rescuer")
     run_id = cluster.submit()
     held = _freeze_holding_a_batch(cluster, run_id, "doomed")
+    fault_at = time.monotonic()
     cluster.kill("doomed")  # main process and pool child, as when the machine is lost
     time.sleep(LOST_AFTER_S)
     status = _status(cluster)
+    print(f"\n[status {LOST_AFTER_S} s after the kill]\n{status}")
     if cluster.progress(run_id)[2]:  # the rescuer may already be done with everything else
         assert f"{len(held)} images wait on lost worker doomed@" in status
         assert "requeued automatically within" in status
-        assert "<" not in status.splitlines()[1], "no ETA while images wait on a lost worker"
+        assert "<?" in status.splitlines()[1], "no ETA while images wait on a lost worker"
     assert "1 lost" in status
-    _recovered(cluster, run_id, "a SIGKILLed worker")
+    _recovered(cluster, run_id, "a SIGKILLed worker", fault_at)
     workers = assert_scored_exactly_once(cluster, run_id, cluster_data)
     assert any(w.startswith("rescuer@") for w in workers)
 
@@ -126,16 +127,16 @@ def test_redis_restarted_empty_is_refilled_from_the_database(
     port = free_port()
     cluster = cluster_factory(f"redis://127.0.0.1:{port}/0", postgres_url)
     cluster.start_redis(port)
-    cluster.start_worker("survivor")
-    cluster.wait_ready("survivor")
+    cluster.start_workers("survivor")
     run_id = cluster.submit()
     cluster.wait_scored(run_id, 2)
     cluster.pause("survivor", True)  # the run cannot finish while Redis is down and back
     assert cluster.progress(run_id)[2] > 0, "the run finished before Redis could be restarted"
+    fault_at = time.monotonic()
     cluster.kill("redis")  # no persistence: the queue is gone
     cluster.start_redis(port)
     cluster.pause("survivor", False)
-    _recovered(cluster, run_id, "a Redis restart that lost the queue")  # no resubmit
+    _recovered(cluster, run_id, "a Redis restart that lost the queue", fault_at)  # no resubmit
     assert_scored_exactly_once(cluster, run_id, cluster_data)
 
 
@@ -146,15 +147,14 @@ def test_postgres_restart_fails_no_image(
     cluster_data: Data,
 ) -> None:
     cluster = cluster_factory(shared_broker, private_postgres.url)
-    cluster.start_worker("alpha")
-    cluster.start_worker("beta")
-    cluster.wait_ready("alpha", "beta")
+    cluster.start_workers("alpha", "beta")
     run_id = cluster.submit()
     cluster.wait_scored(run_id, 2)
+    fault_at = time.monotonic()
     private_postgres.stop()
     time.sleep(OUTAGE_S)
     private_postgres.start()
-    _recovered(cluster, run_id, f"a {OUTAGE_S} s PostgreSQL outage")
+    _recovered(cluster, run_id, f"a {OUTAGE_S} s PostgreSQL outage", fault_at)
     assert_scored_exactly_once(cluster, run_id, cluster_data)  # failed: none
 
 
@@ -180,17 +180,16 @@ def test_rolling_sigterm_restart_drains_and_loses_nothing(
     cluster_factory: ClusterFactory, shared_broker: str, postgres_url: str, cluster_data: Data
 ) -> None:
     cluster = cluster_factory(shared_broker, postgres_url)
-    cluster.start_worker("alpha")
-    cluster.start_worker("beta")
-    cluster.wait_ready("alpha", "beta")
+    cluster.start_workers("alpha", "beta")
     run_id = cluster.submit()
     cluster.wait_scored(run_id, 2)
+    fault_at = time.monotonic()
     cluster.terminate("alpha")  # finishes its batch, then exits
     cluster.start_worker("alpha2")
     assert cluster.progress(run_id)[2] > 0, "the run finished before the restart got to beta"
     cluster.terminate("beta")
     cluster.start_worker("beta2")
-    _recovered(cluster, run_id, "a rolling SIGTERM restart")
+    _recovered(cluster, run_id, "a rolling SIGTERM restart", fault_at)
     assert_scored_exactly_once(cluster, run_id, cluster_data)
     with cluster.sessions() as session:
         attempts = set(session.scalars(select(Image.attempts)))
