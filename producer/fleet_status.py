@@ -8,13 +8,15 @@ sweep requeues it, and withholds the ETA meanwhile (see producer.status_command)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from common.store.leases import held_images
+from common.store.leases import held_images, run_activity
 from common.store.schema import utcnow
 from common.store.workers import WorkerView, fleet, live_nodes
+
+QUIET_AFTER_S = 15  # a run idle this long with live workers is not just between two batches
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class FleetReport:
 
 
 def fleet_report(
-    session: Session, run_id: int, pending: int, heartbeat_s: int, queued: bool
+    session: Session, run_id: int, pending: int, heartbeat_s: int, lease_s: int, queued: bool
 ) -> FleetReport:
     """Lines describing the workers and, for `run_id`, what its pending images wait on
     (`queued`: a broker is configured, so pending images wait for workers)."""
@@ -44,7 +46,28 @@ def fleet_report(
     if queued and pending and not live:
         waiting = True
         lines.append(f"{pending} images pending and no live worker: start `patchq worker`")
+    elif queued and pending and not waiting:
+        quiet = _quiet_line(session, run_id, now, lease_s)
+        waiting = quiet is not None
+        lines += [quiet] if quiet else []
     return FleetReport(lines, waiting)
+
+
+def _quiet_line(session: Session, run_id: int, now: datetime, lease_s: int) -> str | None:
+    """Live workers, yet nothing of the run moves and nobody holds it: its batches are either
+    queued behind other runs or were lost with the broker, which the sweep refills."""
+    activity = run_activity(session, run_id, now)
+    if activity.live_leases or activity.last_change is None:
+        return None
+    idle = (now - activity.last_change).total_seconds()
+    if idle < QUIET_AFTER_S:
+        return None
+    refill = activity.last_change + timedelta(seconds=lease_s)
+    when = "now" if refill <= now else f"at {refill:%H:%M:%S} UTC"
+    return (
+        f"nothing of this run moved for {idle:.0f} s and no worker holds its images: they wait "
+        f"behind other batches, or the queue was lost and the workers refill it {when}"
+    )
 
 
 def _summary(views: list[WorkerView]) -> str:

@@ -47,7 +47,12 @@ def run(args: argparse.Namespace) -> int:
             failures = failure_examples(session, run_id)
             pending = sum(row.pending for row in rows)
             fleet = fleet_report(
-                session, run_id, pending, settings.heartbeat_s, settings.broker_url is not None
+                session,
+                run_id,
+                pending,
+                settings.heartbeat_s,
+                settings.lease_s,
+                settings.broker_url is not None,
             )
     print(f"run {args.run_ref} (id {run_id})")
     print(progress_table(rows, with_rate=not fleet.waiting))

@@ -136,6 +136,10 @@ def test_redis_restarted_empty_is_refilled_from_the_database(
     cluster.kill("redis")  # no persistence: the queue is gone
     cluster.start_redis(port)
     cluster.pause("survivor", False)
+    time.sleep(LOST_AFTER_S)  # the survivor finishes what it held, then the run is quiet
+    status = _status(cluster)
+    print(f"\n[status {LOST_AFTER_S} s after the Redis restart]\n{status}")
+    assert "the queue was lost and the workers refill it" in status
     _recovered(cluster, run_id, "a Redis restart that lost the queue", fault_at)  # no resubmit
     assert_scored_exactly_once(cluster, run_id, cluster_data)
 

@@ -170,6 +170,28 @@ def held_images(session: Session, run_id: int) -> list[HeldImages]:
     return [HeldImages(holder, count, until) for holder, count, until in rows]
 
 
+@dataclass(frozen=True)
+class RunActivity:
+    """When an image of the run last changed, and how many of its images are leased now."""
+
+    last_change: datetime | None
+    live_leases: int
+
+
+def run_activity(session: Session, run_id: int, now: datetime) -> RunActivity:
+    """What `stalled` looks at, for one run: status uses it to say a refill is coming."""
+    last_change = session.scalar(select(func.max(Image.updated_at)).where(Image.run_id == run_id))
+    live = session.scalar(
+        select(func.count()).where(
+            Image.run_id == run_id,
+            Image.status == "pending",
+            Image.leased_by.is_not(None),
+            Image.lease_until >= now,
+        )
+    )
+    return RunActivity(last_change, live or 0)
+
+
 def _by_run(rows: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
     grouped: dict[int, list[int]] = defaultdict(list)
     for run_id, image_id in rows:
