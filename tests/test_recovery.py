@@ -19,7 +19,9 @@ import pytest
 from sqlalchemy import select
 
 from common.store.fleet_schema import Worker
-from common.store.schema import Image
+from common.store.leases import run_activity
+from common.store.schema import Image, utcnow
+from producer.fleet_status import QUIET_AFTER_S
 from tests.cluster import (
     Cluster,
     ClusterFactory,
@@ -27,6 +29,7 @@ from tests.cluster import (
     PrivatePostgres,
     assert_scored_exactly_once,
     free_port,
+    until,
 )
 
 pytestmark = pytest.mark.integration
@@ -78,6 +81,16 @@ def _freeze_holding_a_batch(cluster: Cluster, run_id: int, name: str) -> list[in
             cluster.pause(name, False)  # it finished that batch in between: next one
         time.sleep(0.01)
     pytest.fail(f"{name} never held a batch")
+
+
+def _quiet_s(cluster: Cluster, run_id: int) -> float:
+    """Seconds since an image of the run last changed, 0 while someone holds a lease on it."""
+    now = utcnow()
+    with cluster.sessions() as session:
+        activity = run_activity(session, run_id, now)
+    if activity.live_leases or activity.last_change is None:
+        return 0.0
+    return (now - activity.last_change).total_seconds()
 
 
 def _status(cluster: Cluster) -> str:
@@ -136,9 +149,10 @@ def test_redis_restarted_empty_is_refilled_from_the_database(
     cluster.kill("redis")  # no persistence: the queue is gone
     cluster.start_redis(port)
     cluster.pause("survivor", False)
-    time.sleep(LOST_AFTER_S)  # the survivor finishes what it held, then the run is quiet
+    # The survivor finishes what it held; then nothing moves until the sweep refills the queue.
+    until(lambda: _quiet_s(cluster, run_id) > QUIET_AFTER_S, 60, "the run to go quiet", cluster)
     status = _status(cluster)
-    print(f"\n[status {LOST_AFTER_S} s after the Redis restart]\n{status}")
+    print(f"\n[status {time.monotonic() - fault_at:.0f} s after the Redis restart]\n{status}")
     assert "the queue was lost and the workers refill it" in status
     _recovered(cluster, run_id, "a Redis restart that lost the queue", fault_at)  # no resubmit
     assert_scored_exactly_once(cluster, run_id, cluster_data)
