@@ -11,8 +11,9 @@ docs/reliability.md come from these lines).
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import argparse
+import contextlib
+import io
 import time
 
 import pytest
@@ -21,6 +22,7 @@ from sqlalchemy import select
 from common.store.fleet_schema import Worker
 from common.store.leases import run_activity
 from common.store.schema import Image, utcnow
+from producer import status_command
 from producer.fleet_status import QUIET_AFTER_S
 from tests.cluster import (
     Cluster,
@@ -93,17 +95,16 @@ def _quiet_s(cluster: Cluster, run_id: int) -> float:
     return (now - activity.last_change).total_seconds()
 
 
-def _status(cluster: Cluster) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "status", "r"],
-        cwd=cluster.tmp,
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    return result.stdout
+def _status(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> str:
+    """What `patchq status r` prints, run in this process with the cluster's settings (a new
+    process would spend its first seconds importing, while the state it should show passes)."""
+    monkeypatch.chdir(cluster.tmp)
+    for name, value in cluster.env.items():
+        if name.startswith("PATCHQ_"):
+            monkeypatch.setenv(name, value)
+    with contextlib.redirect_stdout(io.StringIO()) as output:
+        assert status_command.run(argparse.Namespace(run_ref="r", watch=False)) == 0
+    return output.getvalue()
 
 
 def _recovered(cluster: Cluster, run_id: int, fault: str, fault_at: float) -> None:
@@ -113,7 +114,11 @@ def _recovered(cluster: Cluster, run_id: int, fault: str, fault_at: float) -> No
 
 
 def test_sigkilled_worker_batch_is_requeued_when_its_lease_runs_out(
-    cluster_factory: ClusterFactory, shared_broker: str, postgres_url: str, cluster_data: Data
+    cluster_factory: ClusterFactory,
+    shared_broker: str,
+    postgres_url: str,
+    cluster_data: Data,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cluster = cluster_factory(shared_broker, postgres_url)
     cluster.start_workers("doomed", "rescuer")
@@ -122,7 +127,7 @@ def test_sigkilled_worker_batch_is_requeued_when_its_lease_runs_out(
     fault_at = time.monotonic()
     cluster.kill("doomed")  # main process and pool child, as when the machine is lost
     time.sleep(LOST_AFTER_S)
-    status = _status(cluster)
+    status = _status(cluster, monkeypatch)
     print(f"\n[status {LOST_AFTER_S} s after the kill]\n{status}")
     if cluster.progress(run_id)[2]:  # the rescuer may already be done with everything else
         assert f"{len(held)} images wait on lost worker doomed@" in status
@@ -135,7 +140,10 @@ def test_sigkilled_worker_batch_is_requeued_when_its_lease_runs_out(
 
 
 def test_redis_restarted_empty_is_refilled_from_the_database(
-    cluster_factory: ClusterFactory, postgres_url: str, cluster_data: Data
+    cluster_factory: ClusterFactory,
+    postgres_url: str,
+    cluster_data: Data,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     port = free_port()
     cluster = cluster_factory(f"redis://127.0.0.1:{port}/0", postgres_url)
@@ -151,7 +159,7 @@ def test_redis_restarted_empty_is_refilled_from_the_database(
     cluster.pause("survivor", False)
     # The survivor finishes what it held; then nothing moves until the sweep refills the queue.
     until(lambda: _quiet_s(cluster, run_id) > QUIET_AFTER_S, 60, "the run to go quiet", cluster)
-    status = _status(cluster)
+    status = _status(cluster, monkeypatch)
     print(f"\n[status {time.monotonic() - fault_at:.0f} s after the Redis restart]\n{status}")
     assert "the queue was lost and the workers refill it" in status
     _recovered(cluster, run_id, "a Redis restart that lost the queue", fault_at)  # no resubmit
