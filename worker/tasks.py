@@ -55,9 +55,11 @@ def _process_state(pid: int) -> tuple[sessionmaker[Session], ModelProvider]:
     name=TASK_NAME,
     autoretry_for=TRANSIENT_DB_ERRORS,
     retry_backoff=2,
-    retry_backoff_max=60,
+    retry_backoff_max=30,
     retry_jitter=True,
-    max_retries=5,
+    # A database outage lasts as long as it lasts: keep retrying (never failing the images),
+    # so the batch goes on within 30 s of the database's return, without waiting for a sweep.
+    max_retries=None,
 )
 def score_batch_task(self: Task, run_id: int, image_ids: list[int]) -> None:
     """Score a batch; a transient database error is retried with backoff, a user-level error

@@ -6,7 +6,7 @@ goodbye (state still "alive") is lost: killed, frozen or cut off from the databa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
@@ -17,6 +17,7 @@ from common.store.fleet_schema import Worker
 from common.store.schema import utcnow
 
 LOST_AFTER_BEATS = 3  # heartbeats missed before a worker counts as lost
+SHOWN_FOR = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Beat:
 
 def record_beat(session: Session, beat: Beat) -> None:
     """Insert or refresh the process's row (a heartbeat is an idempotent upsert)."""
-    values = {**beat.__dict__, "state": "alive", "last_seen": utcnow()}
+    values = {**asdict(beat), "state": "alive", "last_seen": utcnow()}
     statement = insert_statement(session, Worker).values(values)
     session.execute(
         statement.on_conflict_do_update(
@@ -67,11 +68,10 @@ class WorkerView:
         return not self.live and self.worker.state == "alive"
 
 
-def fleet(session: Session, heartbeat_s: int, since: datetime | None = None) -> list[WorkerView]:
-    """Workers seen since `since` (default: the last day), live ones first, then by name."""
+def fleet(session: Session, heartbeat_s: int) -> list[WorkerView]:
+    """Workers seen in the last day (older rows are history), live first, then by name."""
     now = utcnow()
-    since = since or now - timedelta(days=1)
-    rows = session.scalars(select(Worker).where(Worker.last_seen >= since)).all()
+    rows = session.scalars(select(Worker).where(Worker.last_seen >= now - SHOWN_FOR)).all()
     horizon = now - timedelta(seconds=heartbeat_s * LOST_AFTER_BEATS)
     views = [WorkerView(row, row.state == "alive" and row.last_seen >= horizon) for row in rows]
     return sorted(views, key=lambda v: (not v.live, v.worker.name))
