@@ -210,7 +210,11 @@ def test_rolling_sigterm_restart_drains_and_loses_nothing(
     run_id = cluster.submit()
     cluster.wait_scored(run_id, 2)
     fault_at = time.monotonic()
+    # Beta is held still (for less than a lease) while alpha drains: alone, it would score the
+    # 30 small images before beta's turn in the restart came.
+    cluster.pause("beta", True)
     cluster.terminate("alpha")  # finishes its batch, then exits
+    cluster.pause("beta", False)
     cluster.start_worker("alpha2")
     assert cluster.progress(run_id)[2] > 0, "the run finished before the restart got to beta"
     cluster.terminate("beta")
