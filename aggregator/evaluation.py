@@ -30,13 +30,12 @@ from aggregator.metrics import (
     threshold_metrics,
 )
 from aggregator.pixel_metrics import PixelMetrics
+from aggregator.policy_names import DEFAULT_LABELLED_POLICY, DEFAULT_UNLABELLED_POLICY
 from aggregator.thresholds import Policy, ThresholdChoice, choose_threshold, parse_policy
 from common.data.images import Preprocessing
 from common.errors import PatchqError
 
 SPLIT_SEED = 0
-DEFAULT_LABELLED_POLICY = "youden"
-DEFAULT_UNLABELLED_POLICY = "normal_quantile:0.99"
 
 
 class AggregateError(PatchqError):

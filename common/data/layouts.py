@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.data.images import IMAGE_EXTENSIONS, is_image_file
+from common.data.files import IMAGE_EXTENSIONS, is_image_file
 from common.errors import PatchqError
 
 _EXTENSIONS_TEXT = " ".join(sorted(IMAGE_EXTENSIONS))
