@@ -44,16 +44,16 @@ class AggregateError(PatchqError):
 
 @dataclass(frozen=True)
 class CategoryData:
-    """What the database holds for one category of a run: one entry per scored image."""
+    """What the database holds for one category of a run: one entry per scored image, in
+    image id order, as arrays (no per-image Python objects: a category may have millions)."""
 
     run_id: int
     category: str
     image_ids: np.ndarray
-    paths: list[str]
     scores: np.ndarray
     labels: np.ndarray  # 0 normal, 1 anomalous, -1 unknown
-    splits: list[str | None]
-    mask_paths: list[str | None]
+    in_train: np.ndarray  # bool: registered from a train split
+    has_mask: np.ndarray  # bool: a ground-truth mask exists (paths: category_data.image_files)
     held_out_normals: np.ndarray  # fit's scores of normal images kept out of the bank
     preprocessing: Preprocessing
     n_failed: int
@@ -62,7 +62,7 @@ class CategoryData:
     @property
     def excluded(self) -> np.ndarray:
         """train/good images: possibly memory-bank images, never used to judge the bank."""
-        return np.array([s == "train" for s in self.splits], bool) & (self.labels == 0)
+        return self.in_train & (self.labels == 0)
 
     @property
     def eligible(self) -> np.ndarray:
@@ -147,7 +147,8 @@ def _labelled_pool(data: CategoryData) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def build_sets(data: CategoryData, policy: Policy, seed: int = SPLIT_SEED) -> EvaluationSets:
     """Which samples choose the threshold and which judge it, per the module's rules."""
-    roles = np.where(data.labels >= 0, "evaluation", "unlabelled").astype(object)
+    roles = np.full(len(data.labels), "unlabelled", dtype=object)  # 4 shared strings, not one each
+    roles[data.labels >= 0] = "evaluation"
     roles[data.excluded] = "excluded"
     eligible = np.flatnonzero(data.eligible)
     labelled = (data.scores[eligible], data.labels[eligible])

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from aggregator.category_data import ImageFiles
 from aggregator.evaluation import CategoryResult
 from aggregator.frames import model_frame_image, model_frame_mask
 from common.engine.anomaly_map import anomaly_map
@@ -113,9 +114,14 @@ def score_histogram(result: CategoryResult, path: Path) -> Path:
 
 
 def top_anomalies(
-    result: CategoryResult, patch_maps: Mapping[int, np.ndarray], path: Path, k: int = TOP_K
+    result: CategoryResult,
+    patch_maps: Mapping[int, np.ndarray],
+    files: Mapping[int, ImageFiles],
+    path: Path,
+    k: int = TOP_K,
 ) -> Path | None:
-    """The k highest-scoring images with their anomaly maps over them and mask contours."""
+    """The k highest-scoring images with their anomaly maps over them and mask contours;
+    `patch_maps` and `files` hold (at least) those images, by id."""
     data = result.data
     order = np.argsort(-data.scores, kind="stable")[:k]
     if not len(order):
@@ -126,9 +132,10 @@ def top_anomalies(
     for axes, i in zip(axes_row, order, strict=True):
         axes.set_axis_off()
         label = {0: "normal", 1: "anomalous"}.get(int(data.labels[i]), "unlabelled")
+        image = files[int(data.image_ids[i])]
         axes.set_title(f"{data.scores[i]:.3g} · {label}", fontsize=9)
         try:
-            axes.imshow(model_frame_image(Path(data.paths[i]), data.preprocessing))
+            axes.imshow(model_frame_image(Path(image.path), data.preprocessing))
         except PatchqError:
             axes.text(0.5, 0.5, "image not readable", ha="center", transform=axes.transAxes)
             continue
@@ -140,8 +147,8 @@ def top_anomalies(
             vmin=result.data.scores.min(),
             vmax=max(float(data.scores.max()), float(heat.max())),
         )
-        if data.mask_paths[i]:
-            mask = model_frame_mask(Path(data.mask_paths[i]), data.preprocessing)
+        if image.mask_path:
+            mask = model_frame_mask(Path(image.mask_path), data.preprocessing)
             axes.contour(mask, levels=[0.5], colors="white", linewidths=1.2)
     return _save(figure, path)
 

@@ -1,5 +1,7 @@
 """Writing many image rows at once: the statements that let a run register millions of images.
 
+`append_rows` is the same for any table (predictions use it).
+
 PostgreSQL: the rows are COPY'd into a staging table private to the connection and moved into
 `images` with one INSERT .. SELECT .. ON CONFLICT DO NOTHING, in input order. COPY streams rows
 without a parameter per value, which is what makes registration run at the server's speed
@@ -13,7 +15,8 @@ registering the same images again adds nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import text
@@ -26,6 +29,7 @@ from common.store.schema import Image, utcnow
 IMAGE_COLUMNS = ("run_id", "category", "path", "split", "label", "defect_type", "mask_path",
                  "model_id")  # fmt: skip
 _STAGE = "image_stage"
+SQLITE_CHUNK_ROWS = 10_000
 _COLUMNS_SQL = ", ".join(IMAGE_COLUMNS)
 _CREATE_STAGE = f"""
 CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGE} (
@@ -55,16 +59,34 @@ def insert_images(session: Session, rows: Iterable[Mapping[str, Any]]) -> int:
 
 def _copy_images(session: Session, rows: Iterable[Mapping[str, Any]]) -> int:
     session.execute(text(_CREATE_STAGE))
-    connection = session.connection().connection.driver_connection  # psycopg, same transaction
-    with (
-        connection.cursor() as cursor,
-        cursor.copy(f"COPY {_STAGE} ({_COLUMNS_SQL}) FROM STDIN") as copy,
-    ):
-        for row in rows:
-            copy.write_row([row[name] for name in IMAGE_COLUMNS])
+    append_rows(session, _STAGE, IMAGE_COLUMNS, ([row[n] for n in IMAGE_COLUMNS] for row in rows))
     # Through SQLAlchemy, so a broken foreign key is the IntegrityError callers expect.
     moved = session.execute(
         text(_MOVE_STAGE).execution_options(preserve_rowcount=True), {"now": utcnow()}
     )
     session.execute(text(f"TRUNCATE {_STAGE}"))  # the next chunk on this connection starts empty
     return moved.rowcount
+
+
+def append_rows(
+    session: Session, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """Append `rows` (values in `columns` order) to `table`, streamed: COPY on PostgreSQL,
+    executemany of SQLITE_CHUNK_ROWS rows at a time on SQLite. No conflict handling: for
+    tables the caller has just cleared (predictions) or staging tables."""
+    if session.get_bind().dialect.name == "postgresql":
+        connection = session.connection().connection.driver_connection  # same transaction
+        with (
+            connection.cursor() as cursor,
+            cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row(row)
+        return
+    statement = text(
+        f"INSERT INTO {table} ({', '.join(columns)}) "
+        f"VALUES ({', '.join(f':{name}' for name in columns)})"
+    )
+    stream = iter(rows)
+    while chunk := list(itertools.islice(stream, SQLITE_CHUNK_ROWS)):
+        session.execute(statement, [dict(zip(columns, row, strict=True)) for row in chunk])
