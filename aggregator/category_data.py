@@ -47,37 +47,35 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
             func.coalesce(Image.label, -1),
             case((Image.split == "train", True), else_=False),
             Image.mask_path.is_not(None),
-            Image.model_id,
             Score.score,
+            Image.model_id,
         )
         .join(Score, Score.image_id == Image.id)
         .where(Score.run_id == run_id, Score.category == category)
         .execution_options(yield_per=READ_CHUNK_ROWS)
     )
     parts = [_columns(chunk) for chunk in session.execute(statement).partitions()]
-    ids, labels, in_train, has_mask, model_ids, scores = (
-        np.concatenate([part[n] for part in parts]) if parts else np.empty(0, dtype)
-        for n, dtype in enumerate(_DTYPES)
-    )
-    used = np.unique(model_ids).tolist()
+    used = sorted(set().union(*(np.unique(part.pop(_MODEL)).tolist() for part in parts)))
     if len(used) != 1:
         raise AggregateError(
             f"category {category!r} of run {run_id} was scored by models {used}; "
             "aggregate needs one model per category, so submit a new run after refitting"
         )
+    columns = _concatenate(parts)  # `parts` is emptied as it goes: one copy of each at a time
+    order = np.argsort(columns[0], kind="stable")
+    ids, labels, in_train, has_mask, scores = (columns.pop(0)[order] for _ in range(5))
     artifact = read_artifact(
         session.scalars(select(Model.artifact).where(Model.id == used[0])).one()
     )
     progress = {p.category: p for p in run_progress(session, run_id)}[category]
-    order = np.argsort(ids, kind="stable")
     return CategoryData(
         run_id=run_id,
         category=category,
-        image_ids=ids[order],
-        scores=check_scores(scores[order]),
-        labels=labels[order],
-        in_train=in_train[order],
-        has_mask=has_mask[order],
+        image_ids=ids,
+        scores=check_scores(scores),
+        labels=labels,
+        in_train=in_train,
+        has_mask=has_mask,
         held_out_normals=np.asarray(artifact.calibration, np.float64),
         preprocessing=artifact.config.preprocessing(),
         n_failed=progress.failed,
@@ -85,8 +83,9 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
     )
 
 
-# id, label, in_train, has_mask, model_id, score: the columns load_category reads.
-_DTYPES = (np.int64, np.int64, np.bool_, np.bool_, np.int64, np.float64)
+# id, label, in_train, has_mask, score: the columns load_category keeps; then the model id.
+_DTYPES = (np.int64, np.int64, np.bool_, np.bool_, np.float64, np.int64)
+_MODEL = 5
 
 
 def _columns(rows: Sequence[Sequence[object]]) -> list[np.ndarray]:
@@ -95,6 +94,16 @@ def _columns(rows: Sequence[Sequence[object]]) -> list[np.ndarray]:
         np.fromiter((row[n] for row in rows), dtype, count=len(rows))
         for n, dtype in enumerate(_DTYPES)
     ]
+
+
+def _concatenate(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """The kept columns of all chunks, each joined then its chunks freed, to bound the peak."""
+    columns = []
+    for n, dtype in enumerate(_DTYPES[:_MODEL]):
+        columns.append(np.concatenate([part[n] for part in parts]) if parts else np.empty(0, dtype))
+        for part in parts:
+            part[n] = np.empty(0, dtype)
+    return columns
 
 
 @dataclass(frozen=True)

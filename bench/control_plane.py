@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -32,7 +29,7 @@ from tempfile import TemporaryDirectory
 import redis
 from sqlalchemy import create_engine, text
 
-from bench.scale_tools import REPO, Measured, patchq, throwaway_database
+from bench.scale_tools import REPO, check, patchq, python, report, throwaway_database
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 CATEGORY = "cam"
@@ -87,23 +84,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = Path(folder) / "paths.txt"
         write_manifest(manifest, args.images)
         env = {"PATCHQ_DATABASE_URL": url, "PATCHQ_BROKER_URL": REDIS_URL, "PATCHQ_QUEUE": queue}
-        _check(_python(STORE_MODEL.format(url=url, category=CATEGORY), env, args.code))
+        check(python(STORE_MODEL.format(url=url, category=CATEGORY), env, args.code))
         submit = ["submit", str(manifest), "--category", CATEGORY, "--run", RUN,
                   "--batch-size", str(args.batch_size)]  # fmt: skip
         try:
-            results["submit"] = _report("submit", _check(patchq(submit, env, args.code)), args)
+            results["submit"] = report("submit", check(patchq(submit, env, args.code)), args.images)
             results["queued_tasks"] = broker.llen(queue)
             broker.delete(queue)
             if args.resubmit:
-                results["resubmit"] = _report(
-                    "resubmit", _check(patchq(submit, env, args.code)), args
+                results["resubmit"] = report(
+                    "resubmit", check(patchq(submit, env, args.code)), args.images
                 )
         finally:
             broker.delete(queue)
         if not args.no_status:
             _seed_progress(url)
-            results["status"] = _report(
-                "status", _check(patchq(["status", RUN], env, args.code)), args
+            results["status"] = report(
+                "status", check(patchq(["status", RUN], env, args.code)), args.images
             )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -120,37 +117,6 @@ def _seed_progress(url: str) -> None:
         connection.execute(text("VACUUM ANALYZE scores"))
     engine.dispose()
     print(f"seeded progress rows in {time.perf_counter() - start:.0f} s")
-
-
-def _python(script: str, env: dict[str, str], code: Path) -> Measured:
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        env={**os.environ, "PYTHONPATH": str(code), **env},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return Measured(0.0, 0.0, result.returncode, result.stdout, result.stderr)
-
-
-def _check(measured: Measured) -> Measured:
-    if measured.returncode != 0:
-        raise SystemExit(f"command failed ({measured.returncode}):\n{measured.stderr[-2000:]}")
-    return measured
-
-
-def _report(step: str, measured: Measured, args: argparse.Namespace) -> dict[str, float | str]:
-    figures = {
-        "wall_s": round(measured.wall_s, 2),
-        "max_rss_mb": round(measured.max_rss_mb),
-        "images_per_s": round(args.images / measured.wall_s),
-        "output": measured.stdout.strip().splitlines()[-1] if measured.stdout.strip() else "",
-    }
-    print(
-        f"{step:>9}: {figures['wall_s']:8.2f} s  {figures['images_per_s']:>9,} images/s  "
-        f"peak RSS {figures['max_rss_mb']:,} MB | {figures['output']}"
-    )
-    return figures
 
 
 if __name__ == "__main__":

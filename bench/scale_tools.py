@@ -75,3 +75,37 @@ def patchq(args: Sequence[str], env: Mapping[str, str], code: Path = REPO) -> Me
         out.seek(0)
         err.seek(0)
         return Measured(wall, usage.ru_maxrss / 1024, process.returncode, out.read(), err.read())
+
+
+def python(script: str, env: Mapping[str, str], code: Path = REPO) -> Measured:
+    """Run a Python snippet with the checkout `code` on the path (setup steps, not measured)."""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": str(code), **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return Measured(0.0, 0.0, result.returncode, result.stdout, result.stderr)
+
+
+def check(measured: Measured) -> Measured:
+    """`measured`, or exit with its error output if the command failed."""
+    if measured.returncode != 0:
+        raise SystemExit(f"command failed ({measured.returncode}):\n{measured.stderr[-2000:]}")
+    return measured
+
+
+def report(step: str, measured: Measured, images: int) -> dict[str, float | str]:
+    """Print and return one step's figures (per image of the run: `images`)."""
+    figures = {
+        "wall_s": round(measured.wall_s, 2),
+        "max_rss_mb": round(measured.max_rss_mb),
+        "images_per_s": round(images / measured.wall_s),
+        "output": measured.stdout.strip().splitlines()[-1] if measured.stdout.strip() else "",
+    }
+    print(
+        f"{step:>9}: {figures['wall_s']:8.2f} s  {figures['images_per_s']:>9,} images/s  "
+        f"peak RSS {figures['max_rss_mb']:,} MB | {figures['output']}"
+    )
+    return figures
