@@ -81,6 +81,7 @@ def python(script: str, env: Mapping[str, str], code: Path = REPO) -> Measured:
     """Run a Python snippet with the checkout `code` on the path (setup steps, not measured)."""
     result = subprocess.run(
         [sys.executable, "-c", script],
+        cwd=code,  # `-c` puts the working folder first on sys.path
         env={**os.environ, "PYTHONPATH": str(code), **env},
         capture_output=True,
         text=True,
