@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from common.data.layouts import iter_archive
+from common.store.database import open_database, store_model
+from producer.submission import register_run
+
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "faiss", "matplotlib", "sklearn")
 PROBE = """
@@ -62,11 +66,15 @@ def test_help_and_config_import_no_heavy_module(args: list[str], tmp_path: Path)
 
 
 def test_status_and_submit_import_no_heavy_module(tmp_path: Path) -> None:
-    """A real status of a run on a real database, and a submit that stops at the broker."""
-    env = {"PATCHQ_DATABASE_URL": f"sqlite:///{tmp_path / 'p.db'}"}
-    status = _probe(["status", "nothing-here"], tmp_path, env)
-    assert status == {"code": 2, "heavy": []}  # migrated the database, looked the run up
+    """A real status of a registered run, and a submit that stops at the missing broker."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
     manifest = tmp_path / "paths.txt"
     manifest.write_text("a.png\nb.png\n")
+    with open_database(url) as (_, sessions):
+        with sessions.begin() as session:
+            store_model(session, "x", b"x", "0" * 64, "none", {}, None, 1)
+        register_run(sessions, iter_archive(manifest, "x"), "r", str(manifest), 2)
+    env = {"PATCHQ_DATABASE_URL": url}
+    assert _probe(["status", "r"], tmp_path, env) == {"code": 0, "heavy": []}
     submit = _probe(["submit", str(manifest), "--category", "x"], tmp_path, env)
     assert submit == {"code": 2, "heavy": []}  # found the images, then: no broker configured
