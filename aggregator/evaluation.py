@@ -152,7 +152,8 @@ def _labelled_pool(data: CategoryData) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def build_sets(data: CategoryData, policy: Policy, seed: int = SPLIT_SEED) -> EvaluationSets:
     """Which samples choose the threshold and which judge it, per the module's rules."""
-    roles = np.full(len(data.labels), "unlabelled", dtype=object)  # 4 shared strings, not one each
+    roles = np.empty(len(data.labels), dtype=object)
+    roles.fill("unlabelled")  # one shared string; np.full would build a text array of n first
     roles[data.labels >= 0] = "evaluation"
     roles[data.excluded] = "excluded"
     eligible = np.flatnonzero(data.eligible)
