@@ -3,7 +3,7 @@ workers' sweep, so a requeued batch travels exactly like a submitted one."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from celery import Celery
 
@@ -15,7 +15,15 @@ def send_batches(
 ) -> int:
     """Send `image_ids` of run `run_id` as batches of ids; returns the number of batches."""
     ids = list(image_ids)
-    batches = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
+    batches = (ids[start : start + batch_size] for start in range(0, len(ids), batch_size))
+    return send_id_batches(app, run_id, batches, queue)
+
+
+def send_id_batches(app: Celery, run_id: int, batches: Iterable[list[int]], queue: str) -> int:
+    """Send each batch of ids as one task over one connection; returns how many were sent.
+
+    `batches` may be a stream (submit pages through millions of pending ids with it)."""
+    sent = 0
     with app.producer_or_acquire() as producer:
         for batch in batches:
             app.send_task(
@@ -26,7 +34,8 @@ def send_batches(
                 retry=True,
                 retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_max": 2},
             )
-    return len(batches)
+            sent += 1
+    return sent
 
 
 def queue_length(app: Celery, queue: str) -> int:

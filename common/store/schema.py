@@ -101,7 +101,7 @@ class Image(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "path"),
         CheckConstraint(f"status IN {IMAGE_STATUSES}", name="status"),
-        Index(None, "run_id", "status"),
+        Index(None, "run_id", "status", "id"),  # pending ids in order: keyset pages
         Index(None, "run_id", "category", "status"),
         Index(None, "lease_until"),
     )
@@ -133,7 +133,10 @@ class Score(Base):
     """
 
     __tablename__ = "scores"
-    __table_args__ = (Index(None, "run_id", "category", "score"),)
+    __table_args__ = (
+        Index(None, "run_id", "category", "score"),
+        Index(None, "run_id", "category", "scored_at"),  # status: first/last scoring time
+    )
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     image_id: Mapped[int] = mapped_column(
