@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from aggregator.evaluation import AggregateError, CategoryData
@@ -16,6 +16,7 @@ from aggregator.pixel_metrics import PixelMetrics, pixel_metrics
 from common.engine.anomaly_map import anomaly_map
 from common.engine.artifact import read_artifact
 from common.store.database import decode_array, run_progress
+from common.store.reviews import latest_verdicts
 from common.store.schema import Image, Model, Score
 
 QUERY_CHUNK = 500  # ids per IN (...) list, well inside both dialects' parameter limits
@@ -30,7 +31,11 @@ def scored_categories(session: Session, run_id: int) -> list[str]:
 
 
 def load_category(session: Session, run_id: int, category: str) -> CategoryData:
-    """Scores, labels and the model's held-out normals of one category's scored images."""
+    """Scores, labels and the model's held-out normals of one category's scored images.
+
+    An image's label is its folder's (train/good, test/<defect>, ...) and, where the folder
+    says nothing, the latest verdict a reviewer gave it (`patchq review`).
+    """
     rows = session.execute(
         select(
             Image.id,
@@ -55,20 +60,34 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         session.scalars(select(Model.artifact).where(Model.id == model_ids[0])).one()
     )
     progress = {p.category: p for p in run_progress(session, run_id)}[category]
+    labels, n_reviewed = _labels(rows, latest_verdicts(session, run_id, category))
     return CategoryData(
         run_id=run_id,
         category=category,
         image_ids=np.array([r.id for r in rows], np.int64),
         paths=[r.path for r in rows],
         scores=check_scores(np.array([r.score for r in rows], np.float64)),
-        labels=np.array([-1 if r.label is None else r.label for r in rows], np.int64),
+        labels=labels,
         splits=[r.split for r in rows],
         mask_paths=[r.mask_path for r in rows],
         held_out_normals=np.asarray(artifact.calibration, np.float64),
         preprocessing=artifact.config.preprocessing(),
         n_failed=progress.failed,
         n_pending=progress.pending,
+        n_review_labels=n_reviewed,
     )
+
+
+def _labels(rows: Sequence[Row], verdicts: dict[int, str]) -> tuple[np.ndarray, int]:
+    """Folder label, else the reviewed verdict, else -1; and how many came from review."""
+    from_review = {"normal": 0, "defect": 1}
+    labels = np.array(
+        [r.label if r.label is not None else from_review.get(verdicts.get(r.id, ""), -1)
+         for r in rows],
+        np.int64,
+    )  # fmt: skip
+    n_reviewed = sum(r.label is None and r.id in verdicts for r in rows)
+    return labels, n_reviewed
 
 
 def load_patch_maps(

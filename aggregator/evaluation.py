@@ -59,6 +59,7 @@ class CategoryData:
     preprocessing: Preprocessing
     n_failed: int
     n_pending: int
+    n_review_labels: int = 0  # labels taken from reviewers' verdicts (no folder label)
 
     @property
     def excluded(self) -> np.ndarray:

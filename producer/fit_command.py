@@ -13,8 +13,14 @@ from common.data.layouts import ImageRecord, discover, summarize
 from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import DEFAULT_HOLDOUT, FitResult, fit_category
 from common.engine.patchcore import PatchCoreConfig
+from common.errors import PatchqError
 from common.settings import Settings
 from common.store.database import open_database, store_model
+from producer.fit_update import add_update_arguments, run_update
+
+
+class FitCommandError(PatchqError):
+    """`patchq fit` was called without what it needs."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,8 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "The model is stored in the database (PATCHQ_DATABASE_URL)."
         ),
     )
-    parser.add_argument("--data", type=Path, required=True, help="data root (seed or MVTec layout)")
+    parser.add_argument("--data", type=Path, help="data root (seed or MVTec layout)")
     add_model_arguments(parser)
+    add_update_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -119,6 +126,10 @@ def config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.update:
+        return run_update(args)
+    if args.data is None:
+        raise FitCommandError("fit needs --data ROOT (or --update CATEGORY --from-run RUN)")
     settings = Settings.load({"device": args.device, "batch_size": args.batch_size})
     records = discover(args.data, args.category)
     print(summarize(records))

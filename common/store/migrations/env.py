@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from alembic import context
 
-import common.store.aggregate_schema  # noqa: F401  (registers the aggregator's tables on Base)
+# Imported for their side effect: they register the aggregator's and the reviews tables on Base.
+import common.store.aggregate_schema
+import common.store.review_schema  # noqa: F401
 from common.store.schema import Base
 
 connection = context.config.attributes["connection"]
