@@ -4,11 +4,12 @@
 2. A simulated reviewer marks every *flagged* test image with the answer key's label
    (test_labels.csv; cells the annotators were unsure about are skipped), as rows of the
    reviews table, exactly as the review page writes them.
-3. `patchq aggregate` relabels the run with those verdicts; `patchq fit --update` learns the
-   reviewed normals and prints its own held-out before/after.
+3. `patchq fit --update` learns the reviewed normals and prints its own held-out before/after,
+   at the threshold the run was flagged with.
 4. Then, on every test image with an answer-key label that did not go into the update (most
-   were never reviewed), old and new model side by side: false alarms at the run's threshold,
+   were never reviewed), old and new model side by side: false alarms at that threshold,
    defects still flagged, AUROC.
+5. `patchq aggregate` relabels the run with the verdicts (and chooses a new threshold).
 
     PYTHONPATH=. .venv/bin/python bench/review_bench.py --limit 600 [--device cuda]
 
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=600, help="cells drawn from the category")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--scorer", default="fused", choices=("patch", "global", "fused"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data = write_elpv_demo(
@@ -124,14 +126,14 @@ def main() -> None:
     url = f"sqlite:///{args.work / 'patchq.db'}"
     os.environ["PATCHQ_DATABASE_URL"] = url
     common = ["--device", args.device, "--batch-size", str(args.batch_size)]
-    patchq(["run", str(data), "--category", args.category, "--run", RUN,
+    patchq(["run", str(data), "--category", args.category, "--run", RUN, "--scorer", args.scorer,
             "--out", str(args.work / "out"), *common])  # fmt: skip
     key = answer_key(data / args.category)
     normal, defect = simulate_review(url, args.category, key)
     print(f"\nsimulated review of the flagged test images: {normal} normal, {defect} defect")
-    patchq(["aggregate", RUN, "--out", str(args.work / "out")])
     patchq(["fit", "--update", args.category, "--from-run", RUN, *common])
     compare_on_unused(url, args.category, key, args.batch_size)
+    patchq(["aggregate", RUN, "--out", str(args.work / "out")])
 
 
 if __name__ == "__main__":

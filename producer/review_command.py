@@ -7,8 +7,7 @@ import argparse
 from common.errors import PatchqError
 from common.settings import Settings, parse_logins
 from common.store.database import open_database, resolve_run
-
-DEFAULT_ADDRESS = "127.0.0.1"
+from producer.flower_command import add_listen_arguments
 
 
 class ReviewSetupError(PatchqError):
@@ -28,12 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("run_ref", metavar="RUN", help="run id or name")
-    parser.add_argument(
-        "--address",
-        default=DEFAULT_ADDRESS,
-        help=f"address to listen on (default {DEFAULT_ADDRESS}; 0.0.0.0 inside a container)",
-    )
-    parser.add_argument("--port", type=int, help="port (default PATCHQ_REVIEW_PORT)")
+    add_listen_arguments(parser, "PATCHQ_REVIEW_PORT")
     parser.set_defaults(run=run)
 
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
 
-import numpy as np
 import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
