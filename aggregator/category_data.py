@@ -14,7 +14,7 @@ from aggregator.frames import model_frame_mask
 from aggregator.metrics import check_scores
 from aggregator.pixel_metrics import PixelMetrics, pixel_metrics
 from common.engine.anomaly_map import anomaly_map
-from common.engine.artifact import read_artifact
+from common.engine.artifact import ModelArtifact, read_artifact
 from common.store.database import decode_array, run_progress
 from common.store.reviews import latest_verdicts
 from common.store.schema import Image, Model, Score
@@ -74,8 +74,36 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         preprocessing=artifact.config.preprocessing(),
         n_failed=progress.failed,
         n_pending=progress.pending,
+        score_name=score_name(artifact),
+        normal_patch_maxima=normal_patch_maxima(artifact),
         n_review_labels=n_reviewed,
     )
+
+
+def score_name(artifact: ModelArtifact) -> str:
+    """The model's image score in words: what a histogram of it has on its axis."""
+    config = artifact.config
+    if config.scorer == "fused":
+        return "fused image score (max of the parts' z-scores vs held-out normals)"
+    if config.scorer == "global":
+        return "image score: Mahalanobis distance of pooled features"
+    if config.num_neighbors > 1:
+        return f"image score: reweighted max patch distance (s*, b={config.num_neighbors})"
+    return "image score: max patch distance (s*)"
+
+
+def normal_patch_maxima(artifact: ModelArtifact) -> np.ndarray:
+    """The held-out normals' s* (largest patch distance), whichever score the model reports.
+
+    Models with whole-image parts keep the raw s* of the held-out normals as the first column
+    of ``part_calibration``; a patch-scorer model's calibration is s* itself. (With eq. 7
+    reweighting, b > 1, s* is the reweighted maximum, slightly below the largest distance.)
+    """
+    if artifact.part_calibration is not None and len(artifact.part_calibration):
+        return np.asarray(artifact.part_calibration[:, 0], np.float64)
+    if artifact.config.scorer == "patch":
+        return np.asarray(artifact.calibration, np.float64)
+    return np.empty(0)
 
 
 def _labels(rows: Sequence[Row], verdicts: dict[int, str]) -> tuple[np.ndarray, int]:
