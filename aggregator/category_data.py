@@ -110,10 +110,9 @@ def _labels(rows: Sequence[Row], verdicts: dict[int, str]) -> tuple[np.ndarray, 
     """Folder label, else the reviewed verdict, else -1; and how many came from review."""
     from_review = {"normal": 0, "defect": 1}
     labels = np.array(
-        [r.label if r.label is not None else from_review.get(verdicts.get(r.id, ""), -1)
-         for r in rows],
+        [from_review.get(verdicts.get(r.id, ""), -1) if r.label is None else r.label for r in rows],
         np.int64,
-    )  # fmt: skip
+    )
     n_reviewed = sum(r.label is None and r.id in verdicts for r in rows)
     return labels, n_reviewed
 

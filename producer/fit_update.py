@@ -101,8 +101,8 @@ def run_update(args: argparse.Namespace) -> int:
             return 0
         with sessions.begin() as session:
             new_id = _store(session, args.update, model_id, result, run_id)
-        print(f"stored as model {new_id}: new runs of {args.update} score with it "
-              f"(run {run_name or run_id} keeps model {model_id})")  # fmt: skip
+        kept = f"run {run_name or run_id} keeps model {model_id}"
+        print(f"stored as model {new_id}: new runs of {args.update} score with it ({kept})")
     return 0
 
 
@@ -186,8 +186,8 @@ def compare(
         "            AUROC  false alarms  defects flagged  median normal  median defect",
     ]
     for name, scores in (("before", old), ("after", new)):
-        lines.append(f"    {name:<6}  " + _figures(np.array([scores[p] for p in readable]), y,
-                                                   threshold.value))  # fmt: skip
+        values = np.array([scores[p] for p in readable])
+        lines.append(f"    {name:<6}  " + _figures(values, y, threshold.value))
     taught = _paths(images.update)
     old_t, new_t = image_scores(before, taught, batch_size), image_scores(after, taught, batch_size)
     above = [sum(s >= threshold.value for s in d.values()) for d in (old_t, new_t)]
@@ -224,8 +224,8 @@ def _store(
     run_id: int,
 ) -> int:
     """Store the updated model; its validation says where it came from and its bank images."""
-    old = session.execute(select(Model.backbone, Model.config, Model.validation)
-                          .where(Model.id == model_id)).one()  # fmt: skip
+    columns = select(Model.backbone, Model.config, Model.validation)
+    old = session.execute(columns.where(Model.id == model_id)).one()
     validation = {
         **(old.validation or {}),
         "bank_size": result.bank_after,

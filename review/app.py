@@ -116,8 +116,8 @@ class PageHandler(ReviewHandler):
         self.set_header("Content-Type", "text/html; charset=UTF-8")
         title = self.context.run_name or f"run {self.context.run_id}"
         page = PAGE_FILE.read_text(encoding="utf-8")
-        self.write(page.replace("{{run}}", json.dumps(title)).replace("{{user}}", json.dumps(
-            self.current_user)))  # fmt: skip
+        user = json.dumps(self.current_user)
+        self.write(page.replace("{{run}}", json.dumps(title)).replace("{{user}}", user))
 
 
 class CategoriesHandler(ReviewHandler):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
@@ -394,3 +395,89 @@ def test_fit_update_without_reviewed_normals_is_one_line(served: Served, capsys)
     assert "run 'nope' is not in the database" in err
     assert "--update needs --from-run RUN" in err
     assert "fit needs --data ROOT" in err
+
+
+def test_page_queries_on_both_dialects(engine: Engine) -> None:
+    """Sorting, filters and counts of the page, on SQLite and PostgreSQL alike."""
+    from common.store.aggregate_schema import Prediction, Threshold
+    from common.store.database import upsert_scores
+    from review.queries import Filters, image_page, run_categories
+
+    with Session(engine) as session, session.begin():
+        run = Run(name="p", source="/data", batch_size=8)
+        model = Model(
+            category="c",
+            backbone="b",
+            content_hash="1" * 64,
+            artifact=b"x",
+            config={},
+            validation=None,
+            bank_size=1,
+        )
+        session.add_all([run, model])
+        session.flush()
+        images = [
+            Image(
+                run_id=run.id,
+                category="c",
+                path=f"/data/{i}.png",
+                model_id=model.id,
+                defect_type="scratch" if i == 2 else None,
+            )
+            for i in range(4)
+        ]
+        session.add_all(images)
+        session.flush()
+        scores = {images[0].id: 1.0, images[1].id: 5.0, images[2].id: 3.0, images[3].id: 9.0}
+        upsert_scores(
+            session,
+            [
+                {
+                    "run_id": run.id,
+                    "image_id": i,
+                    "score": s,
+                    "patch_map": np.zeros((2, 2)),
+                    "worker": "w",
+                    "duration_ms": 1.0,
+                }
+                for i, s in scores.items()
+            ],
+        )
+        session.add(
+            Threshold(
+                run_id=run.id,
+                category="c",
+                policy="q",
+                value=2.5,
+                calibration_set="x",
+                evaluation_set="y",
+            )
+        )
+        session.flush()
+        flagged = {images[1].id, images[2].id}  # image 3 scores highest but is not flagged
+        session.add_all(
+            Prediction(
+                run_id=run.id,
+                image_id=i,
+                policy="q",
+                category="c",
+                score=s,
+                is_anomaly=i in flagged,
+                role="unlabelled",
+            )
+            for i, s in scores.items()
+        )
+        add_verdict(session, run.id, images[2].id, "defect", "alice")
+        run_id, ids = run.id, [image.id for image in images]
+
+    with Session(engine) as session:
+        page = image_page(session, run_id, Filters("c"), 0)
+        assert [item["id"] for item in page["items"]] == [ids[1], ids[2], ids[3], ids[0]]
+        assert page["threshold"] == 2.5 and page["total"] == 4
+        only = image_page(session, run_id, Filters("c", predicted="anomalous", reviewed="no"), 0)
+        assert [item["id"] for item in only["items"]] == [ids[1]]
+        typed = image_page(session, run_id, Filters("c", defect_type="scratch"), 0)
+        assert [(i["id"], i["verdict"]) for i in typed["items"]] == [(ids[2], "defect")]
+        (category,) = run_categories(session, run_id)
+        assert (category["flagged"], category["reviewed"], category["images"]) == (2, 1, 4)
+        assert category["defect_types"] == ["scratch"]
