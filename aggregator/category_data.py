@@ -18,6 +18,7 @@ from aggregator.pixel_metrics import PixelMetrics, pixel_metrics
 from common.engine.anomaly_map import anomaly_map
 from common.engine.artifact import ModelArtifact, read_artifact
 from common.store.database import decode_array, run_progress
+from common.store.reviews import latest_verdicts
 from common.store.schema import Image, Model, Score
 
 QUERY_CHUNK = 500  # ids per IN (...) list, well inside both dialects' parameter limits
@@ -40,6 +41,8 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
     hundred MB; paths and masks are fetched later for the few images a plot shows
     (`image_files`). Rows come in the database's order and are sorted by id here, which is
     cheaper than an ORDER BY over the join.
+    An image's label is its folder's (train/good, test/<defect>, ...) and, where the folder
+    says nothing, the latest verdict a reviewer gave it (`patchq review`).
     """
     statement = (
         select(
@@ -68,6 +71,7 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         session.scalars(select(Model.artifact).where(Model.id == used[0])).one()
     )
     progress = {p.category: p for p in run_progress(session, run_id)}[category]
+    labels, n_reviewed = _with_verdicts(ids, labels, latest_verdicts(session, run_id, category))
     return CategoryData(
         run_id=run_id,
         category=category,
@@ -82,6 +86,7 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         n_pending=progress.pending,
         score_name=score_name(artifact),
         normal_patch_maxima=normal_patch_maxima(artifact),
+        n_review_labels=n_reviewed,
     )
 
 
@@ -150,6 +155,27 @@ def image_files(session: Session, ids: Sequence[int]) -> dict[int, ImageFiles]:
         ):
             files[image_id] = ImageFiles(path, mask_path)
     return files
+
+
+_VERDICT_LABELS = {"normal": 0, "defect": 1}
+
+
+def _with_verdicts(
+    ids: np.ndarray, labels: np.ndarray, verdicts: dict[int, str]
+) -> tuple[np.ndarray, int]:
+    """Folder labels, with reviewed verdicts filling the unlabelled images (`ids` sorted);
+    and how many labels came from review."""
+    if not verdicts:
+        return labels, 0
+    reviewed = np.fromiter(verdicts, np.int64, count=len(verdicts))
+    values = np.array([_VERDICT_LABELS.get(v, -1) for v in verdicts.values()], np.int64)
+    at = np.minimum(np.searchsorted(ids, reviewed), max(len(ids) - 1, 0))
+    scored = (ids[at] == reviewed) if len(ids) else np.zeros(len(reviewed), bool)
+    at, values = at[scored], values[scored]
+    fill = labels[at] == -1
+    labels = labels.copy()
+    labels[at[fill]] = values[fill]
+    return labels, int(fill.sum())
 
 
 def load_patch_maps(

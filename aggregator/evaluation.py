@@ -63,6 +63,7 @@ class CategoryData:
     # The held-out normals' largest patch distance (s*) each: the anomaly maps' reference, in
     # patch-distance units whatever the scorer (empty when fit held no normals out).
     normal_patch_maxima: np.ndarray = field(default_factory=lambda: np.empty(0))
+    n_review_labels: int = 0  # labels taken from reviewers' verdicts (no folder label)
 
     @property
     def excluded(self) -> np.ndarray:

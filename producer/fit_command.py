@@ -7,10 +7,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.data.layouts import discover, summarize
+from common.errors import PatchqError
 from common.settings import Settings
 
 if TYPE_CHECKING:
     from common.engine.patchcore import PatchCoreConfig
+
+
+class FitCommandError(PatchqError):
+    """`patchq fit` was called without what it needs."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,8 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "The model is stored in the database (PATCHQ_DATABASE_URL)."
         ),
     )
-    parser.add_argument("--data", type=Path, required=True, help="data root (seed or MVTec layout)")
+    parser.add_argument("--data", type=Path, help="data root (seed or MVTec layout)")
     add_model_arguments(parser)
+    add_update_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -88,6 +94,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="auto, cpu or cuda[:N] (default: PATCHQ_DEVICE or auto)")
 
 
+def add_update_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("update from review")
+    group.add_argument(
+        "--update",
+        metavar="CATEGORY",
+        help="add the patches of images reviewed normal in --from-run to CATEGORY's latest "
+        "model (no refit) and store it as a new version; --holdout of them are kept out "
+        "for the before/after validation",
+    )
+    group.add_argument("--from-run", metavar="RUN", help="run (id or name) whose verdicts to use")
+
+
 def config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
     from common.engine.patchcore import PatchCoreConfig
 
@@ -118,6 +136,12 @@ def holdout_from_args(args: argparse.Namespace) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.update:
+        from producer.fit_update import run_update  # here: --help must not load torch
+
+        return run_update(args)
+    if args.data is None:
+        raise FitCommandError("fit needs --data ROOT (or --update CATEGORY --from-run RUN)")
     settings = Settings.load({"device": args.device, "batch_size": args.batch_size})
     records = discover(args.data, args.category)
     print(summarize(records))

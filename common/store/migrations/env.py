@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from alembic import context
 
-# Imported for their side effect: they register the aggregator's and the workers' tables.
+# Imported for their side effect: they register the aggregator's, workers' and reviews tables.
 import common.store.aggregate_schema
-import common.store.fleet_schema  # noqa: F401
+import common.store.fleet_schema
+import common.store.review_schema  # noqa: F401
 from common.store.schema import Base
 
 connection = context.config.attributes["connection"]
