@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     for backbone, images_per_s, split in rows:
         print(
             f"{backbone:<20}{images_per_s:>9.1f}"
-            + "".join(f"{split[k]:>12.1f}" for k in TIMING_KEYS)
+            + "".join(f"{split[k]:>12.3f}" for k in TIMING_KEYS)
         )
 
 

@@ -25,14 +25,8 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.scoring import (
-    BatchOutcome,
-    ModelProvider,
-    claim_batch,
-    decode_groups,
-    infer_groups,
-    write_batch,
-)
+from common.scoring import BatchOutcome, ModelProvider, score_batch
+from common.store.leases import Lease
 
 
 @dataclass(frozen=True)
@@ -45,7 +39,13 @@ class InFlight:
 
 
 class PipelinedScorer:
-    """Scores batches from any number of threads, one at a time on the backbone and index."""
+    """Scores batches from any number of threads, one at a time on the backbone and index.
+
+    The threads share one lease holder (the worker node), and a lease lets its holder claim
+    again, so two deliveries of one image to two threads would both score it. Each thread
+    therefore leaves out the images another thread of this scorer holds: they are reported
+    skipped, and the thread that holds them writes them once.
+    """
 
     def __init__(
         self,
@@ -54,38 +54,52 @@ class PipelinedScorer:
         worker_name: str,
         max_deliveries: int | None = None,
         pin_memory: bool = False,
+        lease: Lease | None = None,
     ) -> None:
         self._sessions = session_factory
         self._models = model_provider
         self._worker = worker_name
         self._max_deliveries = max_deliveries
         self._pin_memory = pin_memory
+        self._lease = lease
         self._device = threading.Lock()
         self._guard = threading.Lock()
         self._in_flight: dict[int, InFlight] = {}
 
     def score(self, run_id: int, image_ids: Sequence[int]) -> BatchOutcome:
         """What `score_batch` does for one batch, overlapping with other threads' batches."""
-        outcome = BatchOutcome()
         key = threading.get_ident()
         with self._guard:
-            self._in_flight[key] = InFlight(run_id, tuple(image_ids), time.monotonic())
+            busy = {i for batch in self._in_flight.values() for i in batch.image_ids}
+            mine = tuple(i for i in image_ids if i not in busy)
+            self._in_flight[key] = InFlight(run_id, mine, time.monotonic())
         try:
-            images = claim_batch(self._sessions, run_id, image_ids, self._max_deliveries, outcome)
-            groups = decode_groups(images, self._models, outcome, self._pin_memory)
-            with self._device:
-                rows = infer_groups(groups, run_id, self._worker, outcome)
-            write_batch(self._sessions, run_id, rows, outcome)
+            outcome = score_batch(
+                self._sessions,
+                run_id,
+                mine,
+                self._models,
+                self._worker,
+                self._max_deliveries,
+                self._lease,
+                self._device,
+                self._pin_memory,
+            )
         finally:
             with self._guard:
                 del self._in_flight[key]
+        outcome.skipped = sorted({*outcome.skipped, *(set(image_ids) - set(mine))})
         return outcome
+
+    def in_flight(self) -> list[InFlight]:
+        """The batches being scored now, one per thread (for the heartbeat and the watchdog)."""
+        with self._guard:
+            return list(self._in_flight.values())
 
     def overdue(self, limit_s: float) -> list[InFlight]:
         """Batches in flight for longer than `limit_s` seconds (for a worker's watchdog)."""
         now = time.monotonic()
-        with self._guard:
-            return [batch for batch in self._in_flight.values() if now - batch.since > limit_s]
+        return [batch for batch in self.in_flight() if now - batch.since > limit_s]
 
 
 def score_pipelined(

@@ -1,16 +1,19 @@
 """`patchq worker`: a Celery worker that scores batches from the queue.
 
 GPU machines: run one worker process per GPU, each pinned to its GPU with
-CUDA_VISIBLE_DEVICES (one process: the default threads pool), e.g.
+CUDA_VISIBLE_DEVICES (one pool process, the default), e.g.
 
     CUDA_VISIBLE_DEVICES=0 patchq worker --hostname gpu0@%h &
     CUDA_VISIBLE_DEVICES=1 patchq worker --hostname gpu1@%h &
 
-The default pool is `threads` with PATCHQ_PIPELINE_DEPTH threads: one process, one model,
-and while one batch is on the backbone the next is decoded and the one before written
-(common.pipelined). `--pool prefork` forks before any model is built: CUDA, the model and the
-FAISS index are created in the process that scores, on its first batch (several processes
-sharing one GPU each hold a copy of the model and mostly queue on the device).
+The default pool is prefork with one process: it forks before any model is built, so CUDA,
+the model and the FAISS index are created in the process that scores, on its first batch, and
+a process killed by a poison image is replaced by Celery while the batch is isolated image by
+image (common.scoring). `--pool threads` runs PATCHQ_PIPELINE_DEPTH threads in one process:
+while one batch is on the backbone the next is decoded and the one before written
+(common.pipelined), for a higher feed on a fast GPU; but an image that kills the process then
+takes the whole worker down, so run it under a supervisor that restarts it (compose's
+`restart:`, systemd) if such inputs are possible.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ EPILOG = (
     "(e.g. `CUDA_VISIBLE_DEVICES=0 patchq worker --hostname gpu0@%h`). The model, CUDA and "
     "FAISS are initialised on the first batch, in the process that scores. "
     "Settings: PATCHQ_BROKER_URL, PATCHQ_DATABASE_URL, PATCHQ_QUEUE, PATCHQ_DEVICE, "
-    "PATCHQ_MODEL_CACHE_DIR, PATCHQ_PIPELINE_DEPTH, PATCHQ_TASK_TIME_LIMIT_S, "
-    "PATCHQ_VISIBILITY_TIMEOUT_S, PATCHQ_MAX_REDELIVERIES."
+    "PATCHQ_MODEL_CACHE_DIR, PATCHQ_PIPELINE_DEPTH (with --pool threads), "
+    "PATCHQ_TASK_TIME_LIMIT_S, PATCHQ_VISIBILITY_TIMEOUT_S, PATCHQ_MAX_REDELIVERIES, "
+    "PATCHQ_LEASE_S, PATCHQ_HEARTBEAT_S. SIGTERM drains: the worker finishes its batches and "
+    "exits."
 )
 
 
@@ -46,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--concurrency",
         type=int,
-        help="pool threads or processes (default: PATCHQ_PIPELINE_DEPTH threads, 1 process)",
+        help="pool processes or threads (default: 1 process; PATCHQ_PIPELINE_DEPTH threads)",
     )
     parser.add_argument("--queues", help="comma-separated queues to consume (default PATCHQ_QUEUE)")
     parser.add_argument(
@@ -55,9 +60,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--loglevel", default="INFO", help="Celery log level (default INFO)")
     parser.add_argument(
         "--pool",
-        default="threads",
+        default="prefork",
         choices=("threads", "prefork", "solo"),
-        help="Celery pool (default threads: batches overlap in one process, one per GPU)",
+        help="Celery pool (default prefork; threads: batches overlap in one process)",
     )
     parser.set_defaults(run=run)
 

@@ -5,11 +5,12 @@ workers' app from the environment (and so needs PATCHQ_BROKER_URL). Delivery set
 
 - acks late + reject on worker lost: a batch is acknowledged only after its rows are
   committed, and a worker process that dies mid-batch hands the batch back to the queue;
-- prefetch 1 per pool slot: a worker holds at most the batches it is scoring (PATCHQ_PIPELINE_DEPTH
-  with the default threads pool, each acknowledged after its own write), so a lost worker
-  strands little;
-- visibility timeout (PATCHQ_VISIBILITY_TIMEOUT_S, longer than the task time limit): Redis
-  redelivers a batch whose whole worker vanished (SIGKILL, power loss) after this long;
+- prefetch 1 per pool slot: a worker holds at most the batches it is scoring (one per pool
+  process; PATCHQ_PIPELINE_DEPTH with `--pool threads`, each acknowledged after its own
+  write), so a lost worker strands little;
+- leases in SQL (common.store.leases) bring back a batch whose whole worker vanished (SIGKILL,
+  power loss) within PATCHQ_LEASE_S; Redis's visibility timeout (PATCHQ_VISIBILITY_TIMEOUT_S,
+  longer than the task time limit) only backs them up;
 - the redelivery limit is counted in the database (images.attempts), not by the broker, so it
   survives broker restarts; see common.scoring;
 - no result backend: results are rows in SQL, never Celery payloads.
