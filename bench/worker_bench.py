@@ -7,8 +7,8 @@ Fits one synthetic category once, then scores the same test images several times
 new run in one results database: in this process one batch after the other (`score_batch` in a
 loop: "serial"), in this process with PATCHQ_PIPELINE_DEPTH batches overlapping ("in-process",
 what `patchq run` does without a broker), then through Redis with one `--pool prefork` worker
-(one batch at a time, the old worker), and with 1 and 2 pipelined workers (the default
-threads pool). Throughput is images / wall time from the first batch sent to the last image
+(one batch at a time, the default worker), and with 1 and 2 pipelined workers
+(`--pool threads`). Throughput is images / wall time from the first batch sent to the last image
 done, so the workers' model loading (once per process) is included. The time split (model
 load, decode, backbone, search, DB write) is what the stages report, summed over all batches
 (for workers, read back from their log lines); "overlap" is that sum over the wall time: above

@@ -62,8 +62,8 @@ class Settings:
     pipeline_depth: int = field(
         default=3,
         metadata=_about(
-            "batches one worker holds at once: decoding, on the backbone, being written "
-            "(1: one batch at a time)"
+            "batches scored at once by `patchq run` and a `--pool threads` worker: decoding, "
+            "on the backbone, being written (1: one batch at a time)"
         ),
     )
     model_cache_dir: Path = field(
