@@ -14,7 +14,7 @@ from aggregator.frames import model_frame_mask
 from aggregator.metrics import check_scores
 from aggregator.pixel_metrics import PixelMetrics, pixel_metrics
 from common.engine.anomaly_map import anomaly_map
-from common.engine.artifact import read_artifact
+from common.engine.ensemble import read_reference
 from common.store.database import decode_array, run_progress
 from common.store.schema import Image, Model, Score
 
@@ -51,7 +51,7 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
             f"category {category!r} of run {run_id} was scored by models {model_ids}; "
             "aggregate needs one model per category, so submit a new run after refitting"
         )
-    artifact = read_artifact(
+    held_out, preprocessing = read_reference(
         session.scalars(select(Model.artifact).where(Model.id == model_ids[0])).one()
     )
     progress = {p.category: p for p in run_progress(session, run_id)}[category]
@@ -64,8 +64,8 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         labels=np.array([-1 if r.label is None else r.label for r in rows], np.int64),
         splits=[r.split for r in rows],
         mask_paths=[r.mask_path for r in rows],
-        held_out_normals=np.asarray(artifact.calibration, np.float64),
-        preprocessing=artifact.config.preprocessing(),
+        held_out_normals=np.asarray(held_out, np.float64),
+        preprocessing=preprocessing,
         n_failed=progress.failed,
         n_pending=progress.pending,
     )

@@ -31,7 +31,8 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.data.batches import decode_batch
-from common.engine.artifact import artifact_hash, load_artifact
+from common.engine.artifact import artifact_hash
+from common.engine.ensemble import Ensemble, load_model
 from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore
 from common.store.database import (
@@ -82,17 +83,17 @@ class ModelProvider:
         self._cache_dir = Path(cache_dir)
         self._device = device
         self._capacity = max(1, capacity)
-        self._models: OrderedDict[int, PatchCore] = OrderedDict()
+        self._models: OrderedDict[int, PatchCore | Ensemble] = OrderedDict()
         self._pid = os.getpid()
 
-    def get(self, model_id: int) -> PatchCore:
+    def get(self, model_id: int) -> PatchCore | Ensemble:
         """The model, built on first use in this process."""
         if os.getpid() != self._pid:
             self._models.clear()
             self._pid = os.getpid()
         model = self._models.get(model_id)
         if model is None:
-            model = load_artifact(self._artifact_bytes(model_id), self._device)
+            model = load_model(self._artifact_bytes(model_id), self._device)
             self._models[model_id] = model
             while len(self._models) > self._capacity:
                 self._models.popitem(last=False)
@@ -209,7 +210,11 @@ def _claim(
 
 
 def _score_group(
-    model: PatchCore, run_id: int, images: list[Image], worker_name: str, outcome: BatchOutcome
+    model: PatchCore | Ensemble,
+    run_id: int,
+    images: list[Image],
+    worker_name: str,
+    outcome: BatchOutcome,
 ) -> list[ScoreRow]:
     """Decode and score images that share a model; failures go to `outcome.failed`."""
     decoded = _timed(
@@ -220,13 +225,19 @@ def _score_group(
     outcome.failed |= {images[index].id: reason for index, reason in decoded.failures.items()}
     if not decoded.ok:
         return []
-    bank = _TimedBank(model.bank)
-    timed_model = model.with_bank(bank)  # type: ignore[arg-type]
+    banks: list[_TimedBank] = []
+
+    def timed(bank: MemoryBank) -> MemoryBank:
+        banks.append(_TimedBank(bank))
+        return banks[-1]  # type: ignore[return-value]
+
+    timed_model = model.with_banks(timed)
     start = time.perf_counter()
     result = timed_model.score_tensors(decoded.tensor)
     elapsed = time.perf_counter() - start
-    outcome.timings["search_s"] += bank.seconds
-    outcome.timings["backbone_s"] += elapsed - bank.seconds
+    search = sum(bank.seconds for bank in banks)
+    outcome.timings["search_s"] += search
+    outcome.timings["backbone_s"] += elapsed - search
     per_image_ms = 1000 * elapsed / len(decoded.ok)
     return [
         ScoreRow(

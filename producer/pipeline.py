@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
 from common.data.layouts import ImageRecord, discover, summarize
-from common.engine.patchcore import PatchCoreConfig
 from common.scoring import TIMING_KEYS, ModelProvider, score_batch
 from common.settings import Settings
 from common.store.database import (
@@ -30,7 +29,7 @@ from common.store.database import (
     run_progress,
 )
 from common.store.schema import Model
-from producer.fit_command import fit_and_store
+from producer.fit_command import FitPlan, fit_and_store
 from producer.progress import describe_progress, failure_examples, wait_for_run
 from producer.submission import Submission, broker_app, enqueue_pending, find_images, register_run
 
@@ -68,8 +67,7 @@ def score_in_process(
 class FitOptions:
     """How to fit categories that have no model yet (or all of them, with refit)."""
 
-    config: PatchCoreConfig
-    holdout: float
+    plan: FitPlan
     refit: bool = False
 
 
@@ -148,12 +146,7 @@ def _ensure_models(
         print(f"{category}: using model {existing[category]} (fit again with --refit)")
     fitted = {}
     if to_fit:
-        fitted = fit_and_store(
-            [r for r in records if r.category in to_fit],
-            options.config,
-            settings,
-            options.holdout,
-        )
+        fitted = fit_and_store([r for r in records if r.category in to_fit], options.plan, settings)
     return {c: fitted.get(c) or existing[c] for c in categories}  # type: ignore[misc]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aggregator.thresholds import POLICY_HELP
 from common.settings import Settings
-from producer.fit_command import add_model_arguments, config_from_args
+from producer.fit_command import FitPlan, add_model_arguments
 from producer.pipeline import FitOptions, run_pipeline
 from producer.submission import SPLITS
 
@@ -64,7 +64,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def pipeline_options(args: argparse.Namespace) -> dict[str, object]:
     """Keyword arguments of run_pipeline taken from the flags."""
     return {
-        "fit_options": FitOptions(config_from_args(args), args.holdout, refit=args.refit),
+        "fit_options": FitOptions(FitPlan.from_args(args), refit=args.refit),
         "run_name": args.run_name,
         "split": args.split,
         "policy": args.policy,

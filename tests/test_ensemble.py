@@ -48,7 +48,7 @@ def test_members_are_put_on_a_comparable_scale(fitted, tmp_path: Path) -> None:
     raw = [score_records(m, unseen, 16, False, "")[0][:, 0] for m in members]
     # Raw s* of the two members live on different scales ...
     medians = sorted(float(np.median(r)) for r in raw)
-    assert medians[1] > 1.3 * medians[0]
+    assert medians[1] > 1.2 * medians[0]
     # ... normalised by each member's own held-out normals, unseen normals land near 0 for both.
     for member, scores in zip(members, raw, strict=True):
         z = Normaliser.from_scores(_held_out_patch_scores(member))(scores)

@@ -1,144 +1,182 @@
-"""AUROC per defect kind: plain PatchCore vs the global part, fusion, tiny-defect settings,
-tiling and an ensemble, on held-out synthetic images (tests/bench/generators.py).
+"""AUROC per defect kind: every part of the model and every fusion of them, per configuration,
+on held-out synthetic images (tests/bench/generators.py).
 
-    .venv/bin/python -m tests.bench.accuracy [--size 384] [--train 30] [--normals 12] [--per-kind 8]
+    .venv/bin/python -m tests.bench.accuracy [--size 384] [--train 30] [--normals 12] \
+        [--per-kind 8] [--configs default,border-mean,fine] [--textures stripes,grain,mono,poly]
 
-Every model is fitted on train/good only (a share held out for calibration, as patchq fit does)
-and judged on separately generated test images it never saw: test normals vs each defect kind.
-Several methods come from one fit: the raw parts (s*, global) and their fusions are all in the
-scores of one pass. Prints a markdown table (rows: defect kinds, columns: methods).
+Two synthetic textures, each with its own models: "stripes" (global, tiny and local defect
+kinds) and "grain" (speckle clusters on a fine oriented grain); and the elpv demo categories
+"mono" and "poly" (real solar cells, `--elpv` folder, written by producer/demo_data.py if
+absent): fitted on train/good (+ train/bad, which fit only validates on), judged on the demo's
+test/ folder with its answer key (cells the annotators were unsure about left out).
+Every synthetic model is fitted on train/good only (a share held out for calibration, as patchq
+fit does) and judged on separately generated test images it never saw: test normals vs each
+defect kind. All methods of a configuration come from
+one fit: the raw parts (s*, global, pixel) and their fusions are all in one pass's scores.
+Prints a markdown table (rows: defect kinds, columns: configuration + method) and each
+configuration's scoring time per image.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from common.data.layouts import ImageRecord
-from common.engine.ensemble import combine_members
+from common.data.layouts import ImageRecord, discover
 from common.engine.fit import fit_category, score_records
-from common.engine.normalise import fuse
+from common.engine.normalise import fuse, fuse_tail
 from common.engine.patchcore import PatchCore, PatchCoreConfig
-from tests.bench.generators import FAMILY, KINDS, make_defect, make_normal
+from producer.demo_data import write_elpv_demo
+from tests.bench.generators import (
+    FAMILY,
+    GRAIN_KINDS,
+    KINDS,
+    make_defect,
+    make_grain,
+    make_normal,
+    make_speckle,
+)
 from tests.synthetic import save
 
-# name -> config; every model is fitted once with the global part.
 CONFIGS = {
     "default": PatchCoreConfig(),
-    "shallow": PatchCoreConfig(layers=("stage2", "stage3")),
+    "border-mean": PatchCoreConfig(border="mean"),
+    "fine": PatchCoreConfig(layers=("stage2", "stage3")),
     "large": PatchCoreConfig(image_size=384),
     "tiled": PatchCoreConfig(image_size=384, tile_size=224, tile_overlap=32),
 }
-# The columns reported per config: the default shows every part and fusion.
-METHODS = {name: ("patch", "fused-max") for name in CONFIGS}
-METHODS["default"] = ("patch", "global", "pixel", "fused-max", "fused-mean")
+METHODS = ("patch", "global", "pixel", "fused-max", "fused-min-p", "fused-fisher")
+# texture -> (normal image maker, defect image maker, defect kinds)
+TEXTURES: dict[str, tuple[Callable[[int, int], np.ndarray], Callable, tuple[str, ...]]] = {
+    "stripes": (make_normal, make_defect, KINDS),
+    "grain": (make_grain, lambda size, seed, _kind: make_speckle(size, seed), GRAIN_KINDS),
+}
+ELPV = ("mono", "poly")
+
+
+def elpv_set(root: Path, category: str) -> tuple[list[ImageRecord], dict[str, list[ImageRecord]]]:
+    """The demo's train records for fit; its labelled test/ cells as "good" and "defect"."""
+    write_elpv_demo(root)
+    records = discover(root, [category])
+    with (root / category / "test_labels.csv").open(encoding="utf-8") as answers:
+        labels = {row["path"]: row["label"] for row in csv.DictReader(answers)}
+    test: dict[str, list[ImageRecord]] = {"good": [], "defect": []}
+    for record in records:
+        label = labels.get(record.path.relative_to(root / category).as_posix(), "")
+        if record.split == "test" and label:
+            test["good" if label == "0" else "defect"].append(record)
+    return [r for r in records if r.split == "train"], test
 
 
 def write_set(
-    root: Path, size: int, n_train: int, n_normals: int, per_kind: int
+    root: Path, texture: str, size: int, n_train: int, n_normals: int, per_kind: int
 ) -> tuple[list[ImageRecord], dict[str, list[ImageRecord]]]:
     """Train normals as records for fit; test records per kind ("good" = test normals)."""
-    train = [
-        ImageRecord(save(make_normal(size, i), root / "train" / f"{i}.png"), "bench", "train", 0)
-        for i in range(n_train)
-    ]
+    normal, defect, kinds = TEXTURES[texture]
+
+    def record(image: np.ndarray, name: str, split: str, label: int) -> ImageRecord:
+        return ImageRecord(save(image, root / texture / f"{name}.png"), texture, split, label)
+
+    train = [record(normal(size, i), f"train/{i}", "train", 0) for i in range(n_train)]
     test = {
-        "good": [
-            ImageRecord(
-                save(make_normal(size, 5000 + i), root / "good" / f"{i}.png"), "bench", "test", 0
-            )
-            for i in range(n_normals)
-        ]
+        "good": [record(normal(size, 5000 + i), f"good/{i}", "test", 0) for i in range(n_normals)]
     }
-    for k, kind in enumerate(KINDS):
-        test[kind] = [
-            ImageRecord(
-                save(make_defect(size, 10_000 + 100 * k + i, kind), root / kind / f"{i}.png"),
-                "bench",
-                "test",
-                1,
-                kind,
-            )
-            for i in range(per_kind)
-        ]
+    for k, kind in enumerate(kinds):
+        seeds = [10_000 + 100 * k + i for i in range(per_kind)]
+        test[kind] = [record(defect(size, s, kind), f"{kind}/{s}", "test", 1) for s in seeds]
     return train, test
 
 
 def method_scores(model: PatchCore, parts: np.ndarray) -> dict[str, np.ndarray]:
-    """Scores of each raw part (s*, global, pixel) and both fusions from raw (n, 3) parts."""
-    normalised = model.normalise_parts(*parts.T)
+    """Scores of each raw part (s*, global, pixel) and every fusion, from raw (n, 3) parts."""
+    log_p = model.part_log_p(*parts.T)
     return {
         "patch": parts[:, 0],
         "global": parts[:, 1],
         "pixel": parts[:, 2],
-        "fused-max": fuse(normalised, "max"),
-        "fused-mean": fuse(normalised, "mean"),
+        "fused-max": fuse(model.normalise_parts(*parts.T), "max"),
+        "fused-min-p": fuse_tail(log_p, "min-p"),
+        "fused-fisher": fuse_tail(log_p, "fisher"),
     }
+
+
+def bench_config(
+    config: PatchCoreConfig,
+    train: list[ImageRecord],
+    test: dict[str, list[ImageRecord]],
+    holdout: float,
+) -> tuple[dict[str, dict[str, np.ndarray]], float]:
+    """method -> kind -> scores, and the scoring time per test image (s)."""
+    model = fit_category(train, config, holdout, device="cpu", progress=False).model
+    start = time.process_time()
+    per_kind = {
+        kind: method_scores(model, score_records(model, recs, 16, False, kind)[0])
+        for kind, recs in test.items()
+    }
+    per_image = (time.process_time() - start) / sum(len(r) for r in test.values())
+    return {m: {k: s[m] for k, s in per_kind.items()} for m in METHODS}, per_image
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=384, help="generated image size (px)")
+    parser.add_argument("--grain-size", type=int, default=256, help="grain image size (px)")
     parser.add_argument("--train", type=int, default=30, help="train/good images")
     parser.add_argument("--normals", type=int, default=12, help="test normal images")
     parser.add_argument("--per-kind", type=int, default=8, help="test images per defect kind")
     parser.add_argument("--holdout", type=float, default=0.25)
+    parser.add_argument("--configs", default="default,border-mean,fine", help=", ".join(CONFIGS))
+    parser.add_argument("--textures", default="stripes,grain", help=", ".join(TEXTURES))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--elpv", type=Path, default=Path("demo-data-full"), help="demo folder")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    rows: list[str] = []
     with tempfile.TemporaryDirectory() as folder:
-        train, test = write_set(Path(folder), args.size, args.train, args.normals, args.per_kind)
-        columns: dict[str, dict[str, np.ndarray]] = {}
-        calibrations: dict[str, np.ndarray] = {}
-        for name, config in CONFIGS.items():
-            start = time.perf_counter()
-            fit = fit_category(train, config, args.holdout, device="cpu", progress=False)
-            model = fit.model
-            per_kind = {
-                kind: method_scores(model, score_records(model, recs, 16, False, kind)[0])
-                for kind, recs in test.items()
-            }
-            for method in METHODS[name]:
-                columns[f"{name} {method}"] = {k: s[method] for k, s in per_kind.items()}
-            held_out = model.part_calibration
-            calibrations[name] = fuse(model.normalise_parts(*held_out.T), "max")
-            print(
-                f"{name}: {time.perf_counter() - start:.0f} s, bank {model.bank.size}", flush=True
-            )
-        columns["ensemble default+shallow (fused-max)"] = _ensemble(
-            columns, calibrations, ("default", "shallow")
-        )
-        print(_table(columns))
+        for texture in args.textures.split(","):
+            if texture in ELPV:
+                train, test = elpv_set(args.elpv, texture)
+            else:
+                size = args.grain_size if texture == "grain" else args.size
+                train, test = write_set(
+                    Path(folder), texture, size, args.train, args.normals, args.per_kind
+                )
+            columns: dict[str, dict[str, np.ndarray]] = {}
+            for name in args.configs.split(","):
+                config = dataclasses.replace(CONFIGS[name])
+                start = time.perf_counter()
+                methods, per_image = bench_config(config, train, test, args.holdout)
+                columns |= {f"{name} {m}": s for m, s in methods.items()}
+                print(
+                    f"{texture} {name}: {time.perf_counter() - start:.0f} s, "
+                    f"scoring CPU {1000 * per_image:.0f} ms/image",
+                    flush=True,
+                )
+            kinds = ("defect",) if texture in ELPV else TEXTURES[texture][2]
+            rows.append(f"{texture}\n\n" + _table(columns, kinds))
+    print("\n\n".join(rows))
 
 
-def _ensemble(
-    columns: dict[str, dict[str, np.ndarray]],
-    calibrations: dict[str, np.ndarray],
-    names: tuple[str, ...],
-) -> dict[str, np.ndarray]:
-    """Mean of the members' z-scored fused-max scores (what common/engine/ensemble.py computes)."""
-    member_calibration = [calibrations[n] for n in names]
-    kinds = columns[f"{names[0]} patch"]
-    return {
-        kind: combine_members([columns[f"{n} fused-max"][kind] for n in names], member_calibration)
-        for kind in kinds
-    }
-
-
-def _table(columns: dict[str, dict[str, np.ndarray]]) -> str:
+def _table(columns: dict[str, dict[str, np.ndarray]], kinds: tuple[str, ...]) -> str:
     names = list(columns)
     lines = ["| defect kind | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for kind in KINDS:
+    for kind in kinds:
         row = [_auroc(columns[n]["good"], columns[n][kind]) for n in names]
-        lines.append(f"| {kind} ({FAMILY[kind]}) | " + " | ".join(f"{v:.3f}" for v in row) + " |")
-    for family in ("global", "tiny", "local"):
-        kinds = [k for k in KINDS if FAMILY[k] == family]
-        row = [np.mean([_auroc(columns[n]["good"], columns[n][k]) for k in kinds]) for n in names]
+        lines.append(
+            f"| {kind} ({FAMILY.get(kind, 'elpv')}) | " + " | ".join(f"{v:.3f}" for v in row) + " |"
+        )
+    for family in sorted({FAMILY[k] for k in kinds if k in FAMILY}):
+        members = [k for k in kinds if FAMILY.get(k) == family]
+        row = [np.mean([_auroc(columns[n]["good"], columns[n][k]) for k in members]) for n in names]
         lines.append(f"| **mean {family}** | " + " | ".join(f"{v:.3f}" for v in row) + " |")
     return "\n".join(lines)
 
