@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from common.data.layouts import ImageRecord, discover, summarize
 from common.engine.artifact import artifact_hash, save_artifact
-from common.engine.auto import fit_auto, has_labelled_defects
+from common.engine.auto import can_choose, fit_auto
 from common.engine.ensemble import fit_ensemble, save_ensemble
 from common.engine.fit import DEFAULT_HOLDOUT, fit_category
 from common.engine.patchcore import PatchCoreConfig
@@ -103,7 +103,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="choose the configuration and scorer by held-out validation, report on other "
-        "images (default: on where the category has labelled defects; docs/accuracy.md)",
+        "images (default: on where the category has at least 4 held-out normals and 4 "
+        "labelled defects; docs/accuracy.md)",
     )
     group.add_argument(
         "--ensemble-member",
@@ -217,7 +218,9 @@ def fit_model(records: Sequence[ImageRecord], plan: FitPlan, settings: Settings)
         skipped = {p: r for member in ensemble.members for p, r in member.skipped.items()}
         summary = f"ensemble of {len(members)} members"
         return Fitted(data, ensemble.validation, size, summary, skipped)
-    auto = has_labelled_defects(records) if plan.auto is None else plan.auto
+    auto = plan.auto
+    if auto is None:  # the default: choose wherever there are enough labelled images to
+        auto = can_choose(records, plan.holdout, config.seed)
     if auto:
         chosen = fit_auto(records, config, plan.holdout, device, batch)
         data = save_artifact(chosen.model, category, chosen.validation)

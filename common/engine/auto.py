@@ -27,7 +27,13 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from common.data.layouts import ImageRecord
-from common.engine.fit import FitError, FitResult, fit_category, validation_metrics
+from common.engine.fit import (
+    FitError,
+    FitResult,
+    fit_category,
+    split_holdout,
+    validation_metrics,
+)
 from common.engine.patchcore import PatchCore, PatchCoreConfig
 
 # name -> changes to the base config. Order is preference on ties: cheapest first.
@@ -59,8 +65,14 @@ class NestedSplit:
     defect_report: np.ndarray
 
 
-def has_labelled_defects(records: Sequence[ImageRecord]) -> bool:
-    return any(r.label == 1 for r in records)
+def can_choose(records: Sequence[ImageRecord], holdout: float, seed: int) -> bool:
+    """Whether the validation images suffice for a nested choice (both halves get
+    MIN_PER_HALF normals and defects): where they do not, --auto's default is off."""
+    good = [r for r in records if r.split == "train" and r.label == 0]
+    n_normal = len(split_holdout(good, holdout, seed)[1])
+    n_normal += sum(r.split == "test" and r.label == 0 for r in records)
+    n_defect = sum(r.label == 1 for r in records)
+    return min(n_normal, n_defect) >= 2 * MIN_PER_HALF
 
 
 def nested_split(n_normal: int, n_defect: int, seed: int) -> NestedSplit:

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from common.data.layouts import ImageRecord, discover
-from common.engine.fit import fit_category, score_records
+from common.engine.auto import CANDIDATES, choose
+from common.engine.fit import FitResult, fit_category, score_records
 from common.engine.normalise import fuse, fuse_tail
 from common.engine.patchcore import PatchCore, PatchCoreConfig
 from producer.demo_data import write_elpv_demo
@@ -63,10 +64,16 @@ TEXTURES: dict[str, tuple[Callable[[int, int], np.ndarray], Callable, tuple[str,
 ELPV = ("mono", "poly")
 
 
-def elpv_set(root: Path, category: str) -> tuple[list[ImageRecord], dict[str, list[ImageRecord]]]:
-    """The demo's train records for fit; its labelled test/ cells as "good" and "defect"."""
+def elpv_set(
+    root: Path, category: str, max_good: int | None
+) -> tuple[list[ImageRecord], dict[str, list[ImageRecord]]]:
+    """The demo's train records for fit (train/good capped at ``max_good``, seeded, and every
+    train/bad); its labelled test/ cells as "good" and "defect"."""
     write_elpv_demo(root)
     records = discover(root, [category])
+    good = [r for r in records if r.split == "train" and r.label == 0]
+    keep = np.random.default_rng(0).permutation(len(good))[: max_good or len(good)]
+    dropped = {r.path for r in good} - {good[i].path for i in keep}
     with (root / category / "test_labels.csv").open(encoding="utf-8") as answers:
         labels = {row["path"]: row["label"] for row in csv.DictReader(answers)}
     test: dict[str, list[ImageRecord]] = {"good": [], "defect": []}
@@ -74,13 +81,20 @@ def elpv_set(root: Path, category: str) -> tuple[list[ImageRecord], dict[str, li
         label = labels.get(record.path.relative_to(root / category).as_posix(), "")
         if record.split == "test" and label:
             test["good" if label == "0" else "defect"].append(record)
-    return [r for r in records if r.split == "train"], test
+    return [r for r in records if r.split == "train" and r.path not in dropped], test
 
 
 def write_set(
-    root: Path, texture: str, size: int, n_train: int, n_normals: int, per_kind: int
+    root: Path,
+    texture: str,
+    size: int,
+    n_train: int,
+    n_normals: int,
+    per_kind: int,
+    labelled: int,
 ) -> tuple[list[ImageRecord], dict[str, list[ImageRecord]]]:
-    """Train normals as records for fit; test records per kind ("good" = test normals)."""
+    """Train normals and ``labelled`` defects per kind (which fit only validates on, and --auto
+    chooses by) as records for fit; test records per kind ("good" = test normals)."""
     normal, defect, kinds = TEXTURES[texture]
 
     def record(image: np.ndarray, name: str, split: str, label: int) -> ImageRecord:
@@ -93,6 +107,8 @@ def write_set(
     for k, kind in enumerate(kinds):
         seeds = [10_000 + 100 * k + i for i in range(per_kind)]
         test[kind] = [record(defect(size, s, kind), f"{kind}/{s}", "test", 1) for s in seeds]
+        seeds = [20_000 + 100 * k + i for i in range(labelled)]
+        train += [record(defect(size, s, kind), f"bad/{kind}/{s}", "train", 1) for s in seeds]
     return train, test
 
 
@@ -109,21 +125,40 @@ def method_scores(model: PatchCore, parts: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+@dataclass(frozen=True)
+class ConfigRun:
+    """One configuration fitted on one texture: its fit, raw test parts per kind, cost."""
+
+    fit: FitResult
+    parts: dict[str, np.ndarray]  # kind -> raw (n, 3) parts of the test images
+    ms_per_image: float  # scoring CPU time per test image
+
+
 def bench_config(
     config: PatchCoreConfig,
     train: list[ImageRecord],
     test: dict[str, list[ImageRecord]],
     holdout: float,
-) -> tuple[dict[str, dict[str, np.ndarray]], float]:
-    """method -> kind -> scores, and the scoring time per test image (s)."""
-    model = fit_category(train, config, holdout, device="cpu", progress=False).model
+) -> ConfigRun:
+    fit = fit_category(train, config, holdout, device="cpu", progress=False)
     start = time.process_time()
-    per_kind = {
-        kind: method_scores(model, score_records(model, recs, 16, False, kind)[0])
-        for kind, recs in test.items()
+    parts = {
+        kind: score_records(fit.model, recs, 16, False, kind)[0] for kind, recs in test.items()
     }
     per_image = (time.process_time() - start) / sum(len(r) for r in test.values())
-    return {m: {k: s[m] for k, s in per_kind.items()} for m in METHODS}, per_image
+    return ConfigRun(fit, parts, 1000 * per_image)
+
+
+def auto_column(runs: dict[str, ConfigRun]) -> dict[str, np.ndarray]:
+    """--auto's choice among the fitted candidates, made on their validation images (train/bad
+    defects + held-out normals, selection half), scored on the test images."""
+    candidates = {name: runs[name].fit for name in CANDIDATES}
+    chosen = choose(candidates, seed=1)
+    print(
+        f"  --auto chose {chosen.chosen}: selection {chosen.validation['auto']['selection_auroc']}"
+    )
+    test_parts = runs[chosen.chosen.split()[0]].parts
+    return {kind: chosen.model.combine(*parts.T) for kind, parts in test_parts.items()}
 
 
 def main() -> None:
@@ -133,37 +168,54 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=30, help="train/good images")
     parser.add_argument("--normals", type=int, default=12, help="test normal images")
     parser.add_argument("--per-kind", type=int, default=8, help="test images per defect kind")
+    parser.add_argument(
+        "--labelled", type=int, default=4, help="labelled defects per kind, for --auto's choice"
+    )
     parser.add_argument("--holdout", type=float, default=0.25)
     parser.add_argument("--configs", default="default,border-mean,fine", help=", ".join(CONFIGS))
     parser.add_argument("--textures", default="stripes,grain", help=", ".join(TEXTURES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--elpv", type=Path, default=Path("demo-data-full"), help="demo folder")
+    parser.add_argument("--elpv-train", type=int, help="cap on elpv train/good cells (seeded)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows: list[str] = []
     with tempfile.TemporaryDirectory() as folder:
         for texture in args.textures.split(","):
             if texture in ELPV:
-                train, test = elpv_set(args.elpv, texture)
+                train, test = elpv_set(args.elpv, texture, args.elpv_train)
+                kinds: tuple[str, ...] = ("defect",)
             else:
                 size = args.grain_size if texture == "grain" else args.size
                 train, test = write_set(
-                    Path(folder), texture, size, args.train, args.normals, args.per_kind
-                )
-            columns: dict[str, dict[str, np.ndarray]] = {}
-            for name in args.configs.split(","):
-                config = dataclasses.replace(CONFIGS[name])
-                start = time.perf_counter()
-                methods, per_image = bench_config(config, train, test, args.holdout)
-                columns |= {f"{name} {m}": s for m, s in methods.items()}
-                print(
-                    f"{texture} {name}: {time.perf_counter() - start:.0f} s, "
-                    f"scoring CPU {1000 * per_image:.0f} ms/image",
-                    flush=True,
-                )
-            kinds = ("defect",) if texture in ELPV else TEXTURES[texture][2]
-            rows.append(f"{texture}\n\n" + _table(columns, kinds))
-    print("\n\n".join(rows))
+                    Path(folder), texture, size, args.train, args.normals, args.per_kind,
+                    args.labelled,
+                )  # fmt: skip
+                kinds = TEXTURES[texture][2]
+            print(f"\n{texture}\n\n" + _table(bench_texture(texture, args, train, test), kinds))
+
+
+def bench_texture(
+    texture: str,
+    args: argparse.Namespace,
+    train: list[ImageRecord],
+    test: dict[str, list[ImageRecord]],
+) -> dict[str, dict[str, np.ndarray]]:
+    """column -> kind -> test scores, for every configuration x method, and --auto."""
+    columns: dict[str, dict[str, np.ndarray]] = {}
+    runs: dict[str, ConfigRun] = {}
+    for name in args.configs.split(","):
+        start = time.perf_counter()
+        run = runs[name] = bench_config(CONFIGS[name], train, test, args.holdout)
+        per_kind = {k: method_scores(run.fit.model, p) for k, p in run.parts.items()}
+        columns |= {f"{name} {m}": {k: s[m] for k, s in per_kind.items()} for m in METHODS}
+        print(
+            f"{texture} {name}: {time.perf_counter() - start:.0f} s, "
+            f"scoring CPU {run.ms_per_image:.0f} ms/image",
+            flush=True,
+        )
+    if set(CANDIDATES) <= set(runs) and any(r.label == 1 for r in train):
+        columns["auto"] = auto_column(runs)
+    return columns
 
 
 def _table(columns: dict[str, dict[str, np.ndarray]], kinds: tuple[str, ...]) -> str:
