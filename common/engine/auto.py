@@ -109,8 +109,13 @@ def fit_auto(
         )
         for name, changes in CANDIDATES.items()
     }
+    return choose(fits, base.seed + 1)
+
+
+def choose(fits: dict[str, FitResult], seed: int) -> AutoFit:
+    """Pick among fitted candidates (same split, in preference order) by selection AUROC."""
     first = next(iter(fits.values()))
-    split = nested_split(len(first.parts["normal"]), len(first.parts["anomalous"]), base.seed + 1)
+    split = nested_split(len(first.parts["normal"]), len(first.parts["anomalous"]), seed)
     selection: dict[str, float] = {}
     models: dict[str, PatchCore] = {}
     for name, fit in fits.items():

@@ -311,35 +311,22 @@ class PatchCore:
             parts.append(pixel_scores)
         return parts
 
-    def normalise_parts(
-        self,
-        patch_scores: np.ndarray,
-        global_scores: np.ndarray,
-        pixel_scores: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """(parts, B) z-scores of each part against the held-out normals' raw part scores."""
-        parts = self._parts(patch_scores, global_scores, pixel_scores)
-        return np.stack(
-            [
-                Normaliser.from_scores(self.part_calibration[:, i])(scores)
-                for i, scores in enumerate(parts)
-            ]
-        )
+    def normalise_parts(self, *scores: np.ndarray) -> np.ndarray:
+        """(parts, B) z-scores of each raw part (s*, global(, pixel)) against the held-out
+        normals' raw part scores."""
+        return self._per_part(Normaliser.from_scores, scores)
 
-    def part_log_p(
+    def part_log_p(self, *scores: np.ndarray) -> np.ndarray:
+        """(parts, B) log tail probabilities of each raw part under the held-out normals."""
+        return self._per_part(lambda normals: TailModel.from_scores(normals).log_p, scores)
+
+    def _per_part(
         self,
-        patch_scores: np.ndarray,
-        global_scores: np.ndarray,
-        pixel_scores: np.ndarray | None = None,
+        fitted: Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]],
+        scores: tuple[np.ndarray, ...],
     ) -> np.ndarray:
-        """(parts, B) log tail probabilities of each part under the held-out normals."""
-        parts = self._parts(patch_scores, global_scores, pixel_scores)
-        return np.stack(
-            [
-                TailModel.from_scores(self.part_calibration[:, i]).log_p(scores)
-                for i, scores in enumerate(parts)
-            ]
-        )
+        parts = self._parts(*scores[:2], scores[2] if len(scores) > 2 else None)
+        return np.stack([fitted(self.part_calibration[:, i])(s) for i, s in enumerate(parts)])
 
     def _image_scores(
         self, patches: np.ndarray, patch_maps: np.ndarray, nearest: np.ndarray
