@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench system-test-deps
+.PHONY: install demo test lint format bench system-test-deps screenshot
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,16 @@ format: $(INSTALLED)
 bench: $(INSTALLED)
 	$(PY) -m bench.run
 	$(PY) -m bench.worker_bench --images 480 --image-size 224 --batch-size 16
+
+# The README's picture of the report (docs/report-screenshot.png), from a fresh `patchq demo`
+# with the current code in its own folder and database, photographed by headless Chromium.
+SHOT_DIR ?= build/screenshot
+SHOT_SIZE ?= 1150,2350
+screenshot: $(INSTALLED) system-test-deps
+	rm -rf $(SHOT_DIR) && mkdir -p $(SHOT_DIR)
+	PATCHQ_DATABASE_URL=sqlite:///$(SHOT_DIR)/patchq.db $(VENV)/bin/patchq demo \
+	  --root $(SHOT_DIR)/demo-data --run elpv-demo --out $(SHOT_DIR)/report
+	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --no-first-run \
+	  --disable-background-networking --user-data-dir=$(CURDIR)/$(SHOT_DIR)/chromium-profile \
+	  --window-size=$(SHOT_SIZE) --screenshot=$(CURDIR)/docs/report-screenshot.png \
+	  file://$(CURDIR)/$(SHOT_DIR)/report/index.html

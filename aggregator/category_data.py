@@ -13,8 +13,11 @@ from aggregator.evaluation import AggregateError, CategoryData
 from aggregator.frames import model_frame_mask
 from aggregator.metrics import check_scores
 from aggregator.pixel_metrics import PixelMetrics, pixel_metrics
+from common.data.images import Preprocessing
 from common.engine.anomaly_map import anomaly_map
-from common.engine.ensemble import read_reference
+from common.engine.artifact import ModelArtifact, read_artifact
+from common.engine.ensemble import is_ensemble, read_reference
+from common.engine.normalise import TAIL_FUSIONS
 from common.store.database import decode_array, run_progress
 from common.store.schema import Image, Model, Score
 
@@ -51,7 +54,7 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
             f"category {category!r} of run {run_id} was scored by models {model_ids}; "
             "aggregate needs one model per category, so submit a new run after refitting"
         )
-    held_out, preprocessing = read_reference(
+    held_out, preprocessing, name, maxima = _reference(
         session.scalars(select(Model.artifact).where(Model.id == model_ids[0])).one()
     )
     progress = {p.category: p for p in run_progress(session, run_id)}[category]
@@ -68,7 +71,53 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         preprocessing=preprocessing,
         n_failed=progress.failed,
         n_pending=progress.pending,
+        score_name=name,
+        normal_patch_maxima=maxima,
     )
+
+
+def _reference(data: bytes) -> tuple[np.ndarray, Preprocessing, str, np.ndarray]:
+    """(held-out normal scores, preprocessing, score name, held-out s*) of a stored model,
+    single or ensemble. An ensemble's score is not a patch distance: no s* reference."""
+    if is_ensemble(data):
+        held_out, preprocessing = read_reference(data)
+        name = "ensemble score (mean of the members' z-scores vs held-out normals)"
+        return held_out, preprocessing, name, np.empty(0)
+    artifact = read_artifact(data)
+    return (
+        artifact.calibration,
+        artifact.config.preprocessing(),
+        score_name(artifact),
+        normal_patch_maxima(artifact),
+    )
+
+
+def score_name(artifact: ModelArtifact) -> str:
+    """The model's image score in words: what a histogram of it has on its axis."""
+    config = artifact.config
+    if config.scorer == "fused" and config.fusion in TAIL_FUSIONS:
+        return f"fused image score (-log {config.fusion} tail probability vs held-out normals)"
+    if config.scorer == "fused":
+        return f"fused image score ({config.fusion} of the parts' z-scores vs held-out normals)"
+    if config.scorer == "global":
+        return "image score: Mahalanobis distance of pooled features"
+    if config.num_neighbors > 1:
+        return f"image score: reweighted max patch distance (s*, b={config.num_neighbors})"
+    return "image score: max patch distance (s*)"
+
+
+def normal_patch_maxima(artifact: ModelArtifact) -> np.ndarray:
+    """The held-out normals' s* (largest patch distance), whichever score the model reports.
+
+    Models with whole-image parts keep the raw s* of the held-out normals as the first column
+    of ``part_calibration``; a patch-scorer model's calibration is s* itself. (With eq. 7
+    reweighting, b > 1, s* is the reweighted maximum, slightly below the largest distance.)
+    """
+    if artifact.part_calibration is not None and len(artifact.part_calibration):
+        return np.asarray(artifact.part_calibration[:, 0], np.float64)
+    if artifact.config.scorer == "patch":
+        return np.asarray(artifact.calibration, np.float64)
+    return np.empty(0)
 
 
 def load_patch_maps(

@@ -16,7 +16,7 @@ Honesty rules, each printed with the figures so nobody has to guess:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,11 @@ class CategoryData:
     preprocessing: Preprocessing
     n_failed: int
     n_pending: int
+    # What the image score is, in words, for plot axes (the model's scorer decides).
+    score_name: str = "image score"
+    # The held-out normals' largest patch distance (s*) each: the anomaly maps' reference, in
+    # patch-distance units whatever the scorer (empty when fit held no normals out).
+    normal_patch_maxima: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     @property
     def excluded(self) -> np.ndarray:

@@ -2,14 +2,22 @@
 
 Each function writes one file and returns its path, or None when the plot would be empty or
 meaningless (e.g. a ROC curve with one class); the report says why instead.
+
+Anomaly maps are patch distances, whatever the image score is (the default fused score is a
+z-score), so they are coloured on their own scale (`MapScale`): one per category, anchored on
+the normal images fit held out of the memory bank, so a normal region looks the same in every
+image and only what no held-out normal reached turns warm.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.metrics import precision_recall_curve, roc_curve
@@ -22,11 +30,61 @@ from common.errors import PatchqError
 DPI = 100
 TOP_K = 6
 COLOURS = {"normal": "#2b7bba", "anomalous": "#d7301f", "unlabelled": "#8c8c8c"}
+# Anomaly-map overlay: below the top of normal a faint, see-through blue (the image shows through,
+# so a normal region looks like itself); above it a jump to opaque yellow rising to red.
+MAP_COLOURS = LinearSegmentedColormap.from_list(
+    "patchq_anomaly",
+    [
+        (0.0, (0.15, 0.35, 0.9, 0.0)),
+        (0.5, (0.15, 0.55, 0.95, 0.3)),
+        (0.5, (1.0, 0.85, 0.0, 0.55)),
+        (1.0, (0.8, 0.0, 0.0, 0.85)),
+    ],
+)
+NORMAL_QUANTILE = 0.99  # of the held-out normals' largest patch distance: the top of "normal"
+
+
+@dataclass(frozen=True)
+class MapScale:
+    """The colour scale of one category's anomaly maps, in patch-distance units.
+
+    0 (a patch equal to a memory-bank patch) is the coldest colour, ``normal_top`` the middle
+    of the colour map and ``2 * normal_top`` or more the hottest: normal patches are a faint
+    blue, patches beyond the top of normal yellow to red.
+    """
+
+    normal_top: float
+    reference: str  # what normal_top is, in words, shown above the maps
+
+    @property
+    def hottest(self) -> float:
+        return 2 * self.normal_top
+
+    def norm(self) -> TwoSlopeNorm:
+        return TwoSlopeNorm(vcenter=self.normal_top, vmin=0.0, vmax=self.hottest)
+
+
+def map_scale(normal_patch_maxima: np.ndarray, shown_maps: Sequence[np.ndarray]) -> MapScale:
+    """The category's map scale: the held-out normals' NORMAL_QUANTILE largest patch distance.
+
+    A normal image's smoothed map never exceeds its largest patch distance, so about 99% of
+    normal images stay entirely in the cool half. Without held-out normals (fit --holdout 0)
+    there is no normal reference; the scale then spans the shown maps and says so.
+    """
+    maxima = np.asarray(normal_patch_maxima, np.float64)
+    maxima = maxima[np.isfinite(maxima)]
+    if len(maxima) and maxima.max() > 0:
+        top = float(np.quantile(maxima, NORMAL_QUANTILE))
+        reference = f"top of normal: p99 of {len(maxima)} held-out normal images' largest distance"
+        return MapScale(top, reference)
+    peak = max((float(np.nanmax(m)) for m in shown_maps), default=1.0)
+    return MapScale(max(peak, 1e-6) / 2, "no held-out normals: scaled to these maps")
 
 
 def _save(figure: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
+    if figure.get_layout_engine() is None:  # figures with a colour bar lay themselves out
+        figure.tight_layout()
     figure.savefig(path, dpi=DPI)
     return path
 
@@ -107,7 +165,7 @@ def score_histogram(result: CategoryResult, path: Path) -> Path:
         linestyle="--",
         label=f"threshold {result.choice.value:.4g}",
     )
-    axes.set(xlabel="image score (max patch distance)", ylabel="images")
+    axes.set(xlabel=result.data.score_name, ylabel="images")
     axes.legend()
     return _save(figure, path)
 
@@ -115,13 +173,19 @@ def score_histogram(result: CategoryResult, path: Path) -> Path:
 def top_anomalies(
     result: CategoryResult, patch_maps: Mapping[int, np.ndarray], path: Path, k: int = TOP_K
 ) -> Path | None:
-    """The k highest-scoring images with their anomaly maps over them and mask contours."""
+    """The k highest-scoring images with their anomaly maps over them and mask contours.
+
+    Every map is coloured on the category's `MapScale` (patch distances), not on the image
+    scores, which may be in other units (z-scores for the fused scorer).
+    """
     data = result.data
     order = np.argsort(-data.scores, kind="stable")[:k]
     if not len(order):
         return None
     size = data.preprocessing.image_size
-    figure = Figure(figsize=(2.4 * len(order), 2.8))
+    heat = {int(i): anomaly_map(patch_maps[int(data.image_ids[i])], (size, size)) for i in order}
+    scale = map_scale(data.normal_patch_maxima, list(heat.values()))
+    figure = Figure(figsize=(1.9 * len(order) + 1.3, 2.5), layout="constrained")
     axes_row = np.atleast_1d(figure.subplots(1, len(order)))
     for axes, i in zip(axes_row, order, strict=True):
         axes.set_axis_off()
@@ -132,18 +196,23 @@ def top_anomalies(
         except PatchqError:
             axes.text(0.5, 0.5, "image not readable", ha="center", transform=axes.transAxes)
             continue
-        heat = anomaly_map(patch_maps[int(data.image_ids[i])], (size, size))
-        axes.imshow(
-            heat,
-            cmap="jet",
-            alpha=0.45,
-            vmin=result.data.scores.min(),
-            vmax=max(float(data.scores.max()), float(heat.max())),
-        )
+        axes.imshow(heat[i], cmap=MAP_COLOURS, norm=scale.norm())
         if data.mask_paths[i]:
             mask = model_frame_mask(Path(data.mask_paths[i]), data.preprocessing)
             axes.contour(mask, levels=[0.5], colors="white", linewidths=1.2)
+    _map_colour_bar(figure, axes_row, scale)
     return _save(figure, path)
+
+
+def _map_colour_bar(figure: Figure, axes_row: np.ndarray, scale: MapScale) -> None:
+    """A colour bar in patch distances with the top of normal marked, next to the maps."""
+    bar = figure.colorbar(
+        ScalarMappable(scale.norm(), MAP_COLOURS), ax=list(axes_row), fraction=0.03, pad=0.01
+    )
+    bar.set_ticks([0.0, scale.normal_top, scale.hottest])
+    bar.set_ticklabels(["0", f"{scale.normal_top:.3g}\ntop of\nnormal", f"≥ {scale.hottest:.3g}"])
+    bar.ax.tick_params(labelsize=8)
+    figure.suptitle(f"colour: distance to the nearest normal patch; {scale.reference}", fontsize=9)
 
 
 def embedding_pca(

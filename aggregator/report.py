@@ -131,7 +131,8 @@ def _category_section(session: Session, result: CategoryResult, out: Path) -> st
             result, folder / "confusion.png"
         ),
         "score distributions": plots.score_histogram(result, folder / "histogram.png"),
-        f"top {len(top)} most anomalous images (anomaly map; white: ground-truth mask)": (
+        f"top {len(top)} most anomalous images (anomaly map: blue within the held-out normals' "
+        "patch distances, yellow to red beyond them; white: ground-truth mask)": (
             plots.top_anomalies(
                 result,
                 load_patch_maps(session, data.run_id, data.image_ids[top].tolist()),

@@ -1,1 +1,1 @@
-"""Benchmarks: figures for the README, run with `make bench`; never part of the test suite."""
+"""Benchmarks: the figures in docs/performance.md, run with `make bench`; never in the tests."""

@@ -1,8 +1,8 @@
 """One settings object for every patchq process, read from PATCHQ_* env vars, `.env` and CLI flags.
 
 Precedence, strongest first: CLI overrides, the process environment, `./.env`, the defaults.
-Every field carries its one-line meaning, so the README table and `patchq config` are generated
-from this file and cannot drift from it.
+Every field carries its one-line meaning, so the settings table in docs/operations.md and
+`patchq config` are generated from this file and cannot drift from it.
 """
 
 from __future__ import annotations

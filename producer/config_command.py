@@ -2,8 +2,8 @@
 
 On a fleet the usual failure is one machine reading a different broker, database or queue; this
 prints what this machine resolves, with passwords masked so the output can be pasted into a
-ticket. `--markdown` prints the README's settings table, generated from the same field metadata
-so the documentation cannot drift from the code.
+ticket. `--markdown` prints the settings table of docs/operations.md, generated from the same
+field metadata so the documentation cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--markdown",
         action="store_true",
-        help="print the README table of settings (variable, default, meaning) instead",
+        help="print the settings table of docs/operations.md (variable, default, meaning) instead",
     )
     parser.set_defaults(run=run)
 
@@ -44,7 +44,7 @@ def effective_table(settings: Settings) -> str:
 
 
 def markdown_table() -> str:
-    """The README's settings table: one row per setting, in declaration order."""
+    """The settings table of docs/operations.md: one row per setting, in declaration order."""
     lines = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
     for _, env_var, default, meaning in Settings.describe():
         shown_default = f"`{default}`" if default else "(unset)"

@@ -67,9 +67,9 @@ def test_markdown_table_has_one_row_per_setting(capsys: pytest.CaptureFixture[st
     assert all(row.count(" | ") == 2 for row in rows)  # no meaning text broke a column
 
 
-def test_readme_settings_table_is_generated() -> None:
-    """The README table is pasted from `patchq config --markdown`; this catches drift."""
-    readme = Path(__file__).parents[1] / "README.md"
-    assert markdown_table() in readme.read_text(encoding="utf-8"), (
-        "README.md's settings table is stale: replace it with `patchq config --markdown`"
+def test_docs_settings_table_is_generated() -> None:
+    """docs/operations.md's table is pasted from `patchq config --markdown`; this catches drift."""
+    operations = Path(__file__).parents[1] / "docs" / "operations.md"
+    assert markdown_table() in operations.read_text(encoding="utf-8"), (
+        "docs/operations.md's settings table is stale: replace it with `patchq config --markdown`"
     )

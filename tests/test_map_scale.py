@@ -1,0 +1,123 @@
+"""Anomaly maps are coloured in patch distances against the held-out normals, not image scores."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy.orm import Session
+
+from aggregator.category_data import load_category, normal_patch_maxima, score_name
+from aggregator.evaluation import evaluate_category
+from aggregator.plots import MAP_COLOURS, NORMAL_QUANTILE, map_scale, top_anomalies
+from aggregator.thresholds import parse_policy
+from common.engine.artifact import ModelArtifact, read_artifact
+from common.engine.patchcore import PatchCoreConfig
+from common.store.database import make_engine
+from tests.aggregate_data import build_dataset, populate
+
+MAXIMA = np.array([2.0, 2.5, 3.0, 3.5, 4.0])
+
+
+def _artifact(scorer: str, parts: np.ndarray | None, calibration: np.ndarray) -> ModelArtifact:
+    config = PatchCoreConfig(scorer=scorer)
+    return ModelArtifact("c", config, np.zeros((1, 4), np.float32), calibration, None, None, parts)
+
+
+def test_scale_tops_normal_at_the_held_out_normals_quantile() -> None:
+    scale = map_scale(MAXIMA, [np.full((4, 4), 100.0)])
+    assert scale.normal_top == pytest.approx(np.quantile(MAXIMA, NORMAL_QUANTILE))
+    assert scale.hottest == pytest.approx(2 * scale.normal_top)
+    assert "35 held-out normal images" in map_scale(np.full(35, 2.0), []).reference
+    norm = scale.norm()
+    # 0 is the coldest colour, the top of normal the middle, twice it the hottest.
+    assert norm(0.0) == pytest.approx(0.0)
+    assert norm(scale.normal_top) == pytest.approx(0.5)
+    assert norm(scale.hottest) == pytest.approx(1.0)
+    assert norm(MAXIMA.min()) < 0.5  # a typical normal image's worst patch stays cool
+
+
+def test_normal_stays_see_through_blue_and_beyond_normal_turns_warm() -> None:
+    """What a reader sees: the image itself under normal patches, yellow-red past the top."""
+    scale = map_scale(MAXIMA, [])
+    norm = scale.norm()
+    for distance in (0.0, 0.5 * scale.normal_top, 0.99 * scale.normal_top):
+        red, _, blue, alpha = MAP_COLOURS(norm(distance))
+        assert blue > red and alpha <= 0.3
+    for distance in (1.01 * scale.normal_top, 1.5 * scale.normal_top, 10 * scale.normal_top):
+        red, _, blue, alpha = MAP_COLOURS(norm(distance))
+        assert red > 0.75 and blue < 0.1 and alpha >= 0.55
+
+
+def test_scale_is_the_same_whatever_images_are_shown() -> None:
+    """One scale per category: the shown maps (and the image scores) never move it."""
+    quiet = map_scale(MAXIMA, [np.full((4, 4), 0.1)])
+    loud = map_scale(MAXIMA, [np.full((4, 4), 50.0), np.full((4, 4), -3.0)])
+    assert quiet == loud
+
+
+def test_non_finite_normals_are_ignored() -> None:
+    scale = map_scale(np.r_[MAXIMA, np.nan, np.inf], [])
+    assert scale.normal_top == pytest.approx(np.quantile(MAXIMA, NORMAL_QUANTILE))
+
+
+def test_without_held_out_normals_the_scale_says_it_is_relative() -> None:
+    scale = map_scale(np.empty(0), [np.full((4, 4), 1.0), np.full((4, 4), 6.0)])
+    assert scale.hottest == pytest.approx(6.0)
+    assert "no held-out normals" in scale.reference
+
+
+def test_patch_distance_reference_comes_from_raw_s_star_not_the_fused_score() -> None:
+    parts = np.array([[3.0, 10.0, 1.0], [4.0, 11.0, 2.0]], np.float32)
+    fused = _artifact("fused", parts, calibration=np.array([-0.5, 0.5], np.float32))
+    assert normal_patch_maxima(fused) == pytest.approx([3.0, 4.0])
+    version_1 = _artifact("patch", None, calibration=np.array([5.0, 6.0], np.float32))
+    assert normal_patch_maxima(version_1) == pytest.approx([5.0, 6.0])
+    no_holdout = _artifact("fused", np.empty((0, 3), np.float32), np.empty(0, np.float32))
+    assert len(normal_patch_maxima(no_holdout)) == 0
+
+
+@pytest.mark.parametrize(
+    ("scorer", "neighbors", "expected"),
+    [
+        ("fused", 1, "fused image score"),
+        ("patch", 1, "max patch distance (s*)"),
+        ("patch", 3, "reweighted max patch distance"),
+        ("global", 1, "Mahalanobis"),
+    ],
+)
+def test_score_name_follows_the_models_scorer(scorer: str, neighbors: int, expected: str) -> None:
+    artifact = _artifact(scorer, None, np.empty(0, np.float32))
+    artifact = dataclasses.replace(
+        artifact, config=dataclasses.replace(artifact.config, num_neighbors=neighbors)
+    )
+    assert expected in score_name(artifact)
+
+
+def test_real_run_maps_normal_cool_and_defects_warm(tmp_path: Path) -> None:
+    """On a real fitted run: test/good maps mostly below the top of normal, defects above it."""
+    dataset = build_dataset(tmp_path / "data")
+    engine = make_engine(f"sqlite:///{tmp_path / 'patchq.db'}")
+    run_id = populate(engine, dataset)
+    with Session(engine) as session:
+        data = load_category(session, run_id, "tex")
+    engine.dispose()
+    tex = dataset["tex"]
+    parts = read_artifact(tex.artifact).part_calibration
+    assert parts is not None and data.normal_patch_maxima == pytest.approx(parts[:, 0])
+    assert "fused" in data.score_name
+    scale = map_scale(data.normal_patch_maxima, [])
+    labels = np.array([r.label for r in tex.records])
+    splits = np.array([r.split for r in tex.records])
+    peaks = tex.patch_maps.reshape(len(labels), -1).max(axis=1)
+    test_good = peaks[(labels == 0) & (splits == "test")]
+    defects = peaks[labels == 1]
+    assert (test_good <= scale.normal_top).mean() >= 0.5
+    assert np.median(defects) > scale.normal_top
+    result = evaluate_category(data, parse_policy("youden"))
+    by_path = {str(r.path): m for r, m in zip(tex.records, tex.patch_maps, strict=True)}
+    maps = {int(i): by_path[p] for i, p in zip(data.image_ids, data.paths, strict=True)}
+    png = top_anomalies(result, maps, tmp_path / "top.png")
+    assert png is not None and png.stat().st_size > 0
