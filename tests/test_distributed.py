@@ -8,6 +8,7 @@ short visibility timeout, so a batch held by a SIGKILLed worker comes back withi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import signal
@@ -29,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from common.data.batches import decode_batch
 from common.data.layouts import discover
 from common.engine.artifact import artifact_hash, save_artifact
+from common.engine.ensemble import fit_ensemble, save_ensemble
 from common.engine.fit import fit_category
 from common.engine.patchcore import PatchCoreConfig
 from common.settings import Settings
@@ -292,3 +294,33 @@ def test_redis_restart_mid_run_then_resubmit_completes_the_run(
     cluster.submit()  # the database knows what is pending; the same command refills the queue
     _until(lambda: cluster.progress(run_id)[2] == 0, RUN_TIMEOUT_S, "the run", cluster)
     _assert_scored_exactly_once(cluster, run_id, data)
+
+
+@pytest.fixture(scope="module")
+def ensemble_data(data: Data) -> Data:
+    """The same images judged by a two-member ensemble (the critical-parts preset's kind)."""
+    records = discover(data.root)
+    members = [CONFIG, dataclasses.replace(CONFIG, layers=("stage2", "stage3"))]
+    ensemble = fit_ensemble(records, members, holdout=0.2, device="cpu", progress=False).ensemble
+    paths = [r.path for r in records if r.split == "test"]
+    scores = ensemble.score_tensors(decode_batch(paths, ensemble.preprocessing).tensor)
+    expected = {
+        str(p.absolute()): float(s) for p, s in zip(paths, scores.image_scores, strict=True)
+    }
+    return Data(data.root, save_ensemble(ensemble, "tex"), expected)
+
+
+def test_an_ensemble_is_scored_through_the_queue_like_any_model(
+    tmp_path: Path, db_url: str, shared_broker: str, ensemble_data: Data
+) -> None:
+    cluster = _cluster(tmp_path, db_url, shared_broker, ensemble_data)
+    try:
+        cluster.start_worker("alpha")
+        cluster.wait_ready("alpha")
+        run_id = cluster.submit()
+        _until(lambda: cluster.progress(run_id)[2] == 0, RUN_TIMEOUT_S, "the run", cluster)
+        _assert_scored_exactly_once(cluster, run_id, ensemble_data)
+    finally:
+        for name in list(cluster.processes):
+            cluster.kill(name)
+        cluster.engine.dispose()
