@@ -169,9 +169,15 @@ def held_out_table(session: Session, model_ids: dict[str, int]) -> str:
             f"  {category}: AUROC {_fmt(validation.get('auroc'))}  "
             f"AP {_fmt(validation.get('average_precision'))}  "
             f"({validation.get('n_normal', 0)} normal, {validation.get('n_anomalous', 0)} "
-            f"defective; model {model_id})"
+            f"defective; model {model_id}{_chosen(validation)})"
         )
     return "\n".join(lines)
+
+
+def _chosen(validation: dict) -> str:
+    """How --auto chose the model, when it did: its figures are on images not chosen on."""
+    auto = validation.get("auto")
+    return f", --auto: {auto['chosen']}, reported on the half not chosen on" if auto else ""
 
 
 def _fmt(value: float | None) -> str:
