@@ -32,7 +32,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from common.data.layouts import ImageRecord, discover
-from common.engine.auto import CANDIDATES, choose
+from common.engine.auto import CANDIDATES, choose, fine
 from common.engine.fit import FitResult, fit_category, score_records
 from common.engine.normalise import fuse, fuse_tail
 from common.engine.patchcore import PatchCore, PatchCoreConfig
@@ -51,7 +51,7 @@ from tests.synthetic import save
 CONFIGS = {
     "default": PatchCoreConfig(),
     "border-mean": PatchCoreConfig(border="mean"),
-    "fine": PatchCoreConfig(layers=("stage2", "stage3")),
+    "fine": fine(PatchCoreConfig()),
     "large": PatchCoreConfig(image_size=384),
     "tiled": PatchCoreConfig(image_size=384, tile_size=224, tile_overlap=32),
 }
@@ -191,11 +191,14 @@ def main() -> None:
                     args.labelled,
                 )  # fmt: skip
                 kinds = TEXTURES[texture][2]
-            print(f"\n{texture}\n\n" + _table(bench_texture(texture, args, train, test), kinds))
+            print(
+                f"\n{texture}\n\n" + _table(bench_texture(texture, kinds, args, train, test), kinds)
+            )
 
 
 def bench_texture(
     texture: str,
+    kinds: tuple[str, ...],
     args: argparse.Namespace,
     train: list[ImageRecord],
     test: dict[str, list[ImageRecord]],
@@ -210,7 +213,7 @@ def bench_texture(
         columns |= {f"{name} {m}": {k: s[m] for k, s in per_kind.items()} for m in METHODS}
         print(
             f"{texture} {name}: {time.perf_counter() - start:.0f} s, "
-            f"scoring CPU {run.ms_per_image:.0f} ms/image",
+            f"scoring CPU {run.ms_per_image:.0f} ms/image\n" + _table(columns, kinds),
             flush=True,
         )
     if set(CANDIDATES) <= set(runs) and any(r.label == 1 for r in train):
