@@ -19,13 +19,14 @@ WORKDIR /app
 
 # Dependencies first, from pyproject.toml alone, so editing the code does not reinstall torch.
 COPY pyproject.toml README.md ./
-RUN mkdir common producer worker aggregator \
+RUN mkdir common producer worker aggregator review \
  && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} .
 
 COPY common ./common
 COPY producer ./producer
 COPY worker ./worker
 COPY aggregator ./aggregator
+COPY review ./review
 RUN pip install --no-deps . \
  && useradd --create-home --uid 1000 patchq \
  && mkdir -p /cache/models \

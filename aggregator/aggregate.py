@@ -10,24 +10,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session
 
-from aggregator.category_data import (
-    QUERY_CHUNK,
-    category_pixel_metrics,
-    load_category,
-    scored_categories,
-)
+from aggregator.category_data import category_pixel_metrics, load_category, scored_categories
 from aggregator.console import describe_category, summary_table
 from aggregator.evaluation import AggregateError, CategoryResult, evaluate_category, resolve_policy
 from aggregator.exports import write_category_csv, write_summary_csv
 from common.store.aggregate_schema import Metric, Prediction, Threshold
+from common.store.bulk import append_rows
 from common.store.database import resolve_run
 
 DEFAULT_REPORTS_DIR = Path("patchq-reports")
 
 Echo = Callable[[str], None]
+# Streamed by append_rows (COPY on PostgreSQL), in this order.
+PREDICTION_COLUMNS = ("run_id", "image_id", "policy", "category", "score", "is_anomaly", "role")
 
 
 @dataclass(frozen=True)
@@ -96,22 +94,17 @@ def store_result(session: Session, result: CategoryResult) -> None:
         )
     )
     session.flush()
-    rows = [
-        {
-            "run_id": data.run_id,
-            "image_id": int(image_id),
-            "policy": policy,
-            "category": data.category,
-            "score": float(score),
-            "is_anomaly": bool(flag),
-            "role": str(role),
-        }
-        for image_id, score, flag, role in zip(
-            data.image_ids, data.scores, result.predictions, result.sets.roles, strict=True
-        )
-    ]
-    for start in range(0, len(rows), QUERY_CHUNK):
-        session.execute(insert(Prediction), rows[start : start + QUERY_CHUNK])
+    append_rows(
+        session,
+        Prediction.__tablename__,
+        PREDICTION_COLUMNS,
+        (
+            (data.run_id, int(image_id), policy, data.category, float(score), bool(flag), role)
+            for image_id, score, flag, role in zip(
+                data.image_ids, data.scores, result.predictions, result.sets.roles, strict=True
+            )
+        ),
+    )
 
 
 def latest_policies(session: Session, run_id: int) -> dict[str, str]:
@@ -143,7 +136,8 @@ def aggregate_run(
         for result in results:
             store_result(session, result)
     out = out_dir or default_out_dir(run_id, run_name)
-    csvs = {r.data.category: write_category_csv(r, out) for r in results}
+    with Session(engine) as session:
+        csvs = {r.data.category: write_category_csv(session, r, out) for r in results}
     summary_csv = write_summary_csv(results, out)
     if echo:
         for result in results:

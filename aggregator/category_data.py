@@ -1,12 +1,14 @@
-"""Reading one category of a run from SQL: scores and labels for metrics, maps on demand."""
+"""Reading one category of a run from SQL: scores and labels for metrics as arrays, paths,
+masks and maps on demand for the images a figure shows."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from aggregator.evaluation import AggregateError, CategoryData
@@ -19,9 +21,11 @@ from common.engine.artifact import ModelArtifact, read_artifact
 from common.engine.ensemble import is_ensemble, read_reference
 from common.engine.normalise import TAIL_FUSIONS
 from common.store.database import decode_array, run_progress
+from common.store.reviews import latest_verdicts
 from common.store.schema import Image, Model, Score
 
 QUERY_CHUNK = 500  # ids per IN (...) list, well inside both dialects' parameter limits
+READ_CHUNK_ROWS = 100_000  # rows per fetch when streaming a category's scores
 
 
 def scored_categories(session: Session, run_id: int) -> list[str]:
@@ -33,46 +37,59 @@ def scored_categories(session: Session, run_id: int) -> list[str]:
 
 
 def load_category(session: Session, run_id: int, category: str) -> CategoryData:
-    """Scores, labels and the model's held-out normals of one category's scored images."""
-    rows = session.execute(
+    """Scores, labels and the model's held-out normals of one category's scored images.
+
+    Only the columns metrics need are read, streamed READ_CHUNK_ROWS rows at a time into
+    arrays (about 30 bytes per image), so a category of ten million images fits in a few
+    hundred MB; paths and masks are fetched later for the few images a plot shows
+    (`image_files`). Rows come in the database's order and are sorted by id here, which is
+    cheaper than an ORDER BY over the join.
+    An image's label is its folder's (train/good, test/<defect>, ...) and, where the folder
+    says nothing, the latest verdict a reviewer gave it (`patchq review`).
+    """
+    statement = (
         select(
             Image.id,
-            Image.path,
-            Image.label,
-            Image.split,
-            Image.mask_path,
-            Image.model_id,
+            func.coalesce(Image.label, -1),
+            case((Image.split == "train", True), else_=False),
+            Image.mask_path.is_not(None),
             Score.score,
+            Image.model_id,
         )
         .join(Score, Score.image_id == Image.id)
         .where(Score.run_id == run_id, Score.category == category)
-        .order_by(Image.id)
-    ).all()
-    model_ids = sorted({r.model_id for r in rows})
-    if len(model_ids) != 1:
+        .execution_options(yield_per=READ_CHUNK_ROWS)
+    )
+    parts = [_columns(chunk) for chunk in session.execute(statement).partitions()]
+    used = sorted(set().union(*(np.unique(part.pop(_MODEL)).tolist() for part in parts)))
+    if len(used) != 1:
         raise AggregateError(
-            f"category {category!r} of run {run_id} was scored by models {model_ids}; "
+            f"category {category!r} of run {run_id} was scored by models {used}; "
             "aggregate needs one model per category, so submit a new run after refitting"
         )
+    columns = _concatenate(parts)  # `parts` is emptied as it goes: one copy of each at a time
+    order = np.argsort(columns[0], kind="stable")
+    ids, labels, in_train, has_mask, scores = (columns.pop(0)[order] for _ in range(5))
     held_out, preprocessing, name, maxima = _reference(
-        session.scalars(select(Model.artifact).where(Model.id == model_ids[0])).one()
+        session.scalars(select(Model.artifact).where(Model.id == used[0])).one()
     )
     progress = {p.category: p for p in run_progress(session, run_id)}[category]
+    labels, n_reviewed = _with_verdicts(ids, labels, latest_verdicts(session, run_id, category))
     return CategoryData(
         run_id=run_id,
         category=category,
-        image_ids=np.array([r.id for r in rows], np.int64),
-        paths=[r.path for r in rows],
-        scores=check_scores(np.array([r.score for r in rows], np.float64)),
-        labels=np.array([-1 if r.label is None else r.label for r in rows], np.int64),
-        splits=[r.split for r in rows],
-        mask_paths=[r.mask_path for r in rows],
+        image_ids=ids,
+        scores=check_scores(scores),
+        labels=labels,
+        in_train=in_train,
+        has_mask=has_mask,
         held_out_normals=np.asarray(held_out, np.float64),
         preprocessing=preprocessing,
         n_failed=progress.failed,
         n_pending=progress.pending,
         score_name=name,
         normal_patch_maxima=maxima,
+        n_review_labels=n_reviewed,
     )
 
 
@@ -120,6 +137,68 @@ def normal_patch_maxima(artifact: ModelArtifact) -> np.ndarray:
     return np.empty(0)
 
 
+# id, label, in_train, has_mask, score: the columns load_category keeps; then the model id.
+_DTYPES = (np.int64, np.int64, np.bool_, np.bool_, np.float64, np.int64)
+_MODEL = 5
+
+
+def _columns(rows: Sequence[Sequence[object]]) -> list[np.ndarray]:
+    """One chunk of rows as one array per column (the rows themselves are then dropped)."""
+    return [
+        np.fromiter((row[n] for row in rows), dtype, count=len(rows))
+        for n, dtype in enumerate(_DTYPES)
+    ]
+
+
+def _concatenate(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """The kept columns of all chunks, each joined then its chunks freed, to bound the peak."""
+    columns = []
+    for n, dtype in enumerate(_DTYPES[:_MODEL]):
+        columns.append(np.concatenate([part[n] for part in parts]) if parts else np.empty(0, dtype))
+        for part in parts:
+            part[n] = np.empty(0, dtype)
+    return columns
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    path: str
+    mask_path: str | None
+
+
+def image_files(session: Session, ids: Sequence[int]) -> dict[int, ImageFiles]:
+    """Path and mask of the given images by id: for the few images a figure shows."""
+    files: dict[int, ImageFiles] = {}
+    for start in range(0, len(ids), QUERY_CHUNK):
+        chunk = [int(i) for i in ids[start : start + QUERY_CHUNK]]
+        for image_id, path, mask_path in session.execute(
+            select(Image.id, Image.path, Image.mask_path).where(Image.id.in_(chunk))
+        ):
+            files[image_id] = ImageFiles(path, mask_path)
+    return files
+
+
+_VERDICT_LABELS = {"normal": 0, "defect": 1}
+
+
+def _with_verdicts(
+    ids: np.ndarray, labels: np.ndarray, verdicts: dict[int, str]
+) -> tuple[np.ndarray, int]:
+    """Folder labels, with reviewed verdicts filling the unlabelled images (`ids` sorted);
+    and how many labels came from review."""
+    if not verdicts:
+        return labels, 0
+    reviewed = np.fromiter(verdicts, np.int64, count=len(verdicts))
+    values = np.array([_VERDICT_LABELS.get(v, -1) for v in verdicts.values()], np.int64)
+    at = np.minimum(np.searchsorted(ids, reviewed), max(len(ids) - 1, 0))
+    scored = (ids[at] == reviewed) if len(ids) else np.zeros(len(reviewed), bool)
+    at, values = at[scored], values[scored]
+    fill = labels[at] == -1
+    labels = labels.copy()
+    labels[at[fill]] = values[fill]
+    return labels, int(fill.sum())
+
+
 def load_patch_maps(
     session: Session, run_id: int, image_ids: Sequence[int]
 ) -> dict[int, np.ndarray]:
@@ -141,15 +220,17 @@ def category_pixel_metrics(session: Session, data: CategoryData) -> PixelMetrics
 
     Normal images count with an empty mask; a defective image without a mask is left out.
     """
-    if not any(data.mask_paths[i] for i in np.flatnonzero(data.eligible)):
+    if not (data.has_mask & data.eligible).any():
         return None
-    chosen = [i for i in np.flatnonzero(data.eligible) if data.labels[i] == 0 or data.mask_paths[i]]
-    maps = load_patch_maps(session, data.run_id, data.image_ids[chosen].tolist())
+    chosen = np.flatnonzero(data.eligible & ((data.labels == 0) | data.has_mask))
+    ids = data.image_ids[chosen].tolist()
+    maps = load_patch_maps(session, data.run_id, ids)
+    files = image_files(session, ids)
     size = data.preprocessing.image_size
     anomaly_maps, masks = [], []
-    for i in chosen:
-        anomaly_maps.append(anomaly_map(maps[int(data.image_ids[i])], (size, size)))
-        mask_path = data.mask_paths[i]
+    for image_id in ids:
+        anomaly_maps.append(anomaly_map(maps[image_id], (size, size)))
+        mask_path = files[image_id].mask_path
         masks.append(
             model_frame_mask(Path(mask_path), data.preprocessing)
             if mask_path

@@ -19,6 +19,8 @@ def describe_category(result: CategoryResult) -> str:
         f"   calibration (threshold chosen on): {row['calibration_set']}",
         f"   evaluation (figures below from):   {row['evaluation_set']}",
     ]
+    if data.n_review_labels:
+        lines.append(f"   labels from review: {data.n_review_labels} (`patchq review` verdicts)")
     if result.choice.note:
         lines.append(f"   note: {result.choice.note}")
     if data.n_failed or data.n_pending:

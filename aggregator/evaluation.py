@@ -30,13 +30,12 @@ from aggregator.metrics import (
     threshold_metrics,
 )
 from aggregator.pixel_metrics import PixelMetrics
+from aggregator.policy_names import DEFAULT_LABELLED_POLICY, DEFAULT_UNLABELLED_POLICY
 from aggregator.thresholds import Policy, ThresholdChoice, choose_threshold, parse_policy
 from common.data.images import Preprocessing
 from common.errors import PatchqError
 
 SPLIT_SEED = 0
-DEFAULT_LABELLED_POLICY = "youden"
-DEFAULT_UNLABELLED_POLICY = "normal_quantile:0.99"
 
 
 class AggregateError(PatchqError):
@@ -45,16 +44,16 @@ class AggregateError(PatchqError):
 
 @dataclass(frozen=True)
 class CategoryData:
-    """What the database holds for one category of a run: one entry per scored image."""
+    """What the database holds for one category of a run: one entry per scored image, in
+    image id order, as arrays (no per-image Python objects: a category may have millions)."""
 
     run_id: int
     category: str
     image_ids: np.ndarray
-    paths: list[str]
     scores: np.ndarray
     labels: np.ndarray  # 0 normal, 1 anomalous, -1 unknown
-    splits: list[str | None]
-    mask_paths: list[str | None]
+    in_train: np.ndarray  # bool: registered from a train split
+    has_mask: np.ndarray  # bool: a ground-truth mask exists (paths: category_data.image_files)
     held_out_normals: np.ndarray  # fit's scores of normal images kept out of the bank
     preprocessing: Preprocessing
     n_failed: int
@@ -64,11 +63,12 @@ class CategoryData:
     # The held-out normals' largest patch distance (s*) each: the anomaly maps' reference, in
     # patch-distance units whatever the scorer (empty when fit held no normals out).
     normal_patch_maxima: np.ndarray = field(default_factory=lambda: np.empty(0))
+    n_review_labels: int = 0  # labels taken from reviewers' verdicts (no folder label)
 
     @property
     def excluded(self) -> np.ndarray:
         """train/good images: possibly memory-bank images, never used to judge the bank."""
-        return np.array([s == "train" for s in self.splits], bool) & (self.labels == 0)
+        return self.in_train & (self.labels == 0)
 
     @property
     def eligible(self) -> np.ndarray:
@@ -153,7 +153,9 @@ def _labelled_pool(data: CategoryData) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def build_sets(data: CategoryData, policy: Policy, seed: int = SPLIT_SEED) -> EvaluationSets:
     """Which samples choose the threshold and which judge it, per the module's rules."""
-    roles = np.where(data.labels >= 0, "evaluation", "unlabelled").astype(object)
+    roles = np.empty(len(data.labels), dtype=object)
+    roles.fill("unlabelled")  # one shared string; np.full would build a text array of n first
+    roles[data.labels >= 0] = "evaluation"
     roles[data.excluded] = "excluded"
     eligible = np.flatnonzero(data.eligible)
     labelled = (data.scores[eligible], data.labels[eligible])

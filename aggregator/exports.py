@@ -10,11 +10,17 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from aggregator.evaluation import CategoryResult
+from common.store.aggregate_schema import Prediction
+from common.store.schema import Image
 
 PREDICTION_COLUMNS = ("path", "score", "label", "prediction", "threshold", "policy", "role")
 SUMMARY_FILE = "summary.csv"
 PREDICTIONS_FILE = "predictions.csv"
+STREAM_ROWS = 50_000  # rows fetched at a time when writing a predictions file
 
 
 def category_dir(out_dir: Path, category: str) -> Path:
@@ -22,26 +28,34 @@ def category_dir(out_dir: Path, category: str) -> Path:
     return out_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", category).strip("._") or "category")
 
 
-def write_category_csv(result: CategoryResult, out_dir: Path) -> Path:
-    """<out>/<category>/predictions.csv, worst first; label is empty when unknown."""
+def write_category_csv(session: Session, result: CategoryResult, out_dir: Path) -> Path:
+    """<out>/<category>/predictions.csv, worst first; label is empty when unknown.
+
+    Streamed from the stored predictions joined to their images (the paths are read here and
+    nowhere else), so a category of millions of images is written in constant memory.
+    """
     path = category_dir(out_dir, result.data.category) / PREDICTIONS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = result.data
+    data, threshold = result.data, f"{result.choice.value:.6g}"
+    rows = session.execute(
+        select(Image.path, Prediction.score, Image.label, Prediction.is_anomaly, Prediction.role)
+        .join(Image, Image.id == Prediction.image_id)
+        .where(
+            Prediction.run_id == data.run_id,
+            Prediction.category == data.category,
+            Prediction.policy == result.policy.name,
+        )
+        .order_by(Prediction.score.desc(), Prediction.image_id)
+        .execution_options(yield_per=STREAM_ROWS)
+    )
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(PREDICTION_COLUMNS)
-        for i in sorted(range(len(data.paths)), key=lambda i: -data.scores[i]):
-            writer.writerow(
-                (
-                    data.paths[i],
-                    f"{data.scores[i]:.6g}",
-                    "" if data.labels[i] < 0 else int(data.labels[i]),
-                    int(result.predictions[i]),
-                    f"{result.choice.value:.6g}",
-                    result.policy.name,
-                    result.sets.roles[i],
-                )
-            )
+        writer.writerows(
+            (image_path, f"{score:.6g}", "" if label is None else label, int(flag), threshold,
+             result.policy.name, role)
+            for image_path, score, label, flag, role in rows
+        )  # fmt: skip
     return path
 
 

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from aggregator.category_data import ImageFiles
 from aggregator.evaluation import CategoryResult
 from aggregator.frames import model_frame_image, model_frame_mask
 from common.engine.anomaly_map import anomaly_map
@@ -171,9 +172,14 @@ def score_histogram(result: CategoryResult, path: Path) -> Path:
 
 
 def top_anomalies(
-    result: CategoryResult, patch_maps: Mapping[int, np.ndarray], path: Path, k: int = TOP_K
+    result: CategoryResult,
+    patch_maps: Mapping[int, np.ndarray],
+    files: Mapping[int, ImageFiles],
+    path: Path,
+    k: int = TOP_K,
 ) -> Path | None:
-    """The k highest-scoring images with their anomaly maps over them and mask contours.
+    """The k highest-scoring images with their anomaly maps over them and mask contours;
+    `patch_maps` and `files` hold (at least) those images, by id.
 
     Every map is coloured on the category's `MapScale` (patch distances), not on the image
     scores, which may be in other units (z-scores for the fused scorer).
@@ -190,15 +196,16 @@ def top_anomalies(
     for axes, i in zip(axes_row, order, strict=True):
         axes.set_axis_off()
         label = {0: "normal", 1: "anomalous"}.get(int(data.labels[i]), "unlabelled")
+        image = files[int(data.image_ids[i])]
         axes.set_title(f"{data.scores[i]:.3g} · {label}", fontsize=9)
         try:
-            axes.imshow(model_frame_image(Path(data.paths[i]), data.preprocessing))
+            axes.imshow(model_frame_image(Path(image.path), data.preprocessing))
         except PatchqError:
             axes.text(0.5, 0.5, "image not readable", ha="center", transform=axes.transAxes)
             continue
         axes.imshow(heat[i], cmap=MAP_COLOURS, norm=scale.norm())
-        if data.mask_paths[i]:
-            mask = model_frame_mask(Path(data.mask_paths[i]), data.preprocessing)
+        if image.mask_path:
+            mask = model_frame_mask(Path(image.mask_path), data.preprocessing)
             axes.contour(mask, levels=[0.5], colors="white", linewidths=1.2)
     _map_colour_bar(figure, axes_row, scale)
     return _save(figure, path)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from aggregator import plots
 from aggregator.aggregate import RunSummary, aggregate_run, default_out_dir, latest_policies
-from aggregator.category_data import load_patch_maps
+from aggregator.category_data import image_files, load_patch_maps
 from aggregator.console import SUMMARY_COLUMNS
 from aggregator.evaluation import CategoryResult
 from aggregator.exports import PREDICTIONS_FILE, SUMMARY_FILE, category_dir
@@ -136,6 +136,7 @@ def _category_section(session: Session, result: CategoryResult, out: Path) -> st
             plots.top_anomalies(
                 result,
                 load_patch_maps(session, data.run_id, data.image_ids[top].tolist()),
+                image_files(session, data.image_ids[top].tolist()),
                 folder / "top_anomalies.png",
             )
         ),

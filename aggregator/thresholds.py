@@ -14,14 +14,9 @@ import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from aggregator.metrics import check_labels, check_scores, one_class_reason
+from aggregator.policy_names import POLICY_HELP, PRESETS
 from common.errors import PatchqError
 
-# The seed's deployment table: first screening, final inspection, safety-critical parts.
-PRESETS = {
-    "screening": "target_recall:0.95",
-    "final": "target_precision:0.90",
-    "critical": "target_recall:0.99",
-}
 # kind -> (lowest, highest, whether the bounds themselves are allowed) for the parameter.
 PARAMETER_RANGES = {
     "target_recall": (0.0, 1.0, False, True),
@@ -29,10 +24,6 @@ PARAMETER_RANGES = {
     "normal_quantile": (0.0, 1.0, False, False),
     "contamination": (0.0, 100.0, False, False),
 }
-POLICY_HELP = (
-    "youden, max_f1, target_recall:R, target_precision:P, normal_quantile:Q, contamination:PCT, "
-    f"or a preset ({', '.join(f'{k} = {v}' for k, v in PRESETS.items())})"
-)
 
 
 class PolicyError(PatchqError):

@@ -4,9 +4,11 @@ The Celery task in worker/tasks.py is a thin wrapper around `score_batch`, so th
 and the embedded paths run exactly the same code and write exactly the same rows. Delivery is
 at least once, so the function is written to be run again on the same batch:
 
-1. one short transaction counts the delivery (images.attempts) and reads the batch; images
-   already done or failed are skipped, and images delivered more often than the redelivery
-   limit allows are marked failed (a batch that keeps killing its worker must end);
+1. one short transaction claims the batch's pending images (a lease, common.store.leases) and
+   counts the claim (images.attempts); images already done, failed or held by another live
+   worker are skipped, and images claimed more often than the redelivery limit allows are
+   marked failed (a batch that keeps killing its worker must end). A batch a worker was lost
+   on is retried image by image, so one poison image cannot take its batchmates down with it;
 2. images are decoded and scored outside any transaction;
 3. one transaction writes every score, patch map and embedding of the batch together with
    the decode failures, as idempotent upserts keyed by (run, image).
@@ -37,13 +39,13 @@ from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore
 from common.store.database import (
     ScoreRow,
-    bump_attempts,
     images_by_id,
     load_model_bytes,
     mark_failed,
     model_content_hash,
     upsert_scores,
 )
+from common.store.leases import Lease, claim, redelivered
 from common.store.schema import Image
 
 DEFAULT_CACHED_MODELS = 3
@@ -60,6 +62,14 @@ class BatchOutcome:
     failed: dict[int, str] = field(default_factory=dict)
     skipped: list[int] = field(default_factory=list)  # already done/failed, or not in the run
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
+
+    def add(self, other: BatchOutcome) -> None:
+        """Fold in the outcome of part of the batch."""
+        self.done += other.done
+        self.failed |= other.failed
+        self.skipped += other.skipped
+        for key, seconds in other.timings.items():
+            self.timings[key] += seconds
 
 
 class ModelProvider:
@@ -157,15 +167,21 @@ def score_batch(
     model_provider: ModelProvider,
     worker_name: str,
     max_deliveries: int | None = None,
+    lease: Lease | None = None,
 ) -> BatchOutcome:
     """Score the pending images of `image_ids` (of run `run_id`) and write the results.
 
-    `max_deliveries`: an image delivered more often than this is marked failed instead of
-    scored (None: no limit). Unreadable images are marked failed with their reason; the rest
-    of the batch is scored.
+    `max_deliveries`: an image claimed more often than this is marked failed instead of
+    scored (None: no limit). `lease`: who claims the images (default: `worker_name`).
+    Unreadable images are marked failed with their reason; the rest of the batch is scored.
     """
+    lease = lease or Lease(worker_name)
+    if len(image_ids) > 1 and _was_lost_on(session_factory, image_ids):
+        return _one_by_one(
+            session_factory, run_id, image_ids, model_provider, worker_name, max_deliveries, lease
+        )
     outcome = BatchOutcome()
-    images = _claim(session_factory, run_id, image_ids, max_deliveries, outcome)
+    images = _claim(session_factory, run_id, image_ids, max_deliveries, lease, outcome)
     rows: list[ScoreRow] = []
     by_model: dict[int, list[Image]] = defaultdict(list)
     for image in images:
@@ -183,19 +199,53 @@ def score_batch(
     return outcome
 
 
+def _was_lost_on(session_factory: sessionmaker[Session], image_ids: Sequence[int]) -> bool:
+    with session_factory() as session:
+        return redelivered(session, image_ids)
+
+
+def _one_by_one(
+    session_factory: sessionmaker[Session],
+    run_id: int,
+    image_ids: Sequence[int],
+    model_provider: ModelProvider,
+    worker_name: str,
+    max_deliveries: int | None,
+    lease: Lease,
+) -> BatchOutcome:
+    """Score a batch a worker was lost on one image at a time, each claimed and written on its
+    own: if one image kills the process again, the images before it are kept, and only that
+    image's count goes up until the limit fails it."""
+    outcome = BatchOutcome()
+    for image_id in image_ids:
+        outcome.add(
+            score_batch(
+                session_factory,
+                run_id,
+                [image_id],
+                model_provider,
+                worker_name,
+                max_deliveries,
+                lease,
+            )
+        )
+    return outcome
+
+
 def _claim(
     session_factory: sessionmaker[Session],
     run_id: int,
     image_ids: Sequence[int],
     max_deliveries: int | None,
+    lease: Lease,
     outcome: BatchOutcome,
 ) -> list[Image]:
-    """Count this delivery and return the images still to score (committed before scoring,
-    so a worker killed while scoring still leaves its count behind)."""
+    """Lease and count the images still to score, committed before scoring, so a worker
+    killed while scoring still leaves its count and its (soon expiring) lease behind."""
     start = time.perf_counter()
     with session_factory.begin() as session:
-        attempts = bump_attempts(session, list(image_ids))
-        found = [i for i in images_by_id(session, image_ids) if i.run_id == run_id]
+        attempts = claim(session, image_ids, lease)
+        found = [i for i in images_by_id(session, list(attempts)) if i.run_id == run_id]
         pending = [i for i in found if i.status == "pending"]
         worn_out = {
             i.id: f"worker lost {attempts[i.id] - 1} times while scoring it; see the worker logs"

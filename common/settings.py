@@ -86,6 +86,18 @@ class Settings:
             "seconds before Redis redelivers an unacknowledged task (must exceed the time limit)"
         ),
     )
+    lease_s: int = field(
+        default=60,
+        metadata=_about(
+            "seconds a worker's claim on a batch lasts without a heartbeat; then it is requeued"
+        ),
+    )
+    heartbeat_s: int = field(
+        default=5,
+        metadata=_about(
+            "seconds between a worker's heartbeats (lease renewal, workers table, requeue sweep)"
+        ),
+    )
     flower_basic_auth: str | None = field(
         default=None,
         metadata=_about(
@@ -95,6 +107,17 @@ class Settings:
     flower_port: int = field(
         default=5555,
         metadata=_about("port the Flower dashboard listens on"),
+    )
+    review_basic_auth: str | None = field(
+        default=None,
+        metadata=_about(
+            "review page logins as user:password (comma-separate one per reviewer); required "
+            "by `patchq review`, and each verdict records the user"
+        ),
+    )
+    review_port: int = field(
+        default=5580,
+        metadata=_about("port the review page (`patchq review`) listens on"),
     )
 
     @classmethod
@@ -140,23 +163,30 @@ class Settings:
         shown = {item.name: _show(getattr(self, item.name)) for item in dataclasses.fields(self)}
         shown["database_url"] = mask_url(self.database_url)
         shown["broker_url"] = mask_url(self.broker_url) if self.broker_url else ""
-        if self.flower_basic_auth:
-            shown["flower_basic_auth"] = ",".join(
-                f"{pair.partition(':')[0]}:{MASK}" for pair in self.flower_basic_auth.split(",")
-            )
+        for name in _LOGIN_FIELDS:
+            logins = getattr(self, name)
+            if logins:
+                shown[name] = ",".join(f"{user}:{MASK}" for user in parse_logins(logins))
         return shown
 
     def _validate(self) -> None:
         """Reject values that parse but cannot work, before any process starts on them."""
         if not _DEVICE_PATTERN.fullmatch(self.device):
             _fail("device", repr(self.device), "is not a device; use auto, cpu, cuda or cuda:N")
-        for name in ("batch_size", "task_time_limit_s", "visibility_timeout_s"):
+        for name in (
+            "batch_size",
+            "task_time_limit_s",
+            "visibility_timeout_s",
+            "lease_s",
+            "heartbeat_s",
+        ):
             if getattr(self, name) < 1:
                 _fail(name, str(getattr(self, name)), "must be at least 1")
         if self.max_redeliveries < 0:
             _fail("max_redeliveries", str(self.max_redeliveries), "must be 0 or more")
-        if not 1 <= self.flower_port <= 65535:
-            _fail("flower_port", str(self.flower_port), "is not a TCP port (1-65535)")
+        for name in ("flower_port", "review_port"):
+            if not 1 <= getattr(self, name) <= 65535:
+                _fail(name, str(getattr(self, name)), "is not a TCP port (1-65535)")
         if self.visibility_timeout_s <= self.task_time_limit_s:
             _fail(
                 "visibility_timeout_s",
@@ -164,14 +194,32 @@ class Settings:
                 f"must exceed PATCHQ_TASK_TIME_LIMIT_S={self.task_time_limit_s}, or Redis "
                 "redelivers batches that are still running",
             )
-        if self.flower_basic_auth and any(
-            not user or not password
-            for user, _, password in (p.partition(":") for p in self.flower_basic_auth.split(","))
-        ):
-            _fail("flower_basic_auth", MASK, "must be user:password (comma-separate several)")
+        if self.lease_s <= 2 * self.heartbeat_s:
+            _fail(
+                "lease_s",
+                str(self.lease_s),
+                f"must exceed twice PATCHQ_HEARTBEAT_S={self.heartbeat_s}, or a live worker's "
+                "batches are requeued between two heartbeats",
+            )
+        for name in _LOGIN_FIELDS:
+            logins = getattr(self, name)
+            if logins and not all(user and password for user, password in _pairs(logins)):
+                _fail(name, MASK, "must be user:password (comma-separate several)")
 
 
 _FIELD_NAMES = tuple(item.name for item in dataclasses.fields(Settings))
+_LOGIN_FIELDS = ("flower_basic_auth", "review_basic_auth")
+
+
+def _pairs(logins: str) -> list[tuple[str, str]]:
+    return [(user, password) for user, _, password in (p.partition(":") for p in logins.split(","))]
+
+
+def parse_logins(logins: str) -> dict[str, str]:
+    """user -> password of a validated user:password[,user:password...] setting."""
+    return dict(_pairs(logins))
+
+
 _FIELD_TYPES = typing.get_type_hints(Settings)
 
 

@@ -70,3 +70,22 @@ FROM (
 ) AS ranked
 GROUP BY category
 ORDER BY category;
+
+-- name: review_verdicts
+-- The verdict that counts for each reviewed image of run :run_id (its latest), who gave it,
+-- and how many verdicts the image received in all (the history stays in reviews).
+SELECT images.category,
+       images.path,
+       latest.verdict,
+       latest.reviewer,
+       latest.created_at AS reviewed_at,
+       history.verdicts
+FROM reviews AS latest
+JOIN images ON images.id = latest.image_id
+JOIN (
+    SELECT image_id, MAX(id) AS latest_id, COUNT(*) AS verdicts
+    FROM reviews
+    WHERE run_id = :run_id
+    GROUP BY image_id
+) AS history ON history.latest_id = latest.id
+ORDER BY images.category, images.path;

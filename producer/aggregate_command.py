@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aggregator.aggregate import aggregate_run
-from aggregator.evaluation import DEFAULT_LABELLED_POLICY, DEFAULT_UNLABELLED_POLICY
-from aggregator.thresholds import POLICY_HELP
+from aggregator.policy_names import DEFAULT_LABELLED_POLICY, DEFAULT_UNLABELLED_POLICY, POLICY_HELP
 from common.settings import Settings
 from common.store.database import open_database
 
@@ -35,6 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from aggregator.aggregate import aggregate_run  # here: --help must not load the metrics
+
     with open_database(Settings.load().database_url) as (engine, _):
         aggregate_run(engine, args.run_ref, args.policy, args.out)
     return 0

@@ -19,6 +19,7 @@ from producer import (
     fit_command,
     flower_command,
     report_command,
+    review_command,
     run_command,
     status_command,
     submit_command,
@@ -35,6 +36,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     config_command,
     aggregate_command,
     report_command,
+    review_command,
     flower_command,
 )
 

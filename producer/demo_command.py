@@ -13,8 +13,7 @@ from pathlib import Path
 
 from producer.demo_data import write_elpv_demo
 from producer.fit_command import add_model_arguments
-from producer.pipeline import run_pipeline
-from producer.run_command import add_run_arguments, pipeline_options, settings_from_args
+from producer.run_command import add_run_arguments, run_from_args, settings_from_args
 
 DEFAULT_ROOT = Path("demo-data")
 DEFAULT_LIMIT = 400
@@ -46,5 +45,5 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     root = write_elpv_demo(args.root, limit_per_category=args.limit or None)
     print(f"demo data: {root} (elpv-dataset, CC BY-NC-SA 4.0)")
-    run_pipeline(root, args.category, settings, **pipeline_options(args))
+    run_from_args(root, args, settings)
     return 0

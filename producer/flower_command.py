@@ -28,13 +28,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "PATCHQ_FLOWER_BASIC_AUTH (user:password); without it Flower refuses API calls."
         ),
     )
+    add_listen_arguments(parser, "PATCHQ_FLOWER_PORT")
+    parser.set_defaults(run=run)
+
+
+def add_listen_arguments(parser: argparse.ArgumentParser, port_setting: str) -> None:
+    """--address and --port of a command that serves pages (flower, review)."""
     parser.add_argument(
         "--address",
         default=DEFAULT_ADDRESS,
         help=f"address to listen on (default {DEFAULT_ADDRESS}; 0.0.0.0 inside a container)",
     )
-    parser.add_argument("--port", type=int, help="port (default PATCHQ_FLOWER_PORT)")
-    parser.set_defaults(run=run)
+    parser.add_argument("--port", type=int, help=f"port (default {port_setting})")
 
 
 def run(args: argparse.Namespace) -> int:

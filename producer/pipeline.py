@@ -29,7 +29,7 @@ from common.store.database import (
     run_progress,
 )
 from common.store.schema import Model
-from producer.fit_command import FitPlan, fit_and_store
+from producer.fitting import FitPlan, fit_and_store
 from producer.progress import describe_progress, failure_examples, wait_for_run
 from producer.submission import Submission, broker_app, enqueue_pending, find_images, register_run
 

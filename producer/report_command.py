@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aggregator.report import write_report
 from common.settings import Settings
 from common.store.database import open_database
 
@@ -28,6 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from aggregator.report import write_report  # here: --help must not load plotting
+
     with open_database(Settings.load().database_url) as (engine, _):
         print(write_report(engine, args.run_ref, args.out))
     return 0

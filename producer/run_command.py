@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aggregator.thresholds import POLICY_HELP
+from aggregator.policy_names import POLICY_HELP
 from common.settings import Settings
-from producer.fit_command import FitPlan, add_model_arguments
-from producer.pipeline import FitOptions, run_pipeline
+from producer.fit_command import add_model_arguments
 from producer.submission import SPLITS
 
 
@@ -53,7 +52,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_pipeline(args.data, args.category, settings_from_args(args), **pipeline_options(args))
+    run_from_args(args.data, args, settings_from_args(args))
     return 0
 
 
@@ -61,12 +60,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings.load({"device": args.device, "batch_size": args.batch_size})
 
 
-def pipeline_options(args: argparse.Namespace) -> dict[str, object]:
-    """Keyword arguments of run_pipeline taken from the flags."""
-    return {
-        "fit_options": FitOptions(FitPlan.from_args(args), refit=args.refit),
-        "run_name": args.run_name,
-        "split": args.split,
-        "policy": args.policy,
-        "out_dir": args.out,
-    }
+def run_from_args(data: Path, args: argparse.Namespace, settings: Settings) -> None:
+    """The whole pipeline on `data` as the run and model flags say (run and demo)."""
+    from producer.fitting import FitPlan  # here: --help must not load torch
+    from producer.pipeline import FitOptions, run_pipeline
+
+    run_pipeline(
+        data,
+        args.category,
+        settings,
+        fit_options=FitOptions(FitPlan.from_args(args), refit=args.refit),
+        run_name=args.run_name,
+        split=args.split,
+        policy=args.policy,
+        out_dir=args.out,
+    )

@@ -7,7 +7,8 @@ adds nothing and enqueues only what is still pending, which is how a lost queue 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,16 +21,17 @@ from common.data.layouts import (
     ImageRecord,
     LayoutError,
     discover,
-    discover_archive,
+    iter_archive,
     list_categories,
 )
 from common.errors import PatchqError
 from common.settings import Settings, mask_url
 from common.store.database import (
     ImageRow,
+    count_images,
     create_run,
     latest_model_id,
-    pending_image_ids,
+    pending_id_batches,
     register_images,
     retry_failed,
     run_id_by_name,
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
 SPLITS = ("test", "train", "all")
 BROKER_CHECK_TIMEOUT_S = 3.0
+REGISTER_CHUNK_IMAGES = 20_000  # images per registration transaction: a few MB of rows
 
 
 class SubmitError(PatchqError):
@@ -62,8 +65,9 @@ class Submission:
 
 def find_images(
     source: Path, categories: Sequence[str] | None, split: str = "test"
-) -> list[ImageRecord]:
-    """Images to score: a data root's `split` images, or every image of a folder tree/manifest.
+) -> Iterable[ImageRecord]:
+    """Images to score: a data root's `split` images (a list), or every image of a folder
+    tree/manifest (a stream, read as it is registered).
 
     A folder counts as a data root when it holds <category>/train/good folders; then
     `categories` picks among them (default: all). A plain folder or manifest needs exactly one
@@ -88,11 +92,13 @@ def find_images(
         raise LayoutError(
             f"{source}: not found; give a data root, a folder of images or a manifest"
         )
-    return discover_archive(source, categories[0])
+    return iter_archive(source, categories[0])
 
 
 def latest_models(session: Session, categories: Sequence[str]) -> dict[str, int]:
     """Each category's newest model id; a category without one is a one-line error."""
+    if not categories:
+        return {}
     found = {category: latest_model_id(session, category) for category in categories}
     missing = sorted(category for category, model_id in found.items() if model_id is None)
     if missing:
@@ -111,23 +117,46 @@ def default_run_name() -> str:
 
 def register_run(
     sessions: sessionmaker[Session],
-    records: Sequence[ImageRecord],
+    records: Iterable[ImageRecord],
     run_name: str | None,
     source: str,
     batch_size: int,
     retry: bool = False,
 ) -> Submission:
     """Create the run (or continue the one of that name) and register its images; with
-    ``retry``, its failed images are put back to pending first."""
+    ``retry``, its failed images are put back to pending first.
+
+    `records` may be a stream (a manifest of millions of paths): it is registered in chunks of
+    REGISTER_CHUNK_IMAGES, one transaction each, so memory stays flat and an interrupted submit
+    keeps what it registered; submitting again adds only the rest. The first chunk is read
+    before the run is created, so a manifest that is wrong from its first line creates nothing.
+    """
     name = run_name or default_run_name()
+    chunks = _chunks(records, REGISTER_CHUNK_IMAGES)
+    first = next(chunks, [])
+    upfront = records if isinstance(records, Sequence) else first  # a list: check all now
     with sessions.begin() as session:
-        model_ids = latest_models(session, sorted({r.category for r in records}))
+        models = latest_models(session, sorted({r.category for r in upfront}))
         run_id = run_id_by_name(session, name) or create_run(session, name, source, batch_size)
-        rows = [_image_row(record, model_ids[record.category]) for record in records]
-        added = register_images(session, run_id, rows)
+        added = register_images(session, run_id, _image_rows(first, models))
+    for chunk in chunks:
+        with sessions.begin() as session:
+            models |= latest_models(session, sorted({r.category for r in chunk} - set(models)))
+            added += register_images(session, run_id, _image_rows(chunk, models))
+    with sessions.begin() as session:
         retried = retry_failed(session, run_id) if retry else 0
-        pending = len(pending_image_ids(session, run_id))
+        pending = count_images(session, run_id, "pending")
     return Submission(run_id, name, added, pending, retried)
+
+
+def _chunks(records: Iterable[ImageRecord], size: int) -> Iterator[list[ImageRecord]]:
+    stream = iter(records)
+    while chunk := list(itertools.islice(stream, size)):
+        yield chunk
+
+
+def _image_rows(records: Iterable[ImageRecord], model_ids: Mapping[str, int]) -> Iterator[ImageRow]:
+    return (_image_row(record, model_ids[record.category]) for record in records)
 
 
 def _image_row(record: ImageRecord, model_id: int) -> ImageRow:
@@ -162,20 +191,12 @@ def broker_app(settings: Settings) -> Celery:
 def enqueue_pending(
     app: Celery, sessions: sessionmaker[Session], run_id: int, batch_size: int, queue: str
 ) -> int:
-    """Send the run's pending images as batches of ids; returns the number of batches."""
-    from worker.config import TASK_NAME
+    """Send the run's pending images as batches of ids; returns the number of batches.
+
+    Ids are read a page at a time (a whole number of batches per page), so enqueueing a run of
+    millions of images holds one page in memory, and all batches go through one connection.
+    """
+    from worker.broker import send_id_batches
 
     with sessions() as session:
-        ids = pending_image_ids(session, run_id)
-    batches = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
-    with app.producer_or_acquire() as producer:
-        for batch in batches:
-            app.send_task(
-                TASK_NAME,
-                args=[run_id, batch],
-                queue=queue,
-                producer=producer,
-                retry=True,
-                retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_max": 2},
-            )
-    return len(batches)
+        return send_id_batches(app, run_id, pending_id_batches(session, run_id, batch_size), queue)

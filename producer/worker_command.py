@@ -26,7 +26,8 @@ EPILOG = (
     "FAISS are initialised in the pool process on its first batch, never before the fork. "
     "Settings: PATCHQ_BROKER_URL, PATCHQ_DATABASE_URL, PATCHQ_QUEUE, PATCHQ_DEVICE, "
     "PATCHQ_MODEL_CACHE_DIR, PATCHQ_TASK_TIME_LIMIT_S, PATCHQ_VISIBILITY_TIMEOUT_S, "
-    "PATCHQ_MAX_REDELIVERIES."
+    "PATCHQ_MAX_REDELIVERIES, PATCHQ_LEASE_S, PATCHQ_HEARTBEAT_S. SIGTERM drains: the worker "
+    "finishes its batch and exits."
 )
 
 

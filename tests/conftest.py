@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from common.store.database import init_db, make_engine, make_session_factory
 
+pytest_plugins = ["tests.cluster"]  # real-process clusters: workers, private brokers and servers
+
 # The PostgreSQL test server; each test gets its own database created (and dropped) through it.
 POSTGRES_ADMIN_URL = os.environ.get(
     "PATCHQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -34,21 +36,25 @@ def postgres_admin() -> Iterator[Engine]:
     engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """URL of an empty database (no tables): a SQLite file, or a throwaway PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'patchq.db'}"
-        return
-    admin: Engine = request.getfixturevalue("postgres_admin")
+@pytest.fixture
+def postgres_url(postgres_admin: Engine) -> Iterator[str]:
+    """URL of an empty, throwaway PostgreSQL database on the test server."""
     name = f"patchq_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
+    with postgres_admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     try:
         yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as connection:
+        with postgres_admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """URL of an empty database (no tables): a SQLite file, or a throwaway PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'patchq.db'}"
+    return request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture

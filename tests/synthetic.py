@@ -88,3 +88,28 @@ def make_mvtec_layout(
             save(image, folder / "test" / kind / f"{i:03d}.png")
             save(mask, folder / "ground_truth" / kind / f"{i:03d}_mask.png")
     return folder
+
+
+def draw_variant(image: np.ndarray) -> np.ndarray:
+    """A copy of `image` with an acceptable mark the normal images lack: a new label, printed
+    at the same place on every such product (a false alarm until the model learns it)."""
+    size = image.shape[0]
+    marked = image.copy()
+    top, side = size // 2, size // 3
+    marked[top : top + side, top : top + side] = (40, 60, 220)
+    return marked
+
+
+def make_review_layout(
+    root: Path, category: str, n_good: int, n_variant: int, n_defect: int, size: int = 64
+) -> Path:
+    """Seed layout for the review loop: train/good, and test/ (unlabelled) holding
+    `n_variant` normal images with the acceptable mark (variant_NNN) and `n_defect` real
+    defects (defect_NNN), for reviewers to tell apart."""
+    folder = make_seed_layout(root, category, n_good, n_bad=0, n_test=0, size=size)
+    for i in range(n_variant):
+        save(draw_variant(make_texture(size, 4000 + i)), folder / "test" / f"variant_{i:03d}.png")
+    for i in range(n_defect):
+        image = draw_defect(make_texture(size, 5000 + i), DEFECT_KINDS[i % 2], 50 + i)[0]
+        save(image, folder / "test" / f"defect_{i:03d}.png")
+    return folder

@@ -9,9 +9,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from aggregator import category_data, exports
 from aggregator.aggregate import aggregate_run
+from common.store import bulk
 from common.store.aggregate_schema import Metric, Prediction, Threshold
 from common.store.database import UnknownRunError, make_engine
+from common.store.schema import Score
 from producer.cli import main
 from tests.aggregate_data import build_dataset, populate
 
@@ -122,3 +125,25 @@ def test_cli_aggregate(run, db_url, tmp_path, monkeypatch, capsys) -> None:
     assert "final (target_precision:0.9)" in out
     assert main(["aggregate", "r1", "--policy", "otsu"]) == 2
     assert "error: unknown threshold policy 'otsu'" in capsys.readouterr().err
+
+
+def test_streaming_in_small_chunks_gives_the_same_results(run, tmp_path, monkeypatch) -> None:
+    """Reads, prediction writes and CSV rows cross chunk boundaries without changing a thing."""
+    engine, run_id = run
+
+    def outcome(out):
+        summary = aggregate_run(engine, run_id, policy="max_f1", out_dir=out, echo=None)
+        files = {c: path.read_text() for c, path in summary.category_csvs.items()}
+        predictions = [
+            (p.image_id, p.category, p.score, p.is_anomaly, p.role)
+            for p in sorted(_rows(engine, Prediction), key=lambda p: p.image_id)
+        ]
+        return files, predictions, summary.summary_csv.read_text()
+
+    whole = outcome(tmp_path / "whole")
+    monkeypatch.setattr(category_data, "READ_CHUNK_ROWS", 3)
+    monkeypatch.setattr(bulk, "SQLITE_CHUNK_ROWS", 4)
+    monkeypatch.setattr(exports, "STREAM_ROWS", 5)
+    chunked = outcome(tmp_path / "chunked")
+    assert chunked == whole
+    assert len(whole[1]) == len(_rows(engine, Score))  # every scored image, once

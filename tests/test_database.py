@@ -18,7 +18,6 @@ from common.store.database import (
     DatabaseError,
     ImageRow,
     ScoreRow,
-    bump_attempts,
     create_run,
     decode_array,
     encode_array,
@@ -84,10 +83,10 @@ def test_migrations_create_tables_and_indexes(engine: Engine) -> None:
         inspector.get_table_names()
     )
     assert {tuple(ix["column_names"]) for ix in inspector.get_indexes("images")} >= {
-        ("run_id", "status"),
+        ("run_id", "status", "id"),
         ("run_id", "category", "status"),
     }
-    assert ("run_id", "category", "score") in {
+    assert {("run_id", "category", "score"), ("run_id", "category", "scored_at")} <= {
         tuple(ix["column_names"]) for ix in inspector.get_indexes("scores")
     }
     head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
@@ -194,14 +193,6 @@ def test_mark_failed_stores_reasons_and_never_undoes_a_result(
             ("failed", "not an image"),
             ("done", None),
         ]
-
-
-def test_bump_attempts_counts_deliveries(sessions: sessionmaker[Session]) -> None:
-    with sessions.begin() as session:
-        _, ids = _run_with_images(session, {"cell": 3})
-        bump_attempts(session, ids[:2])
-    with sessions.begin() as session:
-        assert bump_attempts(session, ids[1:]) == {ids[1]: 2, ids[2]: 1}
 
 
 def test_run_progress_counts_per_category(sessions: sessionmaker[Session]) -> None:

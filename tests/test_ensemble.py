@@ -34,6 +34,7 @@ from common.store.database import (
     store_model,
 )
 from common.store.schema import Score
+from producer.cli import main
 from tests.synthetic import make_seed_layout, make_texture, save
 
 MEMBERS = (
@@ -137,3 +138,20 @@ def test_an_ensemble_is_stored_loaded_and_scored_like_any_model(
     calibration = data_for_report.held_out_normals
     np.testing.assert_allclose(calibration, fit.ensemble.calibration, rtol=1e-6)
     assert data_for_report.preprocessing == fit.ensemble.preprocessing
+
+
+def test_fit_update_of_an_ensemble_is_one_line(
+    fitted, sessions: sessionmaker[Session], db_url: str, monkeypatch, capsys
+) -> None:
+    # --update grows one bank; an ensemble has one per member, so it is refitted instead.
+    fit, _ = fitted
+    data = save_ensemble(fit.ensemble, "tex", fit.validation)
+    with sessions.begin() as session:
+        model_id = store_model(session, "tex", data, artifact_hash(data), "ensemble", {}, None, 1)
+        create_run(session, "r", "test", batch_size=1)
+    monkeypatch.setenv("PATCHQ_DATABASE_URL", db_url)
+    assert main(["fit", "--update", "tex", "--from-run", "r", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"model {model_id} of 'tex' is an ensemble" in error
+    assert "refit the ensemble" in error
+    assert "\n" not in error

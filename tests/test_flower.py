@@ -25,9 +25,11 @@ from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import select
 
 from common.settings import Settings
 from common.store.database import init_db, make_engine
+from common.store.fleet_schema import Worker
 
 pytestmark = pytest.mark.integration
 
@@ -128,6 +130,16 @@ def _wait_for(what: str, check: Callable[[], Any], timeout_s: float) -> Any:
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def _worker_nodes(database_url: str) -> set[str]:
+    """The node names in the workers table, which `patchq status` lists."""
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return set(connection.scalars(select(Worker.node)))
+    finally:
+        engine.dispose()
+
+
 def _queue_length(base: str, queue: str) -> int | None:
     status, body = _get(f"{base}/api/queues/length")
     if status != 200:
@@ -173,6 +185,7 @@ def test_flower_shows_the_queue_and_the_worker_behind_a_login(
 
     _wait_for("Flower to list the worker", worker_listed, START_TIMEOUT_S)
     _wait_for("the queue to drain", lambda: _queue_length(base, queue) == 0, DRAIN_TIMEOUT_S)
+    assert _worker_nodes(environment["PATCHQ_DATABASE_URL"]) == {worker_name}  # = patchq status
 
     status, body = _get(f"{base}/metrics")
     assert status == 200

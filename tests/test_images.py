@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.data.images import ImageLoadError, Preprocessing, is_image_file, load_rgb
+from common.data.files import is_image_file
+from common.data.images import ImageLoadError, Preprocessing, load_rgb
 from common.errors import PatchqError
 from tests.synthetic import make_texture, save
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sqlalchemy.orm import Session
 
-from aggregator.category_data import load_category, normal_patch_maxima, score_name
+from aggregator.category_data import image_files, load_category, normal_patch_maxima, score_name
 from aggregator.evaluation import evaluate_category
 from aggregator.plots import MAP_COLOURS, NORMAL_QUANTILE, map_scale, top_anomalies
 from aggregator.thresholds import parse_policy
@@ -103,6 +103,7 @@ def test_real_run_maps_normal_cool_and_defects_warm(tmp_path: Path) -> None:
     run_id = populate(engine, dataset)
     with Session(engine) as session:
         data = load_category(session, run_id, "tex")
+        files = image_files(session, data.image_ids.tolist())
     engine.dispose()
     tex = dataset["tex"]
     parts = read_artifact(tex.artifact).part_calibration
@@ -118,6 +119,6 @@ def test_real_run_maps_normal_cool_and_defects_warm(tmp_path: Path) -> None:
     assert np.median(defects) > scale.normal_top
     result = evaluate_category(data, parse_policy("youden"))
     by_path = {str(r.path): m for r, m in zip(tex.records, tex.patch_maps, strict=True)}
-    maps = {int(i): by_path[p] for i, p in zip(data.image_ids, data.paths, strict=True)}
-    png = top_anomalies(result, maps, tmp_path / "top.png")
+    maps = {image_id: by_path[image.path] for image_id, image in files.items()}
+    png = top_anomalies(result, maps, files, tmp_path / "top.png")
     assert png is not None and png.stat().st_size > 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.settings import Settings, SettingsError, mask_url
+from common.settings import Settings, SettingsError, mask_url, parse_logins
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +79,8 @@ def test_conversion_error_names_the_variable_and_the_fix(monkeypatch: pytest.Mon
         ("PATCHQ_FLOWER_PORT", "70000", "is not a TCP port"),
         ("PATCHQ_VISIBILITY_TIMEOUT_S", "60", "must exceed PATCHQ_TASK_TIME_LIMIT_S=1800"),
         ("PATCHQ_FLOWER_BASIC_AUTH", "admin", "must be user:password"),
+        ("PATCHQ_REVIEW_BASIC_AUTH", "alice:pw,bob", "must be user:password"),
+        ("PATCHQ_REVIEW_PORT", "0", "is not a TCP port"),
         ("PATCHQ_QUEUE", " ", "PATCHQ_QUEUE (from the environment) is empty"),
     ],
 )
@@ -107,12 +109,18 @@ def test_masked_hides_passwords() -> None:
             "database_url": "postgresql+psycopg://patchq:pg-secret@db:5432/patchq",
             "broker_url": "redis://:redis-secret@redis:6379/0",
             "flower_basic_auth": "admin:f-secret,ops:other",
+            "review_basic_auth": "alice:r-secret:with-colon,bob:r-secret2",
         }
     )
     shown = settings.masked()
     assert shown["database_url"] == "postgresql+psycopg://patchq:***@db:5432/patchq"
     assert shown["broker_url"] == "redis://:***@redis:6379/0"
     assert shown["flower_basic_auth"] == "admin:***,ops:***"
+    assert shown["review_basic_auth"] == "alice:***,bob:***"
+    assert parse_logins(settings.review_basic_auth or "") == {
+        "alice": "r-secret:with-colon",
+        "bob": "r-secret2",
+    }
     assert shown["batch_size"] == "32"
     assert "secret" not in repr(shown)
     assert set(shown) == {name for name, *_ in Settings.describe()}

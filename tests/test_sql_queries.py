@@ -27,6 +27,7 @@ from common.store.database import (
     store_model,
     upsert_scores,
 )
+from common.store.reviews import add_verdict
 
 QUERIES_FILE = Path(__file__).parents[1] / "docs" / "queries.sql"
 _NAME_MARKER = re.compile(r"-- name: (\w+)")
@@ -136,6 +137,7 @@ def test_file_holds_the_documented_queries() -> None:
         "failure_reasons",
         "worker_throughput",
         "score_distribution",
+        "review_verdicts",
     ]
 
 
@@ -199,6 +201,32 @@ def test_score_distribution_nearest_rank_percentiles(engine: Engine, seeded: See
         assert row["max_score"] == pytest.approx(scores.max())
         assert float(row["mean_score"]) == pytest.approx(scores.mean())
         assert {column: row[column] for column in quantile} == pytest.approx(quantile)
+
+
+def test_review_verdicts_latest_wins_with_history(engine: Engine, seeded: Seeded) -> None:
+    with make_session_factory(engine).begin() as session:
+        first, second = _image_ids(session, seeded.run_id)[:2]
+        add_verdict(session, seeded.run_id, first, "defect", "alice")
+        add_verdict(session, seeded.run_id, first, "normal", "bob")
+        add_verdict(session, seeded.run_id, second, "defect", "alice")
+    rows = _query(engine, "review_verdicts", run_id=seeded.run_id)
+    assert [(r["path"], r["verdict"], r["reviewer"], r["verdicts"]) for r in rows] == [
+        (_image_path(engine, first), "normal", "bob", 2),
+        (_image_path(engine, second), "defect", "alice", 1),
+    ]
+
+
+def _image_ids(session: Session, run_id: int) -> list[int]:
+    return list(
+        session.execute(
+            text("SELECT id FROM images WHERE run_id = :run_id ORDER BY id"), {"run_id": run_id}
+        ).scalars()
+    )
+
+
+def _image_path(engine: Engine, image_id: int) -> str:
+    with Session(engine) as session:
+        return _path_of(session, image_id)
 
 
 def test_docs_show_the_tested_queries() -> None:

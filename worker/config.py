@@ -6,8 +6,9 @@ workers' app from the environment (and so needs PATCHQ_BROKER_URL). Delivery set
 - acks late + reject on worker lost: a batch is acknowledged only after its rows are
   committed, and a worker process that dies mid-batch hands the batch back to the queue;
 - prefetch 1: a worker holds at most the batch it is scoring, so a lost worker strands little;
-- visibility timeout (PATCHQ_VISIBILITY_TIMEOUT_S, longer than the task time limit): Redis
-  redelivers a batch whose whole worker vanished (SIGKILL, power loss) after this long;
+- leases in SQL (common.store.leases) bring back a batch whose whole worker vanished (SIGKILL,
+  power loss) within PATCHQ_LEASE_S; Redis's visibility timeout (PATCHQ_VISIBILITY_TIMEOUT_S,
+  longer than the task time limit) only backs them up;
 - the redelivery limit is counted in the database (images.attempts), not by the broker, so it
   survives broker restarts; see common.scoring;
 - no result backend: results are rows in SQL, never Celery payloads.

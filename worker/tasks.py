@@ -2,27 +2,45 @@
 
 Per worker process, the database engine and the model provider are created on the first task,
 i.e. after the prefork pool has forked, so no connection, CUDA context or FAISS index is ever
-shared with a parent process.
+shared with a parent process. Each scoring process also runs a heartbeat (worker.heartbeat),
+started when the process starts and stopped when it drains, which renews the lease of the
+batch in hand and sweeps for work nobody holds any more.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import AbstractContextManager, nullcontext
 from functools import cache
+from typing import Any
 
 from celery import Task
+from celery.concurrency.solo import TaskPool as SoloPool
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.exc import OperationalError
+from celery.signals import (
+    celeryd_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import PatchqError
 from common.scoring import ModelProvider, score_batch
 from common.store.database import DatabaseError, make_engine, make_session_factory, mark_failed
+from common.store.leases import Lease
 from worker.app import app, settings
 from worker.config import TASK_NAME
+from worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
+# Lost connections and a server restarting: retried, never recorded on the images.
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
+_node = {"name": ""}  # this worker's Celery node name, set in the main process before the fork
+_heartbeat: dict[int, Heartbeat] = {}  # pid -> this process's heartbeat, once started
 
 
 @cache
@@ -35,11 +53,13 @@ def _process_state(pid: int) -> tuple[sessionmaker[Session], ModelProvider]:
 @app.task(
     bind=True,
     name=TASK_NAME,
-    autoretry_for=(OperationalError,),
+    autoretry_for=TRANSIENT_DB_ERRORS,
     retry_backoff=2,
-    retry_backoff_max=60,
+    retry_backoff_max=30,
     retry_jitter=True,
-    max_retries=5,
+    # A database outage lasts as long as it lasts: keep retrying (never failing the images),
+    # so the batch goes on within 30 s of the database's return, without waiting for a sweep.
+    max_retries=None,
 )
 def score_batch_task(self: Task, run_id: int, image_ids: list[int]) -> None:
     """Score a batch; a transient database error is retried with backoff, a user-level error
@@ -51,21 +71,23 @@ def score_batch_task(self: Task, run_id: int, image_ids: list[int]) -> None:
         raise self.retry(exc=error, countdown=5) from error
     worker_name = f"{self.request.hostname}/{os.getpid()}"
     try:
-        outcome = score_batch(
-            sessions,
-            run_id,
-            image_ids,
-            provider,
-            worker_name,
-            max_deliveries=settings.max_redeliveries + 1,
-        )
+        with _working_on(run_id, image_ids):
+            outcome = score_batch(
+                sessions,
+                run_id,
+                image_ids,
+                provider,
+                worker_name,
+                max_deliveries=settings.max_redeliveries + 1,
+                lease=Lease(self.request.hostname, settings.lease_s),
+            )
     except SoftTimeLimitExceeded:
         _fail(sessions, run_id, image_ids, _timeout_reason())
         raise
     except PatchqError as error:
         _fail(sessions, run_id, image_ids, str(error))
         raise
-    except OperationalError:
+    except TRANSIENT_DB_ERRORS:
         raise  # transient database trouble: autoretry_for delivers the batch again
     except Exception as error:
         # Anything else (CUDA out of memory, a FAISS error, a full disk) would be acked and
@@ -92,3 +114,46 @@ def _timeout_reason() -> str:
 def _fail(sessions: sessionmaker[Session], run_id: int, image_ids: list[int], reason: str) -> None:
     with sessions.begin() as session:
         mark_failed(session, run_id, dict.fromkeys(image_ids, reason))
+
+
+def _working_on(run_id: int, image_ids: list[int]) -> AbstractContextManager[None]:
+    heartbeat = _heartbeat.get(os.getpid())
+    return nullcontext() if heartbeat is None else heartbeat.working_on(run_id, image_ids)
+
+
+def _start_heartbeat() -> None:
+    _heartbeat[os.getpid()] = Heartbeat(
+        lambda: _process_state(os.getpid())[0], app, settings, _node["name"]
+    )
+
+
+def _stop_heartbeat() -> None:
+    heartbeat = _heartbeat.pop(os.getpid(), None)
+    if heartbeat is not None:
+        heartbeat.stop()
+
+
+@celeryd_init.connect
+def _remember_node(sender: str, **_: Any) -> None:
+    _node["name"] = sender
+
+
+@worker_process_init.connect
+def _on_pool_process_start(**_: Any) -> None:
+    _start_heartbeat()
+
+
+@worker_process_shutdown.connect
+def _on_pool_process_exit(**_: Any) -> None:
+    _stop_heartbeat()
+
+
+@worker_ready.connect
+def _on_solo_worker_ready(sender: Any, **_: Any) -> None:
+    if isinstance(sender.pool, SoloPool):  # no pool processes: the main process scores
+        _start_heartbeat()
+
+
+@worker_shutdown.connect
+def _on_worker_exit(**_: Any) -> None:
+    _stop_heartbeat()

@@ -20,10 +20,6 @@ from torchvision.transforms import functional as tf
 
 from common.errors import PatchqError
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-)
-
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
@@ -35,11 +31,6 @@ class ImageLoadError(PatchqError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
-
-
-def is_image_file(path: Path) -> bool:
-    """Extension test, case-insensitive because cameras and Windows tools write `.JPG`/`.PNG`."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def load_rgb(path: Path) -> Image.Image:

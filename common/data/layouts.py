@@ -9,12 +9,14 @@ it does not care which layout the images came from.
 from __future__ import annotations
 
 import csv
+import itertools
+import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.data.images import IMAGE_EXTENSIONS, is_image_file
+from common.data.files import IMAGE_EXTENSIONS, is_image_file
 from common.errors import PatchqError
 
 _EXTENSIONS_TEXT = " ".join(sorted(IMAGE_EXTENSIONS))
@@ -132,71 +134,111 @@ def _masks_by_name(folder: Path) -> dict[str, Path]:
 
 
 def _images(folder: Path, recursive: bool = True) -> list[Path]:
-    """Sorted image files under `folder`; one directory walk, so each file is listed once
-    whatever the case of its extension. Hidden files are skipped: macOS leaves `._name.png`
-    resource forks that carry an image extension but hold no image."""
+    """Sorted image files under `folder`, each listed once whatever the case of its extension."""
     if not folder.is_dir():
         return []
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(
-        p
-        for p in candidates
-        if is_image_file(p)
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    return list(_walk_images(folder, recursive))
+
+
+def _walk_images(folder: Path, recursive: bool = True) -> Iterator[Path]:
+    """Image files under `folder` in sorted path order, one directory at a time, so a tree of
+    millions of files streams instead of being listed and sorted whole. Hidden entries are
+    skipped: macOS leaves `._name.png` resource forks that carry an image extension but hold
+    no image. Linked folders are not followed (as `Path.rglob`), so a link cannot loop."""
+    with os.scandir(folder) as scan:
+        entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            if recursive:
+                yield from _walk_images(Path(entry.path))
+        elif entry.is_file() and is_image_file(Path(entry.name)):
+            yield Path(entry.path)
 
 
 def discover_archive(source: Path, category: str) -> list[ImageRecord]:
-    """Images to score from a folder tree (all images, unlabelled) or a manifest file.
+    """The images of a folder tree or manifest as a list, each path once (see iter_archive)."""
+    records: dict[Path, ImageRecord] = {}
+    for record in iter_archive(source, category):
+        records.setdefault(record.path, record)
+    return list(records.values())
+
+
+def iter_archive(source: Path, category: str) -> Iterator[ImageRecord]:
+    """Images to score from a folder tree (all images, unlabelled) or a manifest file, streamed.
 
     A manifest (.csv/.txt) has one path per line, optionally a label column (0/1 or good/bad);
-    further columns are ignored, a header line is allowed, blank and `#` lines are skipped.
-    Relative paths are taken from the manifest's folder. Files are not opened here: a missing
-    or broken image fails on its own when scored, and the rest of the run goes on.
+    further columns are ignored, a header line is allowed, blank and `#` lines are skipped; its
+    first line decides the delimiter (a tab, else a comma). Relative paths are taken from the
+    manifest's folder. Nothing is held but the current line, so a manifest of millions of paths
+    costs no memory; a path listed twice comes twice (registration keeps the first). Files are
+    not opened here: a missing or broken image fails on its own when scored, and the rest of
+    the run goes on. A source that is missing or empty, or whose first line is bad, fails
+    now; a bad later line fails when the stream reaches it.
     """
     source = Path(source)
     if source.is_dir():
-        paths = _images(source)
-        if not paths:
-            raise LayoutError(
-                f"{source}: no images ({_EXTENSIONS_TEXT}); point at a folder of images "
-                "or a .csv/.txt manifest of paths"
-            )
-        return [ImageRecord(p, category, "test", None) for p in paths]
+        return _started(_archive_folder(source, category))
     if not source.is_file():
         raise LayoutError(f"{source}: not found; give a folder of images or a .csv/.txt manifest")
     if source.suffix.lower() not in _MANIFEST_SUFFIXES:
         raise LayoutError(
             f"{source}: not a folder or a .csv/.txt manifest; give one of those (one path per line)"
         )
-    return _read_manifest(source, category)
+    return _started(_read_manifest(source, category))
 
 
-def _read_manifest(manifest: Path, category: str) -> list[ImageRecord]:
-    text = manifest.read_text(encoding="utf-8-sig")
-    delimiter = "\t" if "\t" in text else ","
-    rows = [
-        (number, [cell.strip() for cell in row])
-        for number, row in enumerate(csv.reader(text.splitlines(), delimiter=delimiter), 1)
-        if row and row[0].strip() and not row[0].strip().startswith("#")
-    ]
-    if rows and _is_header(rows[0][1]):
-        rows = rows[1:]
-    if not rows:
-        raise LayoutError(f"{manifest}: no image paths; list one path per line")
-    records: dict[Path, ImageRecord] = {}
-    for number, row in rows:
-        label = row[1].lower() if len(row) > 1 else ""
-        if label and label not in _LABELS:
-            raise LayoutError(
-                f"{manifest}:{number}: label {row[1]!r} is not 0/1/good/bad; fix or leave it empty"
-            )
-        path = manifest.parent / Path(row[0]).expanduser()
-        value = _LABELS.get(label)
-        defect = None if value is None else ("good", "bad")[value]
-        records.setdefault(path, ImageRecord(path, category, "test", value, defect))
-    return list(records.values())
+def _started(records: Iterator[ImageRecord]) -> Iterator[ImageRecord]:
+    """`records` with its first item already read, so the errors of an empty source come now."""
+    first = next(records)
+    return itertools.chain([first], records)
+
+
+def _archive_folder(folder: Path, category: str) -> Iterator[ImageRecord]:
+    found = False
+    for path in _walk_images(folder):
+        found = True
+        yield ImageRecord(path, category, "test", None)
+    if not found:
+        raise LayoutError(
+            f"{folder}: no images ({_EXTENSIONS_TEXT}); point at a folder of images "
+            "or a .csv/.txt manifest of paths"
+        )
+
+
+def _read_manifest(manifest: Path, category: str) -> Iterator[ImageRecord]:
+    with manifest.open(encoding="utf-8-sig", newline="") as lines:
+        head = []  # lines up to the first that names a path, which sets the delimiter
+        for line in lines:
+            head.append(line)
+            if line.strip() and not line.strip().startswith("#"):
+                break
+        delimiter = "\t" if head and "\t" in head[-1] else ","
+        rows = _manifest_rows(itertools.chain(head, lines), delimiter)
+        first = next(rows, None)
+        if first is not None and _is_header(first[1]):
+            first = next(rows, None)
+        if first is None:
+            raise LayoutError(f"{manifest}: no image paths; list one path per line")
+        for number, row in itertools.chain([first], rows):
+            yield _manifest_record(manifest, category, number, row)
+
+
+def _manifest_rows(lines: Iterable[str], delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, stripped cells) of the lines that name a path."""
+    for number, row in enumerate(csv.reader(lines, delimiter=delimiter), 1):
+        if row and row[0].strip() and not row[0].strip().startswith("#"):
+            yield number, [cell.strip() for cell in row]
+
+
+def _manifest_record(manifest: Path, category: str, number: int, row: list[str]) -> ImageRecord:
+    label = row[1].lower() if len(row) > 1 else ""
+    if label and label not in _LABELS:
+        raise LayoutError(
+            f"{manifest}:{number}: label {row[1]!r} is not 0/1/good/bad; fix or leave it empty"
+        )
+    value = _LABELS.get(label)
+    defect = None if value is None else ("good", "bad")[value]
+    return ImageRecord(manifest.parent / Path(row[0]).expanduser(), category, "test", value, defect)
 
 
 def _is_header(row: list[str]) -> bool:

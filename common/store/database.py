@@ -8,7 +8,7 @@ PostgreSQL, because Celery delivers a batch at least once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,12 +27,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import PatchqError
 from common.settings import mask_url
+from common.store.bulk import insert_images
 from common.store.schema import Base, Image, Model, Run, Score, utcnow
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PENDING_PAGE_BATCHES = 1024  # batches of pending ids read per query when enqueueing
 POSTGRES_CONNECT_TIMEOUT_S = 10
-REGISTER_CHUNK_ROWS = 500  # 8 columns x 500 rows stays far below both dialects' parameter limits
 _MIGRATION_LOCK_KEY = 0x70617463  # "patc": one PostgreSQL advisory lock serialises migrations
 _ARRAY_DTYPE = np.dtype("<f2")  # little-endian float16: half the bytes, same on every machine
 
@@ -195,7 +196,7 @@ def init_db(engine: Engine) -> None:
             ) from None
 
 
-def _insert(session: Session, entity: type[Base]) -> Any:
+def insert_statement(session: Session, entity: type[Base]) -> Any:
     """The dialect's Core INSERT, which knows ON CONFLICT."""
     dialect = session.get_bind().dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(entity.__table__)
@@ -213,7 +214,7 @@ def store_model(
 ) -> int:
     """Id of the model with this content hash, inserting it unless an identical one is stored."""
     session.execute(
-        _insert(session, Model)
+        insert_statement(session, Model)
         .values(
             category=category,
             artifact=artifact_bytes,
@@ -291,31 +292,27 @@ def run_id_by_name(session: Session, name: str) -> int | None:
     return session.scalars(select(Run.id).where(Run.name == name)).first()
 
 
-def register_images(session: Session, run_id: int, rows: Sequence[ImageRow]) -> int:
-    """Add images to a run, skipping paths it already has; returns how many were new."""
-    values = [
-        {
-            "run_id": run_id,
-            "category": row["category"],
-            "path": row["path"],
-            "model_id": row["model_id"],
-            "split": row.get("split"),
-            "label": row.get("label"),
-            "defect_type": row.get("defect_type"),
-            "mask_path": row.get("mask_path"),
-        }
-        for row in rows
-    ]
-    added = 0
-    for start in range(0, len(values), REGISTER_CHUNK_ROWS):
-        result = session.execute(
-            _insert(session, Image)
-            .values(values[start : start + REGISTER_CHUNK_ROWS])
-            .on_conflict_do_nothing(index_elements=["run_id", "path"])
-            .execution_options(preserve_rowcount=True)  # INSERT rowcounts are otherwise -1
-        )
-        added += result.rowcount
-    return added
+def register_images(session: Session, run_id: int, rows: Iterable[ImageRow]) -> int:
+    """Add images to a run, skipping paths it already has; returns how many were new.
+
+    `rows` may be a stream: it is consumed once, one row at a time.
+    """
+    return insert_images(
+        session,
+        (
+            {
+                "run_id": run_id,
+                "category": row["category"],
+                "path": row["path"],
+                "model_id": row["model_id"],
+                "split": row.get("split"),
+                "label": row.get("label"),
+                "defect_type": row.get("defect_type"),
+                "mask_path": row.get("mask_path"),
+            }
+            for row in rows
+        ),
+    )
 
 
 def pending_image_ids(session: Session, run_id: int) -> list[int]:
@@ -329,20 +326,34 @@ def pending_image_ids(session: Session, run_id: int) -> list[int]:
     )
 
 
+def pending_id_batches(session: Session, run_id: int, batch_size: int) -> Iterator[list[int]]:
+    """The run's pending ids in registration order, in batches of `batch_size`, read a page of
+    PENDING_PAGE_BATCHES batches at a time (keyset paging on the (run_id, status) index), so a
+    run of millions of images is never loaded whole."""
+    last_id = 0
+    page_size = batch_size * PENDING_PAGE_BATCHES
+    while ids := list(
+        session.scalars(
+            select(Image.id)
+            .where(Image.run_id == run_id, Image.status == "pending", Image.id > last_id)
+            .order_by(Image.id)
+            .limit(page_size)
+        )
+    ):
+        yield from (ids[start : start + batch_size] for start in range(0, len(ids), batch_size))
+        last_id = ids[-1]
+
+
+def count_images(session: Session, run_id: int, status: str) -> int:
+    """How many of the run's images have `status`, counted in the database."""
+    return session.scalar(
+        select(func.count()).where(Image.run_id == run_id, Image.status == status)
+    )
+
+
 def images_by_id(session: Session, ids: Sequence[int]) -> list[Image]:
     """The image rows of a batch, in id order (ids that do not exist are simply absent)."""
     return list(session.scalars(select(Image).where(Image.id.in_(ids)).order_by(Image.id)))
-
-
-def bump_attempts(session: Session, ids: Sequence[int]) -> dict[int, int]:
-    """Count one more delivery of these images; returns each image's attempts so far."""
-    session.execute(
-        update(Image)
-        .where(Image.id.in_(ids))
-        .values(attempts=Image.attempts + 1)
-        .execution_options(synchronize_session=False)
-    )
-    return dict(session.execute(select(Image.id, Image.attempts).where(Image.id.in_(ids))).all())
 
 
 def mark_failed(session: Session, run_id: int, reasons: Mapping[int, str]) -> None:
@@ -356,7 +367,12 @@ def mark_failed(session: Session, run_id: int, reasons: Mapping[int, str]) -> No
     session.execute(
         update(Image)
         .where(Image.run_id == run_id, Image.id.in_(list(reasons)), Image.status != "done")
-        .values(status="failed", error=case(dict(reasons), value=Image.id))
+        .values(
+            status="failed",
+            error=case(dict(reasons), value=Image.id),
+            leased_by=None,
+            lease_until=None,
+        )
         .execution_options(synchronize_session=False)
     )
 
@@ -377,7 +393,7 @@ def retry_failed(session: Session, run_id: int) -> int:
 
 
 def upsert_scores(session: Session, rows: Sequence[ScoreRow]) -> None:
-    """Write a batch's scores in one INSERT .. ON CONFLICT DO UPDATE and mark those images done.
+    """Write a batch's scores with INSERT .. ON CONFLICT DO UPDATE and mark those images done.
 
     A redelivered batch overwrites its earlier rows (the newer values win) instead of adding
     duplicates. A key repeated within `rows` keeps its last row, since PostgreSQL refuses to
@@ -391,18 +407,22 @@ def upsert_scores(session: Session, rows: Sequence[ScoreRow]) -> None:
         session.execute(select(Image.id, Image.category).where(Image.id.in_(image_ids))).all()
     )
     values = [_score_values(row, categories[row["image_id"]]) for row in latest.values()]
-    statement = _insert(session, Score).values(values)
+    statement = insert_statement(session, Score).values(values)
     written = [name for name in values[0] if name not in ("run_id", "image_id")]
+    # One single-row statement run for every row (executemany), not one statement with a
+    # VALUES entry per row: SQLAlchemy caches the compiled form and the driver batches the
+    # rows, where compiling a fresh multi-row statement per batch took half the write time.
     session.execute(
         statement.on_conflict_do_update(
             index_elements=["run_id", "image_id"],
             set_={name: statement.excluded[name] for name in written},
-        )
+        ),
+        values,
     )
     session.execute(
         update(Image)
         .where(Image.id.in_(image_ids))
-        .values(status="done", error=None)
+        .values(status="done", error=None, leased_by=None, lease_until=None)
         .execution_options(synchronize_session=False)
     )
 
@@ -428,7 +448,12 @@ def _score_values(row: ScoreRow, category: str) -> dict[str, Any]:
 
 
 def run_progress(session: Session, run_id: int) -> list[CategoryProgress]:
-    """Per category of the run (sorted): done/failed/pending counts and the scoring time span."""
+    """Per category of the run (sorted): done/failed/pending counts and the scoring time span.
+
+    Both are aggregates the database answers from indexes, (run_id, category, status) for the
+    counts and (run_id, category, scored_at) for the span, so status stays quick on runs of
+    millions of images.
+    """
     counts: dict[str, dict[str, int]] = {}
     for category, status, count in session.execute(
         select(Image.category, Image.status, func.count())
@@ -436,22 +461,28 @@ def run_progress(session: Session, run_id: int) -> list[CategoryProgress]:
         .group_by(Image.category, Image.status)
     ):
         counts.setdefault(category, {})[status] = count
-    spans = {
-        category: (first, last)
-        for category, first, last in session.execute(
-            select(Score.category, func.min(Score.scored_at), func.max(Score.scored_at))
-            .where(Score.run_id == run_id)
-            .group_by(Score.category)
-        )
-    }
+    spans = {category: _scoring_span(session, run_id, category) for category in counts}
     return [
         CategoryProgress(
             category=category,
             done=by_status.get("done", 0),
             failed=by_status.get("failed", 0),
             pending=by_status.get("pending", 0),
-            first_scored_at=spans.get(category, (None, None))[0],
-            last_scored_at=spans.get(category, (None, None))[1],
+            first_scored_at=spans[category][0],
+            last_scored_at=spans[category][1],
         )
         for category, by_status in sorted(counts.items())
     ]
+
+
+def _scoring_span(
+    session: Session, run_id: int, category: str
+) -> tuple[datetime | None, datetime | None]:
+    """First and last scoring time of a category: min/max alone (no GROUP BY), which both
+    dialects answer from the two ends of the (run_id, category, scored_at) index."""
+    first, last = session.execute(
+        select(func.min(Score.scored_at), func.max(Score.scored_at)).where(
+            Score.run_id == run_id, Score.category == category
+        )
+    ).one()
+    return first, last

@@ -101,8 +101,9 @@ class Image(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "path"),
         CheckConstraint(f"status IN {IMAGE_STATUSES}", name="status"),
-        Index(None, "run_id", "status"),
+        Index(None, "run_id", "status", "id"),  # pending ids in order: keyset pages
         Index(None, "run_id", "category", "status"),
+        Index(None, "lease_until"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -117,6 +118,9 @@ class Image(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The lease (common.store.leases): which worker node holds the image and until when.
+    leased_by: Mapped[str | None] = mapped_column(String(255))
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
 
 
@@ -129,7 +133,10 @@ class Score(Base):
     """
 
     __tablename__ = "scores"
-    __table_args__ = (Index(None, "run_id", "category", "score"),)
+    __table_args__ = (
+        Index(None, "run_id", "category", "score"),
+        Index(None, "run_id", "category", "scored_at"),  # status: first/last scoring time
+    )
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     image_id: Mapped[int] = mapped_column(

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from alembic import context
 
-import common.store.aggregate_schema  # noqa: F401  (registers the aggregator's tables on Base)
+# Imported for their side effect: they register the aggregator's, workers' and reviews tables.
+import common.store.aggregate_schema
+import common.store.fleet_schema
+import common.store.review_schema  # noqa: F401
 from common.store.schema import Base
 
 connection = context.config.attributes["connection"]

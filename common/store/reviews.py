@@ -1,0 +1,48 @@
+"""Reading and writing verdicts: append a row per decision, read the latest row per image.
+
+Like common.store.database, these take a Session and never commit; the caller owns the
+transaction.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from common.errors import PatchqError
+from common.store.review_schema import VERDICTS, Review
+from common.store.schema import Image
+
+
+class ReviewError(PatchqError):
+    """A verdict that cannot be stored (unknown verdict, image not in the run)."""
+
+
+def add_verdict(session: Session, run_id: int, image_id: int, verdict: str, reviewer: str) -> int:
+    """Append one verdict and return its id; the image must belong to the run."""
+    if verdict not in VERDICTS:
+        raise ReviewError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
+    in_run = session.scalar(select(Image.id).where(Image.id == image_id, Image.run_id == run_id))
+    if in_run is None:
+        raise ReviewError(f"image {image_id} is not in run {run_id}")
+    review = Review(run_id=run_id, image_id=image_id, verdict=verdict, reviewer=reviewer)
+    session.add(review)
+    session.flush()
+    return review.id
+
+
+def latest_review_ids(run_id: int) -> Select[tuple[int]]:
+    """The id of each reviewed image's latest verdict in the run (a subquery to join on)."""
+    return (
+        select(func.max(Review.id).label("id"))
+        .where(Review.run_id == run_id)
+        .group_by(Review.image_id)
+    )
+
+
+def latest_verdicts(session: Session, run_id: int, category: str | None = None) -> dict[int, str]:
+    """image id -> its latest verdict in the run, for every reviewed image (of one category)."""
+    query = select(Review.image_id, Review.verdict).where(Review.id.in_(latest_review_ids(run_id)))
+    if category is not None:
+        query = query.join(Image, Image.id == Review.image_id).where(Image.category == category)
+    return {image_id: verdict for image_id, verdict in session.execute(query)}
