@@ -15,8 +15,11 @@ from aggregator.evaluation import AggregateError, CategoryData
 from aggregator.frames import model_frame_mask
 from aggregator.metrics import check_scores
 from aggregator.pixel_metrics import PixelMetrics, pixel_metrics
+from common.data.images import Preprocessing
 from common.engine.anomaly_map import anomaly_map
 from common.engine.artifact import ModelArtifact, read_artifact
+from common.engine.ensemble import is_ensemble, read_reference
+from common.engine.normalise import TAIL_FUSIONS
 from common.store.database import decode_array, run_progress
 from common.store.reviews import latest_verdicts
 from common.store.schema import Image, Model, Score
@@ -67,7 +70,7 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
     columns = _concatenate(parts)  # `parts` is emptied as it goes: one copy of each at a time
     order = np.argsort(columns[0], kind="stable")
     ids, labels, in_train, has_mask, scores = (columns.pop(0)[order] for _ in range(5))
-    artifact = read_artifact(
+    held_out, preprocessing, name, maxima = _reference(
         session.scalars(select(Model.artifact).where(Model.id == used[0])).one()
     )
     progress = {p.category: p for p in run_progress(session, run_id)}[category]
@@ -80,21 +83,39 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         labels=labels,
         in_train=in_train,
         has_mask=has_mask,
-        held_out_normals=np.asarray(artifact.calibration, np.float64),
-        preprocessing=artifact.config.preprocessing(),
+        held_out_normals=np.asarray(held_out, np.float64),
+        preprocessing=preprocessing,
         n_failed=progress.failed,
         n_pending=progress.pending,
-        score_name=score_name(artifact),
-        normal_patch_maxima=normal_patch_maxima(artifact),
+        score_name=name,
+        normal_patch_maxima=maxima,
         n_review_labels=n_reviewed,
+    )
+
+
+def _reference(data: bytes) -> tuple[np.ndarray, Preprocessing, str, np.ndarray]:
+    """(held-out normal scores, preprocessing, score name, held-out s*) of a stored model,
+    single or ensemble. An ensemble's score is not a patch distance: no s* reference."""
+    if is_ensemble(data):
+        held_out, preprocessing = read_reference(data)
+        name = "ensemble score (mean of the members' z-scores vs held-out normals)"
+        return held_out, preprocessing, name, np.empty(0)
+    artifact = read_artifact(data)
+    return (
+        artifact.calibration,
+        artifact.config.preprocessing(),
+        score_name(artifact),
+        normal_patch_maxima(artifact),
     )
 
 
 def score_name(artifact: ModelArtifact) -> str:
     """The model's image score in words: what a histogram of it has on its axis."""
     config = artifact.config
+    if config.scorer == "fused" and config.fusion in TAIL_FUSIONS:
+        return f"fused image score (-log {config.fusion} tail probability vs held-out normals)"
     if config.scorer == "fused":
-        return "fused image score (max of the parts' z-scores vs held-out normals)"
+        return f"fused image score ({config.fusion} of the parts' z-scores vs held-out normals)"
     if config.scorer == "global":
         return "image score: Mahalanobis distance of pooled features"
     if config.num_neighbors > 1:

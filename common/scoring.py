@@ -35,7 +35,8 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.data.batches import DecodedBatch, decode_batch
-from common.engine.artifact import artifact_hash, load_artifact
+from common.engine.artifact import artifact_hash
+from common.engine.ensemble import Ensemble, load_model
 from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore
 from common.store.database import (
@@ -97,22 +98,22 @@ class ModelProvider:
         self._cache_dir = Path(cache_dir)
         self._device = device
         self._capacity = max(1, capacity)
-        self._models: OrderedDict[int, PatchCore] = OrderedDict()
+        self._models: OrderedDict[int, PatchCore | Ensemble] = OrderedDict()
         self._pid = os.getpid()
         self._lock = threading.Lock()  # a pipelined worker asks from several threads
 
-    def get(self, model_id: int) -> PatchCore:
+    def get(self, model_id: int) -> PatchCore | Ensemble:
         """The model, built on first use in this process (once, whichever thread asks)."""
         with self._lock:
             return self._get(model_id)
 
-    def _get(self, model_id: int) -> PatchCore:
+    def _get(self, model_id: int) -> PatchCore | Ensemble:
         if os.getpid() != self._pid:
             self._models.clear()
             self._pid = os.getpid()
         model = self._models.get(model_id)
         if model is None:
-            model = load_artifact(self._artifact_bytes(model_id), self._device)
+            model = load_model(self._artifact_bytes(model_id), self._device)
             self._models[model_id] = model
             while len(self._models) > self._capacity:
                 self._models.popitem(last=False)
@@ -235,7 +236,7 @@ def _one_by_one(
 class DecodedGroup:
     """Images of a batch that share a model, decoded and ready for the backbone."""
 
-    model: PatchCore
+    model: PatchCore | Ensemble
     images: list[Image]
     decoded: DecodedBatch
 
@@ -325,13 +326,19 @@ def write_batch(
 def _score_group(
     group: DecodedGroup, run_id: int, worker_name: str, outcome: BatchOutcome
 ) -> list[ScoreRow]:
-    bank = _TimedBank(group.model.bank)
-    timed_model = group.model.with_bank(bank)  # type: ignore[arg-type]
+    banks: list[_TimedBank] = []
+
+    def timed(bank: MemoryBank) -> MemoryBank:
+        banks.append(_TimedBank(bank))
+        return banks[-1]  # type: ignore[return-value]
+
+    timed_model = group.model.with_banks(timed)
     start = time.perf_counter()
     result = timed_model.score_tensors(group.decoded.tensor)
     elapsed = time.perf_counter() - start
-    outcome.timings["search_s"] += bank.seconds
-    outcome.timings["backbone_s"] += elapsed - bank.seconds
+    search = sum(bank.seconds for bank in banks)
+    outcome.timings["search_s"] += search
+    outcome.timings["backbone_s"] += elapsed - search
     per_image_ms = 1000 * elapsed / len(group.decoded.ok)
     return [
         ScoreRow(

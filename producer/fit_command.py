@@ -89,6 +89,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the holdout split and sampler")
     group.add_argument(
+        "--auto",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="choose the configuration and scorer by held-out validation, report on other "
+        "images (default: on where the category has at least 4 held-out normals and 4 "
+        "labelled defects; docs/accuracy.md)",
+    )
+    group.add_argument(
+        "--ensemble-member",
+        action="append",
+        metavar="LAYERS[@SIZE]",
+        help="fit an ensemble instead, one member per flag (at least 2), e.g. "
+        "--ensemble-member stage3,stage5 --ensemble-member stage2,stage3@320",
+    )
+    group.add_argument(
         "--batch-size", type=int, help="images per batch (default: PATCHQ_BATCH_SIZE, 32)"
     )
     group.add_argument("--device", help="auto, cpu or cuda[:N] (default: PATCHQ_DEVICE or auto)")
@@ -145,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.load({"device": args.device, "batch_size": args.batch_size})
     records = discover(args.data, args.category)
     print(summarize(records))
-    from producer.fitting import fit_and_store  # here: --help must not load torch
+    from producer.fitting import FitPlan, fit_and_store  # here: --help must not load torch
 
-    fit_and_store(records, config_from_args(args), settings, holdout_from_args(args))
+    fit_and_store(records, FitPlan.from_args(args), settings)
     return 0

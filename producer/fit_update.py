@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from common.data.layouts import ImageRecord
 from common.engine.artifact import artifact_hash, load_artifact, save_artifact
 from common.engine.bank_update import BankUpdate, image_scores, patch_features, update_bank
+from common.engine.ensemble import is_ensemble
 from common.engine.fit import split_holdout
 from common.engine.patchcore import PatchCore, resolve_device
 from common.errors import PatchqError
@@ -74,9 +75,10 @@ def run_update(args: argparse.Namespace) -> int:
                     f"no model for category {args.update!r}; run `patchq fit --data ROOT "
                     f"--category {args.update}` first"
                 )
+            data = _single_model_bytes(session, model_id, args.update)
             holdout = holdout_from_args(args)
             images = reviewed_images(session, run_id, args.update, holdout, args.seed)
-            model = load_artifact(load_model_bytes(session, model_id)[0], str(device))
+            model = load_artifact(data, str(device))
             threshold = _threshold(session, run_id, args.update, model_id, images, model)
         features, skipped = patch_features(model, _paths(images.update), settings.batch_size)
         if skipped:
@@ -94,6 +96,17 @@ def run_update(args: argparse.Namespace) -> int:
         kept = f"run {run_name or run_id} keeps model {model_id}"
         print(f"stored as model {new_id}: new runs of {args.update} score with it ({kept})")
     return 0
+
+
+def _single_model_bytes(session: Session, model_id: int, category: str) -> bytes:
+    """The latest model's file, which must be one bank: an ensemble's members each have theirs."""
+    data = load_model_bytes(session, model_id)[0]
+    if is_ensemble(data):
+        raise UpdateError(
+            f"model {model_id} of {category!r} is an ensemble; --update adds to one model's "
+            "bank, so refit the ensemble (`patchq fit --ensemble-member ...`) instead"
+        )
+    return data
 
 
 def reviewed_images(

@@ -2,75 +2,156 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from common.data.layouts import ImageRecord
 from common.engine.artifact import artifact_hash, save_artifact
-from common.engine.fit import FitResult, fit_category
+from common.engine.auto import can_choose, fit_auto
+from common.engine.ensemble import fit_ensemble, save_ensemble
+from common.engine.fit import DEFAULT_HOLDOUT, fit_category
 from common.engine.patchcore import PatchCoreConfig
 from common.settings import Settings
 from common.store.database import open_database, store_model
+from producer.fit_command import FitCommandError, config_from_args, holdout_from_args
+
+
+def ensemble_members(config: PatchCoreConfig, specs: Sequence[str]) -> list[PatchCoreConfig]:
+    """Member configs from LAYERS[@SIZE] specs, the other settings taken from ``config``."""
+    members = []
+    for spec in specs:
+        layers, _, size = spec.partition("@")
+        try:
+            changes: dict[str, Any] = {"layers": tuple(filter(None, layers.split(",")))}
+            if size:
+                changes["image_size"] = int(size)
+        except ValueError:
+            raise FitCommandError(
+                f"ensemble member {spec!r} is not LAYERS[@SIZE], e.g. stage2,stage3@320"
+            ) from None
+        members.append(dataclasses.replace(config, **changes))
+    if len(members) < 2:
+        raise FitCommandError("an ensemble needs at least 2 --ensemble-member flags")
+    return members
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """What to fit per category: one config, --auto's candidates, or an ensemble's members."""
+
+    config: PatchCoreConfig
+    holdout: float = DEFAULT_HOLDOUT
+    auto: bool | None = None  # None: auto where a category has labelled defects
+    members: tuple[str, ...] = ()  # LAYERS[@SIZE] ensemble member specs
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> FitPlan:
+        members = tuple(args.ensemble_member or ())
+        if members:
+            ensemble_members(config_from_args(args), members)  # bad specs fail before any fit
+        return cls(config_from_args(args), holdout_from_args(args), args.auto, members)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """One category's fitted model file and what to store and print about it."""
+
+    data: bytes
+    validation: dict[str, Any]
+    bank_size: int
+    summary: str  # how it was fitted, for the printout
+    skipped: dict[Path, str]  # unreadable images and why
 
 
 def fit_and_store(
-    records: Sequence[ImageRecord],
-    config: PatchCoreConfig,
-    settings: Settings,
-    holdout: float,
+    records: Sequence[ImageRecord], plan: FitPlan, settings: Settings
 ) -> dict[str, int]:
     """Fit every category in ``records``, store each model; returns category -> model id."""
     with open_database(settings.database_url) as (engine, _):
         return {
-            category: _fit_one(engine, [r for r in records if r.category == category], config,
-                               settings, holdout)
+            category: _fit_one(engine, [r for r in records if r.category == category], plan,
+                               settings)
             for category in sorted({r.category for r in records})
         }  # fmt: skip
 
 
+def fit_model(records: Sequence[ImageRecord], plan: FitPlan, settings: Settings) -> Fitted:
+    """Fit one category as the plan says: an ensemble, --auto's choice or the one config."""
+    category, config = records[0].category, plan.config
+    device, batch = settings.device, settings.batch_size
+    if plan.members:
+        members = ensemble_members(config, plan.members)
+        ensemble = fit_ensemble(records, members, plan.holdout, device, batch)
+        data = save_ensemble(ensemble.ensemble, category, ensemble.validation)
+        size = sum(m.bank.size for m in ensemble.ensemble.members)
+        skipped = {p: r for member in ensemble.members for p, r in member.skipped.items()}
+        summary = f"ensemble of {len(members)} members"
+        return Fitted(data, ensemble.validation, size, summary, skipped)
+    auto = plan.auto
+    if auto is None:  # the default: choose wherever there are enough labelled images to
+        auto = can_choose(records, plan.holdout, config.seed)
+    if auto:
+        chosen = fit_auto(records, config, plan.holdout, device, batch)
+        data = save_artifact(chosen.model, category, chosen.validation)
+        summary = f"--auto: {chosen.chosen}"
+        return Fitted(data, chosen.validation, chosen.model.bank.size, summary, chosen.fit.skipped)
+    result = fit_category(records, config, plan.holdout, device, batch)
+    data = save_artifact(result.model, category, result.validation)
+    summary = f"{config.scorer} scorer"
+    return Fitted(data, result.validation, result.model.bank.size, summary, result.skipped)
+
+
 def _fit_one(
-    engine: Engine,
-    records: Sequence[ImageRecord],
-    config: PatchCoreConfig,
-    settings: Settings,
-    holdout: float,
+    engine: Engine, records: Sequence[ImageRecord], plan: FitPlan, settings: Settings
 ) -> int:
     """Fit one category's model, store it, print what a quality engineer needs; its id."""
-    category = records[0].category
+    category, config = records[0].category, plan.config
     print(f"\nfitting {category} ({config.backbone}, {config.image_size} px)")
-    result = fit_category(records, config, holdout, settings.device, settings.batch_size)
-    data = save_artifact(result.model, category, result.validation)
+    fitted = fit_model(records, plan, settings)
     with Session(engine) as session, session.begin():
         model_id = store_model(
             session,
             category=category,
-            artifact_bytes=data,
-            content_hash=artifact_hash(data),
+            artifact_bytes=fitted.data,
+            content_hash=artifact_hash(fitted.data),
             backbone=config.backbone,
-            config=config.to_dict(),
-            validation=result.validation,
-            bank_size=result.model.bank.size,
+            config=config.to_dict() | {"fit": fitted.summary},
+            validation=fitted.validation,
+            bank_size=fitted.bank_size,
         )
-    print(describe_fit(result, model_id))
+    print(describe_fit(category, fitted, model_id))
     return model_id
 
 
-def describe_fit(result: FitResult, model_id: int) -> str:
-    """One paragraph a quality engineer can read: bank, held-out figures, skipped files."""
-    v = result.validation
-    auroc = "n/a" if v["auroc"] is None else f"{v['auroc']:.3f}"
-    ap = "n/a" if v["average_precision"] is None else f"{v['average_precision']:.3f}"
-    t = result.timings
+def describe_fit(category: str, fitted: Fitted, model_id: int) -> str:
+    """One paragraph a quality engineer can read: model, held-out figures, how it was chosen."""
+    v = fitted.validation
     lines = [
-        f"{result.category}: model {model_id}, bank {v['bank_size']:,} patches "
-        f"from {v['bank_images']} images "
-        f"(features {t['features_s']:.1f} s, coreset {t['coreset_s']:.1f} s)",
-        f"  held-out validation (images not in the bank): AUROC {auroc}  AP {ap}  "
+        f"{category}: model {model_id} ({fitted.summary}), bank {fitted.bank_size:,} patches",
+        f"  held-out validation (images not in the bank): AUROC {_fmt(v.get('auroc'))}  "
+        f"AP {_fmt(v.get('average_precision'))}  "
         f"({v['n_normal']} normal, {v['n_anomalous']} defective)",
     ]
-    if result.skipped:
-        first = next(iter(result.skipped.values()))
-        lines.append(f"  skipped {len(result.skipped)} unreadable images, e.g. {first}")
+    if "auto" in v:
+        auto = v["auto"]
+        tried = ", ".join(f"{k} {_fmt(a)}" for k, a in auto["selection_auroc"].items())
+        lines.append(
+            f"  --auto chose {auto['chosen']} by AUROC on a selection half "
+            f"({auto['n_selection'][0]} normal, {auto['n_selection'][1]} defective): {tried}; "
+            f"the figure above is on the other half only"
+        )
+    if fitted.skipped:
+        first = next(iter(fitted.skipped.values()))
+        lines.append(f"  skipped {len(fitted.skipped)} unreadable images, e.g. {first}")
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
 from common.data.layouts import ImageRecord, discover, summarize
-from common.engine.patchcore import PatchCoreConfig
 from common.pipelined import PipelinedScorer, score_pipelined
 from common.scoring import TIMING_KEYS, ModelProvider
 from common.settings import Settings
@@ -31,7 +30,7 @@ from common.store.database import (
     run_progress,
 )
 from common.store.schema import Model
-from producer.fitting import fit_and_store
+from producer.fitting import FitPlan, fit_and_store
 from producer.progress import describe_progress, failure_examples, wait_for_run
 from producer.submission import Submission, broker_app, enqueue_pending, find_images, register_run
 
@@ -81,8 +80,7 @@ def score_in_process(
 class FitOptions:
     """How to fit categories that have no model yet (or all of them, with refit)."""
 
-    config: PatchCoreConfig
-    holdout: float
+    plan: FitPlan
     refit: bool = False
 
 
@@ -161,12 +159,7 @@ def _ensure_models(
         print(f"{category}: using model {existing[category]} (fit again with --refit)")
     fitted = {}
     if to_fit:
-        fitted = fit_and_store(
-            [r for r in records if r.category in to_fit],
-            options.config,
-            settings,
-            options.holdout,
-        )
+        fitted = fit_and_store([r for r in records if r.category in to_fit], options.plan, settings)
     return {c: fitted.get(c) or existing[c] for c in categories}  # type: ignore[misc]
 
 
@@ -189,9 +182,15 @@ def held_out_table(session: Session, model_ids: dict[str, int]) -> str:
             f"  {category}: AUROC {_fmt(validation.get('auroc'))}  "
             f"AP {_fmt(validation.get('average_precision'))}  "
             f"({validation.get('n_normal', 0)} normal, {validation.get('n_anomalous', 0)} "
-            f"defective; model {model_id})"
+            f"defective; model {model_id}{_chosen(validation)})"
         )
     return "\n".join(lines)
+
+
+def _chosen(validation: dict) -> str:
+    """How --auto chose the model, when it did: its figures are on images not chosen on."""
+    auto = validation.get("auto")
+    return f", --auto: {auto['chosen']}, reported on the half not chosen on" if auto else ""
 
 
 def _fmt(value: float | None) -> str:

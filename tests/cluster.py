@@ -229,11 +229,12 @@ ClusterFactory = Callable[..., Cluster]
 
 @pytest.fixture
 def cluster_factory(tmp_path: Path, cluster_data: Data) -> Iterator[ClusterFactory]:
-    """make(broker_url, db_url, **env): a cluster; its processes are killed after the test."""
+    """make(broker_url, db_url, data=None, **env): a cluster whose one model is `data`'s
+    (default `cluster_data`'s); its processes are killed after the test."""
     made: list[Cluster] = []
 
-    def make(broker_url: str, db_url: str, **extra_env: str) -> Cluster:
-        made.append(_cluster(tmp_path, db_url, broker_url, cluster_data, extra_env))
+    def make(broker_url: str, db_url: str, data: Data | None = None, **extra_env: str) -> Cluster:
+        made.append(_cluster(tmp_path, db_url, broker_url, data or cluster_data, extra_env))
         return made[-1]
 
     try:

@@ -103,3 +103,20 @@ def test_unreachable_broker_is_one_line(workdir: Path) -> None:
     for args in (["submit", "data", "--category", "tex"], ["run", "data", *MODEL_FLAGS]):
         line = _one_line_error(patchq(workdir, *args, **down))
         assert "cannot reach the broker at redis://127.0.0.1:1/0" in line
+
+
+def test_critical_parts_ensemble_fits_scores_aggregates_and_reports(tmp_path: Path) -> None:
+    # The seed's "critical parts" row: a multi-model ensemble judged at target recall 0.99.
+    make_seed_layout(tmp_path / "data", "tex", n_good=10, n_bad=4, n_test=6, size=64)
+    members = ["--ensemble-member", "stage3,stage5", "--ensemble-member", "stage2,stage3"]
+    fit = patchq(tmp_path, "fit", "--data", "data", *members, *MODEL_FLAGS)
+    assert fit.returncode == 0, fit.stderr
+    assert "ensemble of 2 members" in fit.stdout
+    run = patchq(tmp_path, "run", "data", "--policy", "critical", "--out", "out", *MODEL_FLAGS)
+    assert run.returncode == 0, run.stderr
+    assert "tex: using model 1" in run.stdout and "tex: 20 done, 0 failed" in run.stdout
+    assert "target_recall:0.99" in run.stdout and (tmp_path / "out" / "index.html").is_file()
+    with sqlite3.connect(tmp_path / "patchq.db") as db:
+        (config,) = db.execute("SELECT config FROM models").fetchone()
+        assert db.execute("SELECT count(*) FROM scores").fetchone() == (20,)
+    assert "ensemble of 2 members" in config

@@ -6,12 +6,17 @@ restart) are in tests/test_recovery.py; the cluster helpers in tests/cluster.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import redis
 from sqlalchemy import select
 
+from common.data.batches import decode_batch
+from common.data.layouts import discover
+from common.engine.ensemble import fit_ensemble, save_ensemble
 from common.store.fleet_schema import Worker
-from tests.cluster import ClusterFactory, Data, assert_scored_exactly_once
+from tests.cluster import CONFIG, ClusterFactory, Data, assert_scored_exactly_once
 
 pytestmark = pytest.mark.integration
 
@@ -25,6 +30,30 @@ def test_two_workers_share_the_work_and_match_in_process_scores(
     cluster.wait_finished(run_id)
     workers = assert_scored_exactly_once(cluster, run_id, cluster_data)
     assert {w.partition("@")[0] for w in workers} == {"alpha", "beta"}
+
+
+@pytest.fixture(scope="module")
+def ensemble_data(cluster_data: Data) -> Data:
+    """The same images judged by a two-member ensemble (the critical-parts preset's kind)."""
+    records = discover(cluster_data.root)
+    members = [CONFIG, dataclasses.replace(CONFIG, layers=("stage2", "stage3"))]
+    ensemble = fit_ensemble(records, members, holdout=0.2, device="cpu", progress=False).ensemble
+    paths = [r.path for r in records if r.split == "test"]
+    scores = ensemble.score_tensors(decode_batch(paths, ensemble.preprocessing).tensor)
+    expected = {
+        str(p.absolute()): float(s) for p, s in zip(paths, scores.image_scores, strict=True)
+    }
+    return Data(cluster_data.root, save_ensemble(ensemble, "tex"), expected)
+
+
+def test_an_ensemble_is_scored_through_the_queue_like_any_model(
+    cluster_factory: ClusterFactory, shared_broker: str, db_url: str, ensemble_data: Data
+) -> None:
+    cluster = cluster_factory(shared_broker, db_url, data=ensemble_data)
+    cluster.start_workers("alpha")
+    run_id = cluster.submit()
+    cluster.wait_finished(run_id)
+    assert_scored_exactly_once(cluster, run_id, ensemble_data)
 
 
 def test_threads_worker_holds_its_depth_beats_and_its_batches_survive_a_sigkill(

@@ -79,10 +79,11 @@ def _auroc_per_part(result: FitResult, root: Path, kind: str) -> dict[str, float
     }
 
 
-def test_fused_score_catches_a_tilted_texture_that_plain_patchcore_misses(fitted) -> None:
+def test_fused_score_catches_a_tilted_texture(fitted) -> None:
     # Every stripe tilted to the edge of the normal range: each patch alone looks normal.
+    # (With the paper's zero-padded borders s* sees it too at 128 px; at 224 px it does not,
+    # tests/bench: 0.91 vs fused 1.000.)
     auroc = _auroc_per_part(*fitted, "rotated")
-    assert auroc["patch"] <= 0.85
     # 0.9, not 0.95: at 128 px with 12 bank images the pixel part's noise on normals swaps a few
     # of the 48 pairs (0.92 measured); tests/bench at 224 px gives 1.000.
     assert auroc["fused"] >= 0.9
@@ -115,7 +116,8 @@ def test_fit_calibrates_every_part_on_held_out_normals(fitted) -> None:
     assert model.pixel_scorer is not None and model.part_calibration.shape == (4, 3)
     z = model.normalise_parts(*model.part_calibration.T)
     np.testing.assert_allclose(z.mean(axis=1), 0, atol=1e-5)
-    np.testing.assert_allclose(model.calibration, z.max(axis=0), rtol=1e-5)
+    assert model.config.fusion == "min-p"
+    np.testing.assert_allclose(model.calibration, model.combine(*model.part_calibration.T))
 
 
 def test_artifact_keeps_the_global_parts_and_reads_versions_1_and_2(fitted) -> None:

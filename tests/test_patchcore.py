@@ -12,6 +12,7 @@ import torch
 
 from common.engine.anomaly_map import anomaly_map
 from common.engine.artifact import ArtifactError, load_artifact, read_artifact, save_artifact
+from common.engine.features import PatchFeatureExtractor
 from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor
 from common.errors import PatchqError
@@ -162,3 +163,44 @@ def test_models_saved_before_the_precision_setting_load_as_float32() -> None:
     assert PatchCoreConfig.from_dict(saved).precision == "float32"
     with pytest.raises(PatchqError, match="precision must be one of"):
         PatchCoreConfig(precision="float8")
+
+
+class _ConstantBackbone(torch.nn.Module):
+    """One feature map of ones: what the local average does at the border is all that varies."""
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.ones(images.shape[0], 2, 6, 6)]
+
+
+def test_zero_padded_border_counts_missing_neighbours_as_zeros() -> None:
+    images = torch.zeros(1, 3, 48, 48)
+    zeros = PatchFeatureExtractor(_ConstantBackbone(), border="zeros")(images)[0, ..., 0]  # type: ignore[arg-type]
+    mean = PatchFeatureExtractor(_ConstantBackbone(), border="mean")(images)[0, ..., 0]  # type: ignore[arg-type]
+    assert torch.all(mean == 1)
+    # The paper's zero-padded unfold: a corner patch sees 4 of 9, an edge patch 6 of 9.
+    assert zeros[0, 0] == pytest.approx(4 / 9) and zeros[0, 3] == pytest.approx(6 / 9)
+    assert torch.all(zeros[1:-1, 1:-1] == 1)
+
+
+def test_version_3_artifacts_keep_their_border_and_fusion(model: PatchCore) -> None:
+    assert model.config.border == "zeros" and model.config.fusion == "min-p"
+    data = save_artifact(model, "tex")
+    with np.load(io.BytesIO(data)) as archive:
+        config = json.loads(archive["header"].tobytes())["config"]
+    for key in ("border", "fusion"):
+        config.pop(key)
+    old = _rewrite_header(data, version=3, config=config)
+    assert read_artifact(old).config.border == "mean"
+    assert read_artifact(old).config.fusion == "max"
+    loaded = load_artifact(old, device="cpu")
+    assert loaded.extractor.border == "mean"
+    batch = _batch(model.config, [make_texture(SIZE, 99)])
+    # The stored setting is applied: the border patches, and so the maps, differ.
+    assert not np.allclose(
+        loaded.score_tensors(batch).patch_maps, model.score_tensors(batch).patch_maps
+    )
+
+
+def test_unknown_border_is_a_clear_error() -> None:
+    with pytest.raises(PatchqError, match="border must be one of"):
+        PatchCoreConfig(border="reflect")

@@ -1,10 +1,10 @@
 """The model artifact: one versioned file that loads without executing code.
 
-Format ``patchq-model`` version 3 is a NumPy ``.npz`` archive (a zip of ``.npy`` arrays), read with
+Format ``patchq-model`` version 4 is a NumPy ``.npz`` archive (a zip of ``.npy`` arrays), read with
 ``allow_pickle=False`` so a hostile file cannot run code:
 
 =====================  ======================================================================
-``header``             uint8 bytes of UTF-8 JSON: ``{"format": "patchq-model", "version": 3,
+``header``             uint8 bytes of UTF-8 JSON: ``{"format": "patchq-model", "version": 4,
                        "category": str, "config": PatchCoreConfig fields, "preprocessing":
                        {...}, "feature_dim": int, "validation": {...} | null}``
 ``bank``               float32 (N, D): the memory bank M, coreset-sampled patch features
@@ -20,7 +20,8 @@ Format ``patchq-model`` version 3 is a NumPy ``.npz`` archive (a zip of ``.npy``
 The three global arrays come together or not at all; a model without them scores with the
 patch scorer only. The two pixel arrays need the global ones. Version 2 (no pixel part) is
 read as a two-part model and scores as it did; version 1 (no global arrays, no scorer setting)
-as a patch-scorer model.
+as a patch-scorer model. Versions 1-3 lack the config's ``border`` and ``fusion`` fields and
+keep scoring as they did (``border="mean"``, ``fusion="max"``, PatchCoreConfig.from_dict).
 
 The same bytes go into the ``models`` table, so a worker on another machine gets the model
 from the database; ``artifact_hash`` (SHA-256 of the bytes) names its on-disk cache entry.
@@ -45,8 +46,8 @@ from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor,
 from common.errors import PatchqError
 
 FORMAT = "patchq-model"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 GLOBAL_ARRAYS = ("global_mean", "global_precision", "part_calibration")
 PIXEL_ARRAYS = ("pixel_mean", "pixel_precision")
 

@@ -15,6 +15,10 @@ File format ``patchq-ensemble`` version 1: an ``.npz`` (read with ``allow_pickle
 ``header`` (UTF-8 JSON: format, version, category, members, validation) and ``member_<i>``,
 each the uint8 bytes of an ordinary ``patchq-model`` artifact (common/engine/artifact.py), so every
 member is validated exactly as a single model is.
+
+An ensemble is a model like any other on the fleet: its file goes into the ``models`` table,
+``load_model`` turns either kind of file into a scorer (workers, common/scoring.py), and
+``read_reference`` gives aggregation the held-out normal scores and input size of either kind.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +36,9 @@ import torch.nn.functional as F
 
 from common.data.images import Preprocessing
 from common.data.layouts import ImageRecord
-from common.engine.artifact import ArtifactError, load_artifact, save_artifact
+from common.engine.artifact import ArtifactError, load_artifact, read_artifact, save_artifact
 from common.engine.fit import FitResult, fit_category, validation_metrics
+from common.engine.memory_bank import MemoryBank
 from common.engine.normalise import Normaliser
 from common.engine.patchcore import PatchCore, PatchCoreConfig, ScoreBatch
 from common.errors import PatchqError
@@ -57,6 +62,15 @@ def combine_members(
     return np.mean(normalised, axis=0).astype(np.float32)
 
 
+def ensemble_calibration(member_calibrations: Sequence[np.ndarray]) -> np.ndarray:
+    """The ensemble's held-out normal scores: its combined score of the members' ones."""
+    return combine_members(member_calibrations, member_calibrations)
+
+
+def largest_input(preprocessings: Sequence[Preprocessing]) -> Preprocessing:
+    return max(preprocessings, key=lambda p: p.image_size)
+
+
 def _patch_calibration(member: PatchCore) -> np.ndarray:
     """Held-out normal s* of a member: the raw patch part, whatever its image scorer."""
     return member.part_calibration[:, 0] if len(member.part_calibration) else member.calibration
@@ -77,10 +91,12 @@ class Ensemble:
             )
         self.members = list(members)
         # Decode once at the largest member size; smaller members are resized from it.
-        self.preprocessing = max((m.preprocessing for m in members), key=lambda p: p.image_size)
-        self.calibration = combine_members(
-            [m.calibration for m in members], [m.calibration for m in members]
-        )
+        self.preprocessing = largest_input([m.preprocessing for m in members])
+        self.calibration = ensemble_calibration([m.calibration for m in members])
+
+    def with_banks(self, wrap: Callable[[MemoryBank], MemoryBank]) -> Ensemble:
+        """The same ensemble with every member searching ``wrap(its bank)`` (e.g. timed)."""
+        return Ensemble([m.with_banks(wrap) for m in self.members])
 
     def score_tensors(self, images: torch.Tensor) -> ScoreBatch:
         """Score a batch preprocessed with ``self.preprocessing``."""
@@ -169,22 +185,54 @@ def save_ensemble(
 
 def load_ensemble(data: bytes, device: str = "auto") -> Ensemble:
     """Build an ensemble from its file; each member is checked like a single model artifact."""
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-        header = json.loads(arrays["header"].tobytes().decode())
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
-        raise EnsembleError(f"ensemble file is corrupt or not a patchq ensemble ({exc})") from exc
+    return Ensemble([load_artifact(member, device) for member in _member_bytes(data)])
+
+
+def _member_bytes(data: bytes) -> list[bytes]:
+    """Each member's artifact bytes, after checking the ensemble header."""
+    arrays, header = _read_file(data)
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise EnsembleError(
             f"not a {FORMAT} version {VERSION} file (got {header.get('format')!r} "
             f"version {header.get('version')}); refit the ensemble or upgrade patchq"
         )
     try:
-        members = [
-            load_artifact(arrays[f"member_{i}"].tobytes(), device)
-            for i in range(int(header["members"]))
-        ]
-    except (KeyError, ArtifactError) as exc:
+        members = [arrays[f"member_{i}"].tobytes() for i in range(int(header["members"]))]
+        for member in members:
+            read_artifact(member)
+    except (KeyError, ValueError, ArtifactError) as exc:
         raise EnsembleError(f"ensemble member is missing or damaged ({exc}); refit") from exc
-    return Ensemble(members)
+    return members
+
+
+def _read_file(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        header = json.loads(arrays["header"].tobytes().decode())
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise EnsembleError(f"ensemble file is corrupt or not a patchq ensemble ({exc})") from exc
+    return arrays, header
+
+
+def is_ensemble(data: bytes) -> bool:
+    """Whether model bytes are an ensemble file (else they are read as a single model)."""
+    try:
+        return _read_file(data)[1].get("format") == FORMAT
+    except EnsembleError:
+        return False
+
+
+def load_model(data: bytes, device: str = "auto") -> PatchCore | Ensemble:
+    """A ready scorer from the bytes of either kind of model file the models table holds."""
+    return load_ensemble(data, device) if is_ensemble(data) else load_artifact(data, device)
+
+
+def read_reference(data: bytes) -> tuple[np.ndarray, Preprocessing]:
+    """(held-out normal scores, preprocessing) of either kind of model file, no backbone built."""
+    if not is_ensemble(data):
+        artifact = read_artifact(data)
+        return artifact.calibration, artifact.config.preprocessing()
+    members = [read_artifact(member) for member in _member_bytes(data)]
+    calibration = ensemble_calibration([m.calibration for m in members])
+    return calibration, largest_input([m.config.preprocessing() for m in members])

@@ -57,6 +57,9 @@ class FitResult:
     timings: dict[str, float] = field(default_factory=dict)
     # Final image scores of the validation images: "normal" (held-out first), "anomalous".
     scores: dict[str, np.ndarray] = field(default_factory=dict)
+    # Their raw (n, parts) [s*, global(, pixel)] scores, same keys and order, from which any
+    # scorer or fusion of this model can be evaluated without scoring again.
+    parts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def split_holdout(
@@ -150,6 +153,7 @@ def fit_category(
         skipped=skipped,
         timings=timings,
         scores={"normal": normal_scores, "anomalous": anomalous_scores},
+        parts={"normal": normal_parts, "anomalous": anomalous_parts},
     )
 
 

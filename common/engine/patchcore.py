@@ -10,13 +10,15 @@ Beyond the paper (issue 6): whole-image parts (common/engine/global_scorer.py) s
 statistics of the same patch features and, for colour cast and blur, which the features are
 built to ignore, the input pixels' statistics. The ``scorer`` setting picks the image score:
 ``patch`` (s*), ``global`` (Mahalanobis distance of the feature statistics) or ``fused`` (every
-part z-scored against the held-out normals, common/engine/normalise.py, then combined
-by FUSION). Large images can be scored as tiles (common/engine/tiling.py).
+part turned into a tail probability against the held-out normals, common/engine/normalise.py,
+then combined by the config's ``fusion`` test). Large images can be scored as tiles
+(common/engine/tiling.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,16 +26,18 @@ import torch
 
 from common.data.images import Preprocessing
 from common.engine.backbones import backbone_spec, load_backbone
-from common.engine.features import PatchFeatureExtractor
+from common.engine.features import BORDERS, PatchFeatureExtractor
 from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
 from common.engine.memory_bank import MemoryBank
-from common.engine.normalise import Normaliser, fuse
+from common.engine.normalise import FUSIONS as Z_FUSIONS
+from common.engine.normalise import TAIL_FUSIONS, Normaliser, TailModel, fuse, fuse_tail
 from common.engine.tiling import tiled_features
 from common.errors import PatchqError
 
 SCORERS = ("patch", "global", "fused")
-# How the fused scorer combines the normalised parts; chosen on tests/bench (see its README).
-FUSION = "max"
+# How the fused scorer combines its parts: tail-probability tests (the default since artifact
+# version 4, chosen on tests/bench and elpv, docs/accuracy.md) or the older z-score max/mean.
+FUSIONS = TAIL_FUSIONS + Z_FUSIONS
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -61,6 +65,9 @@ class PatchCoreConfig:
     # bfloat16 features differ from float32 ones by ~2% (relative), so for scores that are
     # identical across machines of different kinds, pin it to "float32" or "bfloat16".
     precision: str = "auto"
+    # How the 3x3 patch average treats the image edge (common/engine/features.py).
+    border: str = "zeros"
+    fusion: str = "min-p"
 
     def __post_init__(self) -> None:
         spec = backbone_spec(self.backbone)
@@ -79,6 +86,10 @@ class PatchCoreConfig:
             raise PatchqError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
+        if self.fusion not in FUSIONS:
+            raise PatchqError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.border not in BORDERS:
+            raise PatchqError(f"border must be one of {', '.join(BORDERS)}, got {self.border!r}")
         if self.tile_size is not None:
             self._check_tiles()
 
@@ -113,6 +124,9 @@ class PatchCoreConfig:
         values = dict(data)
         values["layers"] = tuple(values.get("layers", ()))  # type: ignore[arg-type]
         values.setdefault("precision", "float32")  # models saved before the field were float32
+        # Before artifact version 4: border averages of real neighbours, z-score max fusion.
+        values.setdefault("border", "mean")
+        values.setdefault("fusion", "max")
         return cls(**values)  # type: ignore[arg-type]
 
 
@@ -146,7 +160,7 @@ def build_extractor(config: PatchCoreConfig, device: torch.device) -> PatchFeatu
     backbone = load_backbone(config.backbone, config.layers, config.input_size, config.weights)
     bfloat16 = use_bfloat16(config.precision, device)
     extractor = PatchFeatureExtractor(
-        backbone, projection_dim=config.projection_dim, bfloat16=bfloat16
+        backbone, projection_dim=config.projection_dim, bfloat16=bfloat16, border=config.border
     )
     return extractor.to(device).eval()
 
@@ -238,6 +252,10 @@ class PatchCore:
             self.pixel_scorer,
         )
 
+    def with_banks(self, wrap: Callable[[MemoryBank], MemoryBank]) -> PatchCore:
+        """The same model searching ``wrap(bank)``; an ensemble wraps each member's bank."""
+        return self.with_bank(wrap(self.bank))
+
     def score_tensors(self, images: torch.Tensor) -> ScoreBatch:
         """Score a preprocessed batch (B, 3, S, S)."""
         patches = extract_patches(self.extractor, self.config, images)
@@ -276,26 +294,40 @@ class PatchCore:
             )
         if self.config.scorer == "global":
             return global_scores
-        return fuse(self.normalise_parts(patch_scores, global_scores, pixel_scores), FUSION)
+        parts = self._parts(patch_scores, global_scores, pixel_scores)
+        if self.config.fusion in TAIL_FUSIONS:
+            return fuse_tail(self.part_log_p(*parts), self.config.fusion)
+        return fuse(self.normalise_parts(*parts), self.config.fusion)
 
-    def normalise_parts(
+    def _parts(
         self,
         patch_scores: np.ndarray,
         global_scores: np.ndarray,
-        pixel_scores: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """(parts, B) z-scores of each part against the held-out normals' raw part scores."""
+        pixel_scores: np.ndarray | None,
+    ) -> list[np.ndarray]:
         parts = [patch_scores, global_scores]
         if self.pixel_scorer is not None:
             if pixel_scores is None:
                 raise PatchqError("this model's fused score needs its pixel part's scores")
             parts.append(pixel_scores)
-        return np.stack(
-            [
-                Normaliser.from_scores(self.part_calibration[:, i])(scores)
-                for i, scores in enumerate(parts)
-            ]
-        )
+        return parts
+
+    def normalise_parts(self, *scores: np.ndarray) -> np.ndarray:
+        """(parts, B) z-scores of each raw part (s*, global(, pixel)) against the held-out
+        normals' raw part scores."""
+        return self._per_part(Normaliser.from_scores, scores)
+
+    def part_log_p(self, *scores: np.ndarray) -> np.ndarray:
+        """(parts, B) log tail probabilities of each raw part under the held-out normals."""
+        return self._per_part(lambda normals: TailModel.from_scores(normals).log_p, scores)
+
+    def _per_part(
+        self,
+        fitted: Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]],
+        scores: tuple[np.ndarray, ...],
+    ) -> np.ndarray:
+        parts = self._parts(*scores[:2], scores[2] if len(scores) > 2 else None)
+        return np.stack([fitted(self.part_calibration[:, i])(s) for i, s in enumerate(parts)])
 
     def _image_scores(
         self, patches: np.ndarray, patch_maps: np.ndarray, nearest: np.ndarray

@@ -1,144 +1,237 @@
-"""AUROC per defect kind: plain PatchCore vs the global part, fusion, tiny-defect settings,
-tiling and an ensemble, on held-out synthetic images (tests/bench/generators.py).
+"""AUROC per defect kind: every part of the model and every fusion of them, per configuration,
+on held-out synthetic images (tests/bench/generators.py).
 
-    .venv/bin/python -m tests.bench.accuracy [--size 384] [--train 30] [--normals 12] [--per-kind 8]
+    .venv/bin/python -m tests.bench.accuracy [--size 384] [--train 30] [--normals 12] \
+        [--per-kind 8] [--configs default,border-mean,fine] [--textures stripes,grain,mono,poly]
 
-Every model is fitted on train/good only (a share held out for calibration, as patchq fit does)
-and judged on separately generated test images it never saw: test normals vs each defect kind.
-Several methods come from one fit: the raw parts (s*, global) and their fusions are all in the
-scores of one pass. Prints a markdown table (rows: defect kinds, columns: methods).
+Two synthetic textures, each with its own models: "stripes" (global, tiny and local defect
+kinds) and "grain" (speckle clusters on a fine oriented grain); and the elpv demo categories
+"mono" and "poly" (real solar cells, `--elpv` folder, written by producer/demo_data.py if
+absent): fitted on train/good (+ train/bad, which fit only validates on), judged on the demo's
+test/ folder with its answer key (cells the annotators were unsure about left out).
+Every synthetic model is fitted on train/good only (a share held out for calibration, as patchq
+fit does) and judged on separately generated test images it never saw: test normals vs each
+defect kind. All methods of a configuration come from
+one fit: the raw parts (s*, global, pixel) and their fusions are all in one pass's scores.
+Prints a markdown table (rows: defect kinds, columns: configuration + method) and each
+configuration's scoring time per image.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from common.data.layouts import ImageRecord
-from common.engine.ensemble import combine_members
-from common.engine.fit import fit_category, score_records
-from common.engine.normalise import fuse
+from common.data.layouts import ImageRecord, discover
+from common.engine.auto import CANDIDATES, choose, fine
+from common.engine.fit import FitResult, fit_category, score_records
+from common.engine.normalise import fuse, fuse_tail
 from common.engine.patchcore import PatchCore, PatchCoreConfig
-from tests.bench.generators import FAMILY, KINDS, make_defect, make_normal
+from producer.demo_data import write_elpv_demo
+from tests.bench.generators import (
+    FAMILY,
+    GRAIN_KINDS,
+    KINDS,
+    make_defect,
+    make_grain,
+    make_normal,
+    make_speckle,
+)
 from tests.synthetic import save
 
-# name -> config; every model is fitted once with the global part.
 CONFIGS = {
     "default": PatchCoreConfig(),
-    "shallow": PatchCoreConfig(layers=("stage2", "stage3")),
+    "border-mean": PatchCoreConfig(border="mean"),
+    "fine": fine(PatchCoreConfig()),
     "large": PatchCoreConfig(image_size=384),
     "tiled": PatchCoreConfig(image_size=384, tile_size=224, tile_overlap=32),
 }
-# The columns reported per config: the default shows every part and fusion.
-METHODS = {name: ("patch", "fused-max") for name in CONFIGS}
-METHODS["default"] = ("patch", "global", "pixel", "fused-max", "fused-mean")
+METHODS = ("patch", "global", "pixel", "fused-max", "fused-min-p", "fused-fisher")
+# texture -> (normal image maker, defect image maker, defect kinds)
+TEXTURES: dict[str, tuple[Callable[[int, int], np.ndarray], Callable, tuple[str, ...]]] = {
+    "stripes": (make_normal, make_defect, KINDS),
+    "grain": (make_grain, lambda size, seed, _kind: make_speckle(size, seed), GRAIN_KINDS),
+}
+ELPV = ("mono", "poly")
+
+
+def elpv_set(
+    root: Path, category: str, max_good: int | None
+) -> tuple[list[ImageRecord], dict[str, list[ImageRecord]]]:
+    """The demo's train records for fit (train/good capped at ``max_good``, seeded, and every
+    train/bad); its labelled test/ cells as "good" and "defect"."""
+    write_elpv_demo(root)
+    records = discover(root, [category])
+    good = [r for r in records if r.split == "train" and r.label == 0]
+    keep = np.random.default_rng(0).permutation(len(good))[: max_good or len(good)]
+    dropped = {r.path for r in good} - {good[i].path for i in keep}
+    with (root / category / "test_labels.csv").open(encoding="utf-8") as answers:
+        labels = {row["path"]: row["label"] for row in csv.DictReader(answers)}
+    test: dict[str, list[ImageRecord]] = {"good": [], "defect": []}
+    for record in records:
+        label = labels.get(record.path.relative_to(root / category).as_posix(), "")
+        if record.split == "test" and label:
+            test["good" if label == "0" else "defect"].append(record)
+    return [r for r in records if r.split == "train" and r.path not in dropped], test
 
 
 def write_set(
-    root: Path, size: int, n_train: int, n_normals: int, per_kind: int
+    root: Path,
+    texture: str,
+    size: int,
+    n_train: int,
+    n_normals: int,
+    per_kind: int,
+    labelled: int,
 ) -> tuple[list[ImageRecord], dict[str, list[ImageRecord]]]:
-    """Train normals as records for fit; test records per kind ("good" = test normals)."""
-    train = [
-        ImageRecord(save(make_normal(size, i), root / "train" / f"{i}.png"), "bench", "train", 0)
-        for i in range(n_train)
-    ]
+    """Train normals and ``labelled`` defects per kind (which fit only validates on, and --auto
+    chooses by) as records for fit; test records per kind ("good" = test normals)."""
+    normal, defect, kinds = TEXTURES[texture]
+
+    def record(image: np.ndarray, name: str, split: str, label: int) -> ImageRecord:
+        return ImageRecord(save(image, root / texture / f"{name}.png"), texture, split, label)
+
+    train = [record(normal(size, i), f"train/{i}", "train", 0) for i in range(n_train)]
     test = {
-        "good": [
-            ImageRecord(
-                save(make_normal(size, 5000 + i), root / "good" / f"{i}.png"), "bench", "test", 0
-            )
-            for i in range(n_normals)
-        ]
+        "good": [record(normal(size, 5000 + i), f"good/{i}", "test", 0) for i in range(n_normals)]
     }
-    for k, kind in enumerate(KINDS):
-        test[kind] = [
-            ImageRecord(
-                save(make_defect(size, 10_000 + 100 * k + i, kind), root / kind / f"{i}.png"),
-                "bench",
-                "test",
-                1,
-                kind,
-            )
-            for i in range(per_kind)
-        ]
+    for k, kind in enumerate(kinds):
+        seeds = [10_000 + 100 * k + i for i in range(per_kind)]
+        test[kind] = [record(defect(size, s, kind), f"{kind}/{s}", "test", 1) for s in seeds]
+        seeds = [20_000 + 100 * k + i for i in range(labelled)]
+        train += [record(defect(size, s, kind), f"bad/{kind}/{s}", "train", 1) for s in seeds]
     return train, test
 
 
 def method_scores(model: PatchCore, parts: np.ndarray) -> dict[str, np.ndarray]:
-    """Scores of each raw part (s*, global, pixel) and both fusions from raw (n, 3) parts."""
-    normalised = model.normalise_parts(*parts.T)
+    """Scores of each raw part (s*, global, pixel) and every fusion, from raw (n, 3) parts."""
+    log_p = model.part_log_p(*parts.T)
     return {
         "patch": parts[:, 0],
         "global": parts[:, 1],
         "pixel": parts[:, 2],
-        "fused-max": fuse(normalised, "max"),
-        "fused-mean": fuse(normalised, "mean"),
+        "fused-max": fuse(model.normalise_parts(*parts.T), "max"),
+        "fused-min-p": fuse_tail(log_p, "min-p"),
+        "fused-fisher": fuse_tail(log_p, "fisher"),
     }
+
+
+@dataclass(frozen=True)
+class ConfigRun:
+    """One configuration fitted on one texture: its fit, raw test parts per kind, cost."""
+
+    fit: FitResult
+    parts: dict[str, np.ndarray]  # kind -> raw (n, 3) parts of the test images
+    ms_per_image: float  # scoring CPU time per test image
+
+
+def bench_config(
+    config: PatchCoreConfig,
+    train: list[ImageRecord],
+    test: dict[str, list[ImageRecord]],
+    holdout: float,
+) -> ConfigRun:
+    fit = fit_category(train, config, holdout, device="cpu", progress=False)
+    start = time.process_time()
+    parts = {
+        kind: score_records(fit.model, recs, 16, False, kind)[0] for kind, recs in test.items()
+    }
+    per_image = (time.process_time() - start) / sum(len(r) for r in test.values())
+    return ConfigRun(fit, parts, 1000 * per_image)
+
+
+def auto_column(runs: dict[str, ConfigRun]) -> dict[str, np.ndarray]:
+    """--auto's choice among the fitted candidates, made on their validation images (train/bad
+    defects + held-out normals, selection half), scored on the test images."""
+    candidates = {name: runs[name].fit for name in CANDIDATES}
+    chosen = choose(candidates, seed=1)
+    print(
+        f"  --auto chose {chosen.chosen}: selection {chosen.validation['auto']['selection_auroc']}"
+    )
+    test_parts = runs[chosen.chosen.split()[0]].parts
+    return {kind: chosen.model.combine(*parts.T) for kind, parts in test_parts.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=384, help="generated image size (px)")
+    parser.add_argument("--grain-size", type=int, default=256, help="grain image size (px)")
     parser.add_argument("--train", type=int, default=30, help="train/good images")
     parser.add_argument("--normals", type=int, default=12, help="test normal images")
     parser.add_argument("--per-kind", type=int, default=8, help="test images per defect kind")
+    parser.add_argument(
+        "--labelled", type=int, default=4, help="labelled defects per kind, for --auto's choice"
+    )
     parser.add_argument("--holdout", type=float, default=0.25)
+    parser.add_argument("--configs", default="default,border-mean,fine", help=", ".join(CONFIGS))
+    parser.add_argument("--textures", default="stripes,grain", help=", ".join(TEXTURES))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--elpv", type=Path, default=Path("demo-data-full"), help="demo folder")
+    parser.add_argument("--elpv-train", type=int, help="cap on elpv train/good cells (seeded)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
-        train, test = write_set(Path(folder), args.size, args.train, args.normals, args.per_kind)
-        columns: dict[str, dict[str, np.ndarray]] = {}
-        calibrations: dict[str, np.ndarray] = {}
-        for name, config in CONFIGS.items():
-            start = time.perf_counter()
-            fit = fit_category(train, config, args.holdout, device="cpu", progress=False)
-            model = fit.model
-            per_kind = {
-                kind: method_scores(model, score_records(model, recs, 16, False, kind)[0])
-                for kind, recs in test.items()
-            }
-            for method in METHODS[name]:
-                columns[f"{name} {method}"] = {k: s[method] for k, s in per_kind.items()}
-            held_out = model.part_calibration
-            calibrations[name] = fuse(model.normalise_parts(*held_out.T), "max")
+        for texture in args.textures.split(","):
+            if texture in ELPV:
+                train, test = elpv_set(args.elpv, texture, args.elpv_train)
+                kinds: tuple[str, ...] = ("defect",)
+            else:
+                size = args.grain_size if texture == "grain" else args.size
+                train, test = write_set(
+                    Path(folder), texture, size, args.train, args.normals, args.per_kind,
+                    args.labelled,
+                )  # fmt: skip
+                kinds = TEXTURES[texture][2]
             print(
-                f"{name}: {time.perf_counter() - start:.0f} s, bank {model.bank.size}", flush=True
+                f"\n{texture}\n\n" + _table(bench_texture(texture, kinds, args, train, test), kinds)
             )
-        columns["ensemble default+shallow (fused-max)"] = _ensemble(
-            columns, calibrations, ("default", "shallow")
+
+
+def bench_texture(
+    texture: str,
+    kinds: tuple[str, ...],
+    args: argparse.Namespace,
+    train: list[ImageRecord],
+    test: dict[str, list[ImageRecord]],
+) -> dict[str, dict[str, np.ndarray]]:
+    """column -> kind -> test scores, for every configuration x method, and --auto."""
+    columns: dict[str, dict[str, np.ndarray]] = {}
+    runs: dict[str, ConfigRun] = {}
+    for name in args.configs.split(","):
+        start = time.perf_counter()
+        run = runs[name] = bench_config(CONFIGS[name], train, test, args.holdout)
+        per_kind = {k: method_scores(run.fit.model, p) for k, p in run.parts.items()}
+        columns |= {f"{name} {m}": {k: s[m] for k, s in per_kind.items()} for m in METHODS}
+        print(
+            f"{texture} {name}: {time.perf_counter() - start:.0f} s, "
+            f"scoring CPU {run.ms_per_image:.0f} ms/image\n" + _table(columns, kinds),
+            flush=True,
         )
-        print(_table(columns))
+    if set(CANDIDATES) <= set(runs) and any(r.label == 1 for r in train):
+        columns["auto"] = auto_column(runs)
+    return columns
 
 
-def _ensemble(
-    columns: dict[str, dict[str, np.ndarray]],
-    calibrations: dict[str, np.ndarray],
-    names: tuple[str, ...],
-) -> dict[str, np.ndarray]:
-    """Mean of the members' z-scored fused-max scores (what common/engine/ensemble.py computes)."""
-    member_calibration = [calibrations[n] for n in names]
-    kinds = columns[f"{names[0]} patch"]
-    return {
-        kind: combine_members([columns[f"{n} fused-max"][kind] for n in names], member_calibration)
-        for kind in kinds
-    }
-
-
-def _table(columns: dict[str, dict[str, np.ndarray]]) -> str:
+def _table(columns: dict[str, dict[str, np.ndarray]], kinds: tuple[str, ...]) -> str:
     names = list(columns)
     lines = ["| defect kind | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for kind in KINDS:
+    for kind in kinds:
         row = [_auroc(columns[n]["good"], columns[n][kind]) for n in names]
-        lines.append(f"| {kind} ({FAMILY[kind]}) | " + " | ".join(f"{v:.3f}" for v in row) + " |")
-    for family in ("global", "tiny", "local"):
-        kinds = [k for k in KINDS if FAMILY[k] == family]
-        row = [np.mean([_auroc(columns[n]["good"], columns[n][k]) for k in kinds]) for n in names]
+        lines.append(
+            f"| {kind} ({FAMILY.get(kind, 'elpv')}) | " + " | ".join(f"{v:.3f}" for v in row) + " |"
+        )
+    for family in sorted({FAMILY[k] for k in kinds if k in FAMILY}):
+        members = [k for k in kinds if FAMILY.get(k) == family]
+        row = [np.mean([_auroc(columns[n]["good"], columns[n][k]) for k in members]) for n in names]
         lines.append(f"| **mean {family}** | " + " | ".join(f"{v:.3f}" for v in row) + " |")
     return "\n".join(lines)
 

@@ -11,6 +11,12 @@ patch abnormal and plain PatchCore would find it trivially.)
 Families (``KINDS``): global (rotated, rescaled, blur, contrast, colour), tiny (3-8 px spots
 and 1-2 px scratches, every other one within a few pixels of the border) and local (the classic
 scratch and spot of tests/synthetic.py).
+
+A second texture (``make_grain`` / ``make_speckle``, issue 13): a grey, fine, random (not
+periodic) grain elongated along a random orientation, and, as its defect, a cluster of fine
+speckle a few pixels wide with the grain's own mean and spread, so only its finer, noisier
+texture sets it apart, not its brightness. Such a cluster is smaller than one stride-8 patch at
+224 px.
 """
 
 from __future__ import annotations
@@ -19,16 +25,17 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter, rotate
 
 from tests.synthetic import draw_defect
 
+GRAIN_KINDS = ("speckle",)
 GLOBAL_KINDS = ("rotated", "rescaled", "blur", "contrast", "colour")
 TINY_KINDS = ("tiny_spot", "tiny_scratch")
 LOCAL_KINDS = ("scratch", "spot")
 KINDS = GLOBAL_KINDS + TINY_KINDS + LOCAL_KINDS
 FAMILY = {k: "global" for k in GLOBAL_KINDS} | {k: "tiny" for k in TINY_KINDS}
-FAMILY |= {k: "local" for k in LOCAL_KINDS}
+FAMILY |= {k: "local" for k in LOCAL_KINDS} | {"speckle": "tiny"}
 
 ANGLE = (-25.0, 25.0)  # stripe tilt from vertical, degrees
 PERIOD = (6.0, 11.0)  # pixels
@@ -169,3 +176,31 @@ def make_defect(size: int, seed: int, kind: str) -> np.ndarray:
     if kind in TINY_KINDS:
         return draw_tiny_defect(make_normal(size, seed), kind, seed)
     return draw_defect(make_normal(size, seed), kind, seed)[0]
+
+
+def make_grain(size: int, seed: int) -> np.ndarray:
+    """uint8 RGB grey grain: white noise smoothed more along one random direction than across."""
+    rng = np.random.default_rng(seed)
+    pad = size // 2
+    noise = rng.normal(0, 1, (size + 2 * pad, size + 2 * pad))
+    grain = gaussian_filter(noise, sigma=(0.7, rng.uniform(2.0, 3.5)))
+    grain = rotate(grain, rng.uniform(-30, 30), reshape=False, order=1)[pad:-pad, pad:-pad]
+    shading = gaussian_filter(rng.normal(0, 1, (size, size)), sigma=size / 6)
+    image = 128 + 28 * grain / grain.std() + 6 * shading / (shading.std() + 1e-9)
+    return np.repeat(np.clip(image, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def make_speckle(size: int, seed: int) -> np.ndarray:
+    """A grain image with one cluster of 3-6 px wide speckle blobs of the same mean and spread."""
+    image = make_grain(size, seed).astype(np.float64)
+    rng = np.random.default_rng(seed + 1)
+    yy, xx = np.mgrid[0:size, 0:size]
+    cy, cx = rng.integers(12, size - 12, 2)
+    mask = np.zeros((size, size), bool)
+    for _ in range(int(rng.integers(3, 7))):
+        y, x = cy + rng.integers(-5, 6), cx + rng.integers(-5, 6)
+        mask |= (yy - y) ** 2 + (xx - x) ** 2 <= rng.uniform(2.0, 3.5) ** 2
+    local = image[..., 0][mask]
+    speckle = rng.normal(local.mean(), image[..., 0].std(), mask.sum())
+    image[mask] = np.clip(speckle, 0, 255)[:, None]
+    return image.astype(np.uint8)

@@ -1,0 +1,183 @@
+"""`patchq fit --auto`: choose a model by held-out validation, report it on other images.
+
+A category with labelled defects can tell which model suits it: plain PatchCore (s*) where
+defects are local, the fused score where whole-image changes matter, stride-4 features where
+defects are a few pixels wide. Choosing on the same images the figure is reported on would make
+that figure optimistic (the best of several noisy estimates), so the choice is nested:
+
+1. every candidate configuration is fitted on the same bank/held-out split (one seed);
+2. the held-out normals and the labelled defects are split, seeded, into a SELECTION half and a
+   REPORT half; the fused score's part calibration uses the selection normals only;
+3. each candidate x scorer is scored on the selection half; the highest AUROC wins (ties go to
+   the earlier, cheaper candidate);
+4. the winner's figures are computed on the report half, which played no part in the choice.
+
+Scorers are compared from one fit per configuration: the raw parts of every validation image
+are kept (FitResult.parts), so patch and fused cost nothing extra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from common.data.layouts import ImageRecord
+from common.engine.fit import (
+    FitError,
+    FitResult,
+    fit_category,
+    split_holdout,
+    validation_metrics,
+)
+from common.engine.patchcore import PatchCore, PatchCoreConfig
+
+
+def fine(config: PatchCoreConfig) -> PatchCoreConfig:
+    """The stride-4 grid (few-pixel defects). It has 4x the patches, so a quarter of the coreset
+    ratio keeps its bank and search near the default's and its greedy coreset ~4x, not ~16x
+    (with the default's ratio its fit on 300 elpv cells had not finished after 29 minutes on a
+    busy 2-core machine, against 11 for the default)."""
+    return dataclasses.replace(
+        config, layers=("stage2", "stage3"), coreset_ratio=config.coreset_ratio / 4
+    )
+
+
+# name -> the candidate made from the base config. Order is preference on ties: cheapest first.
+CANDIDATES: dict[str, Callable[[PatchCoreConfig], PatchCoreConfig]] = {
+    "default": lambda config: config,
+    "fine": fine,
+}
+SCORERS = ("fused", "patch")
+MIN_PER_HALF = 2
+
+
+@dataclass(frozen=True)
+class AutoFit:
+    """The chosen model and the record of how it was chosen."""
+
+    chosen: str  # "<candidate> <scorer>"
+    fit: FitResult  # the chosen candidate's fit (its model recalibrated on selection normals)
+    model: PatchCore
+    validation: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NestedSplit:
+    """Indices into a fit's validation normals / defects: selection half and report half."""
+
+    normal_selection: np.ndarray
+    normal_report: np.ndarray
+    defect_selection: np.ndarray
+    defect_report: np.ndarray
+
+
+def can_choose(records: Sequence[ImageRecord], holdout: float, seed: int) -> bool:
+    """Whether the validation images suffice for a nested choice (both halves get
+    MIN_PER_HALF normals and defects): where they do not, --auto's default is off."""
+    good = [r for r in records if r.split == "train" and r.label == 0]
+    n_normal = len(split_holdout(good, holdout, seed)[1])
+    n_normal += sum(r.split == "test" and r.label == 0 for r in records)
+    n_defect = sum(r.label == 1 for r in records)
+    return min(n_normal, n_defect) >= 2 * MIN_PER_HALF
+
+
+def nested_split(n_normal: int, n_defect: int, seed: int) -> NestedSplit:
+    """Seeded halves of the validation normals and defects; the selection half gets the odd
+    one out. Both halves need a few of each, or neither figure means anything."""
+    if min(n_normal, n_defect) < 2 * MIN_PER_HALF:
+        raise FitError(
+            f"--auto needs at least {2 * MIN_PER_HALF} held-out normals and labelled defects, "
+            f"got {n_normal} and {n_defect}; add images or fit without --auto"
+        )
+    rng = np.random.default_rng(seed)
+    normals, defects = rng.permutation(n_normal), rng.permutation(n_defect)
+    half_n, half_d = (n_normal + 1) // 2, (n_defect + 1) // 2
+    return NestedSplit(
+        np.sort(normals[:half_n]),
+        np.sort(normals[half_n:]),
+        np.sort(defects[:half_d]),
+        np.sort(defects[half_d:]),
+    )
+
+
+def fit_auto(
+    records: Sequence[ImageRecord],
+    base: PatchCoreConfig,
+    holdout: float,
+    device: str = "auto",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> AutoFit:
+    """Fit every candidate, choose on the selection half, report on the report half."""
+    fits = {
+        name: fit_category(records, candidate(base), holdout, device, batch_size, progress)
+        for name, candidate in CANDIDATES.items()
+    }
+    return choose(fits, base.seed + 1)
+
+
+def choose(fits: dict[str, FitResult], seed: int) -> AutoFit:
+    """Pick among fitted candidates (same split, in preference order) by selection AUROC."""
+    first = next(iter(fits.values()))
+    split = nested_split(len(first.parts["normal"]), len(first.parts["anomalous"]), seed)
+    selection: dict[str, float] = {}
+    models: dict[str, PatchCore] = {}
+    for name, fit in fits.items():
+        for scorer in SCORERS:
+            key = f"{name} {scorer}"
+            models[key] = calibrated(fit, scorer, split.normal_selection)
+            selection[key] = _auroc(
+                models[key], fit, split.normal_selection, split.defect_selection
+            )
+    chosen = max(selection, key=lambda k: (selection[k], -list(selection).index(k)))
+    fit, model = fits[chosen.split()[0]], models[chosen]
+    normal = _scores(model, fit.parts["normal"][split.normal_report])
+    defect = _scores(model, fit.parts["anomalous"][split.defect_report])
+    validation = validation_metrics(normal, defect, model.calibration)
+    validation |= {
+        "bank_size": fit.validation["bank_size"],
+        "bank_images": fit.validation["bank_images"],
+        "auto": {
+            "chosen": chosen,
+            "selection_auroc": selection,
+            "report_auroc": validation["auroc"],
+            "n_selection": [len(split.normal_selection), len(split.defect_selection)],
+            "n_report": [len(split.normal_report), len(split.defect_report)],
+        },
+    }  # fmt: skip
+    return AutoFit(chosen, fit, model, validation)
+
+
+def calibrated(fit: FitResult, scorer: str, normal_rows: np.ndarray) -> PatchCore:
+    """The fit's model scoring with ``scorer``, calibrated on the given validation normals only
+    (so images of the report half do not shape its scale either)."""
+    model = fit.model
+    model = PatchCore(
+        dataclasses.replace(model.config, scorer=scorer),
+        model.extractor,
+        model.bank,
+        np.empty(0, np.float32),
+        model.global_scorer,
+        fit.parts["normal"][normal_rows] if model.global_scorer is not None else None,
+        model.pixel_scorer,
+    )
+    return model.with_calibration(_scores(model, fit.parts["normal"][normal_rows]))
+
+
+def _scores(model: PatchCore, parts: np.ndarray) -> np.ndarray:
+    pixel = parts[:, 2] if parts.shape[1] > 2 else None
+    return model.combine(parts[:, 0], parts[:, 1], pixel)
+
+
+def _auroc(
+    model: PatchCore, fit: FitResult, normal_rows: np.ndarray, defect_rows: np.ndarray
+) -> float:
+    normal = _scores(model, fit.parts["normal"][normal_rows])
+    defect = _scores(model, fit.parts["anomalous"][defect_rows])
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
+    return float(roc_auc_score(labels, np.r_[normal, defect]))

@@ -1,0 +1,71 @@
+"""`fit --auto`: chosen on a selection half, reported on a report half it never saw."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from common.data.layouts import discover
+from common.engine.auto import AutoFit, calibrated, can_choose, fit_auto, nested_split
+from common.engine.fit import FitError
+from common.engine.patchcore import PatchCoreConfig
+from tests.synthetic import make_seed_layout
+
+BASE = PatchCoreConfig(image_size=64, coreset_ratio=0.25)
+
+
+def test_nested_split_halves_are_disjoint_seeded_and_complete() -> None:
+    split = nested_split(9, 12, seed=3)
+    assert set(split.normal_selection).isdisjoint(split.normal_report)
+    assert set(split.defect_selection).isdisjoint(split.defect_report)
+    assert sorted([*split.normal_selection, *split.normal_report]) == list(range(9))
+    assert sorted([*split.defect_selection, *split.defect_report]) == list(range(12))
+    again = nested_split(9, 12, seed=3)
+    np.testing.assert_array_equal(again.normal_report, split.normal_report)
+
+
+def test_too_few_validation_images_is_a_clear_error() -> None:
+    with pytest.raises(FitError, match="--auto needs at least 4"):
+        nested_split(3, 10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def chosen(tmp_path_factory: pytest.TempPathFactory) -> AutoFit:
+    root = tmp_path_factory.mktemp("auto")
+    make_seed_layout(root, "tex", n_good=20, n_bad=8, n_test=2, size=64)
+    records = discover(root)
+    assert can_choose(records, 0.25, BASE.seed)
+    return fit_auto(records, BASE, holdout=0.25, device="cpu", progress=False)
+
+
+def test_reported_figures_come_from_the_report_half_only(chosen: AutoFit) -> None:
+    auto = chosen.validation["auto"]
+    split = nested_split(
+        len(chosen.fit.parts["normal"]), len(chosen.fit.parts["anomalous"]), BASE.seed + 1
+    )
+    assert auto["n_report"] == [len(split.normal_report), len(split.defect_report)]
+    assert chosen.validation["n_normal"] == len(split.normal_report)
+    assert chosen.validation["n_anomalous"] == len(split.defect_report)
+    # Recompute the reported AUROC from the report rows alone: it must match exactly.
+    model = chosen.model
+    normal = model.combine(*chosen.fit.parts["normal"][split.normal_report].T)
+    defect = model.combine(*chosen.fit.parts["anomalous"][split.defect_report].T)
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
+    assert chosen.validation["auroc"] == pytest.approx(roc_auc_score(labels, np.r_[normal, defect]))
+
+
+def test_choice_and_calibration_use_the_selection_half_only(chosen: AutoFit) -> None:
+    auto = chosen.validation["auto"]
+    assert set(auto["selection_auroc"]) == {
+        "default fused", "default patch", "fine fused", "fine patch"
+    }  # fmt: skip
+    assert auto["chosen"] == max(auto["selection_auroc"], key=auto["selection_auroc"].get)
+    assert chosen.model.config.scorer == auto["chosen"].split()[1]
+    # The stored model's held-out normal scores are the selection normals', nothing else.
+    assert len(chosen.model.calibration) == auto["n_selection"][0]
+    split = nested_split(
+        len(chosen.fit.parts["normal"]), len(chosen.fit.parts["anomalous"]), BASE.seed + 1
+    )
+    again = calibrated(chosen.fit, chosen.model.config.scorer, split.normal_selection)
+    np.testing.assert_allclose(again.calibration, chosen.model.calibration)
