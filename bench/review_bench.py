@@ -13,7 +13,7 @@
 
     PYTHONPATH=. .venv/bin/python bench/review_bench.py --limit 600 [--device cuda]
 
-Writes its database and data under --work (default /tmp/patchq-review-bench).
+Writes its database and data under --work (default build/review-bench).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def compare_on_unused(url: str, category: str, key: dict[str, int], batch_size: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/patchq-review-bench"))
+    parser.add_argument("--work", type=Path, default=Path("build/review-bench"))
     parser.add_argument("--category", default="mono", choices=("mono", "poly"))
     parser.add_argument("--limit", type=int, default=600, help="cells drawn from the category")
     parser.add_argument("--device", default="auto")
