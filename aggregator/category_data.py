@@ -20,6 +20,7 @@ from common.engine.anomaly_map import anomaly_map
 from common.engine.artifact import ModelArtifact, read_artifact
 from common.engine.ensemble import is_ensemble, read_reference
 from common.engine.normalise import TAIL_FUSIONS
+from common.engine.patchcore import held_out_patch_maxima
 from common.store.database import decode_array, run_progress
 from common.store.reviews import latest_verdicts
 from common.store.schema import Image, Model, Score
@@ -124,17 +125,10 @@ def score_name(artifact: ModelArtifact) -> str:
 
 
 def normal_patch_maxima(artifact: ModelArtifact) -> np.ndarray:
-    """The held-out normals' s* (largest patch distance), whichever score the model reports.
-
-    Models with whole-image parts keep the raw s* of the held-out normals as the first column
-    of ``part_calibration``; a patch-scorer model's calibration is s* itself. (With eq. 7
-    reweighting, b > 1, s* is the reweighted maximum, slightly below the largest distance.)
-    """
-    if artifact.part_calibration is not None and len(artifact.part_calibration):
-        return np.asarray(artifact.part_calibration[:, 0], np.float64)
-    if artifact.config.scorer == "patch":
-        return np.asarray(artifact.calibration, np.float64)
-    return np.empty(0)
+    """The held-out normals' s* of a stored model: the map scale's reference."""
+    return held_out_patch_maxima(
+        artifact.part_calibration, artifact.calibration, artifact.config.scorer
+    )
 
 
 # id, label, in_train, has_mask, score: the columns load_category keeps; then the model id.

@@ -36,7 +36,7 @@ import numpy as np
 
 from common.data.batches import iter_batches
 from common.engine.memory_bank import MemoryBank
-from common.engine.patchcore import PatchCore, extract_patches
+from common.engine.patchcore import PatchCore, extract_patches, held_out_patch_maxima
 from common.errors import PatchqError
 
 
@@ -58,11 +58,8 @@ class BankUpdate:
 
 def coverage_radius(model: PatchCore) -> float:
     """r: the median held-out normal image's largest patch distance (see the module notes)."""
-    if len(model.part_calibration):
-        held_out = model.part_calibration[:, 0]
-    elif model.config.scorer == "patch" and len(model.calibration):
-        held_out = model.calibration
-    else:
+    held_out = held_out_patch_maxima(model.part_calibration, model.calibration, model.config.scorer)
+    if not len(held_out):
         raise BankUpdateError(
             "the model has no held-out normal scores to define its coverage radius; "
             "refit it with --holdout above 0 (e.g. 0.2)"
