@@ -99,15 +99,22 @@ def compare_on_unused(url: str, category: str, key: dict[str, int], batch_size: 
         f"({int((labels == 0).sum())} normal, {int(labels.sum())} defective); "
         f"threshold {threshold.value:.4g} ({threshold.policy})"
     )
+    scored = {}
     for name, model in (("before", before), ("after", after)):
         scores = image_scores(model, paths, batch_size)
-        values = np.array([scores[p] for p in paths])
+        scored[name] = values = np.array([scores[p] for p in paths])
         flagged = values >= threshold.value
         print(
             f"  {name:<6} AUROC {roc_auc_score(labels, values):.3f}  "
             f"false alarms {int(flagged[labels == 0].sum())}/{int((labels == 0).sum())}  "
-            f"defects flagged {int(flagged[labels == 1].sum())}/{int(labels.sum())}"
+            f"defects flagged {int(flagged[labels == 1].sum())}/{int(labels.sum())}  "
+            f"median defect {np.median(values[labels == 1]):.4g}"
         )
+    ratio = scored["after"][labels == 1] / scored["before"][labels == 1]
+    print(
+        f"  defects' scores after / before: min {ratio.min():.3f}, median "
+        f"{np.median(ratio):.3f}; {int((ratio < 0.9).sum())} fell by more than 10%"
+    )
 
 
 def main() -> None:
