@@ -167,11 +167,11 @@ def describe_update(category: str, model_id: int, result: BankUpdate, n_images: 
         f"patches: {result.added:,} of the {result.candidates:,} patches of {n_images} "
         f"reviewed-normal images lay beyond the coverage radius {result.radius:.4g}"
     ]
-    if result.model.global_scorer is not None:
-        parts = f"global {result.global_exemplars}"
-        if result.model.pixel_scorer is not None:
-            parts += f", pixel {result.pixel_exemplars}"
-        lines.append(f"  whole-image exemplars added (images beyond a part's radius): {parts}")
+    if result.model.config.scorer != "patch":
+        lines.append(
+            "  whole-image exemplars added (images beyond a part's radius): "
+            f"global {result.global_exemplars}, pixel {result.pixel_exemplars}"
+        )
     return "\n".join(lines)
 
 
