@@ -75,8 +75,8 @@ class BankUpdate:
     added: int  # of them, appended to the bank
     bank_before: int
     bank_after: int
-    global_exemplars: int = 0  # update images kept as exemplars of the global part
-    pixel_exemplars: int = 0  # ... of the pixel part
+    global_exemplars: int  # update images kept as exemplars of the global part
+    pixel_exemplars: int  # ... of the pixel part
 
     @property
     def changed(self) -> bool:

@@ -122,7 +122,7 @@ class GlobalScorer:
     def _squared(self, stats: np.ndarray, centres: np.ndarray) -> np.ndarray:
         """(B, C) squared Mahalanobis distances of the statistics to each centre."""
         diff = stats[:, None, :] - np.asarray(centres, np.float64)[None]
-        return np.einsum("bci,ij,bcj->bc", diff, self.precision.astype(np.float64), diff)
+        return np.einsum("bci,bci->bc", diff @ self.precision.astype(np.float64), diff)
 
     def with_exemplars(self, statistics: np.ndarray, radius: float) -> GlobalScorer:
         """This scorer taught the normal images' statistics (N, F) with coverage radius r.
