@@ -52,6 +52,9 @@ CONFIGS = {
     "default": PatchCoreConfig(),
     "border-mean": PatchCoreConfig(border="mean"),
     "fine": fine(PatchCoreConfig()),
+    # --auto's stride-4 candidate before: 224 px, a quarter of the coreset ratio.
+    "fine224": PatchCoreConfig(layers=("stage2", "stage3"), coreset_ratio=0.025),
+    "320": PatchCoreConfig(image_size=320),
     "large": PatchCoreConfig(image_size=384),
     "tiled": PatchCoreConfig(image_size=384, tile_size=224, tile_overlap=32),
 }
