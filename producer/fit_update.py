@@ -89,7 +89,7 @@ def run_update(args: argparse.Namespace) -> int:
         print(describe_update(args.update, model_id, result, len(images.update)))
         print(compare(model, result.model, images, threshold, settings.batch_size))
         if not result.changed:
-            print("nothing to add: the bank already covers these images; model unchanged")
+            print("nothing to add: the model already covers these images; model unchanged")
             return 0
         with sessions.begin() as session:
             new_id = _store(session, args.update, model_id, result, run_id)
