@@ -11,7 +11,7 @@
    defects still flagged, AUROC.
 5. `patchq aggregate` relabels the run with the verdicts (and chooses a new threshold).
 
-    PYTHONPATH=. .venv/bin/python bench/review_bench.py --limit 600 [--device cuda]
+    PYTHONPATH=. .venv/bin/python bench/review_bench.py --limit 600 [--scorer patch] [--device cuda]
 
 Writes its database and data under --work (default build/review-bench).
 """
@@ -99,15 +99,22 @@ def compare_on_unused(url: str, category: str, key: dict[str, int], batch_size: 
         f"({int((labels == 0).sum())} normal, {int(labels.sum())} defective); "
         f"threshold {threshold.value:.4g} ({threshold.policy})"
     )
+    scored = {}
     for name, model in (("before", before), ("after", after)):
         scores = image_scores(model, paths, batch_size)
-        values = np.array([scores[p] for p in paths])
+        scored[name] = values = np.array([scores[p] for p in paths])
         flagged = values >= threshold.value
         print(
             f"  {name:<6} AUROC {roc_auc_score(labels, values):.3f}  "
             f"false alarms {int(flagged[labels == 0].sum())}/{int((labels == 0).sum())}  "
-            f"defects flagged {int(flagged[labels == 1].sum())}/{int(labels.sum())}"
+            f"defects flagged {int(flagged[labels == 1].sum())}/{int(labels.sum())}  "
+            f"median defect {np.median(values[labels == 1]):.4g}"
         )
+    ratio = scored["after"][labels == 1] / scored["before"][labels == 1]
+    print(
+        f"  defects' scores after / before: min {ratio.min():.3f}, median "
+        f"{np.median(ratio):.3f}; {int((ratio < 0.9).sum())} fell by more than 10%"
+    )
 
 
 def main() -> None:
@@ -117,7 +124,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=600, help="cells drawn from the category")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--scorer", default="fused", choices=("patch", "global", "fused"))
+    parser.add_argument(
+        "--scorer",
+        choices=("patch", "global", "fused"),
+        help="fit this scorer alone (--no-auto); default: patchq's default, where --auto "
+        "chooses among its candidates (the fused scorer on elpv mono)",
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data = write_elpv_demo(
@@ -126,7 +138,8 @@ def main() -> None:
     url = f"sqlite:///{args.work / 'patchq.db'}"
     os.environ["PATCHQ_DATABASE_URL"] = url
     common = ["--device", args.device, "--batch-size", str(args.batch_size)]
-    patchq(["run", str(data), "--category", args.category, "--run", RUN, "--scorer", args.scorer,
+    scorer = ["--scorer", args.scorer, "--no-auto"] if args.scorer else []
+    patchq(["run", str(data), "--category", args.category, "--run", RUN, *scorer,
             "--out", str(args.work / "out"), *common])  # fmt: skip
     key = answer_key(data / args.category)
     normal, defect = simulate_review(url, args.category, key)

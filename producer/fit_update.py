@@ -2,8 +2,9 @@
 
 The images of the run that reviewers marked normal (and whose folder gives no label) are split,
 seeded, into update images and held-out ones (--holdout). The update images' uncovered patches
-join the latest model's memory bank (common.engine.bank_update), and the result is stored as a
-new model version: new runs score with it, old runs keep the model their images were pinned to.
+join the latest model's memory bank and the images its whole-image parts do not cover become
+those parts' exemplars (common.engine.bank_update); the result is stored as a new model
+version: new runs score with it, old runs keep the model their images were pinned to.
 Before/after figures come from the run's labelled images that did not go into the update.
 """
 
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from common.data.layouts import ImageRecord
 from common.engine.artifact import artifact_hash, load_artifact, save_artifact
-from common.engine.bank_update import BankUpdate, image_scores, patch_features, update_bank
+from common.engine.bank_update import BankUpdate, image_scores, update_features, update_model
 from common.engine.ensemble import is_ensemble
 from common.engine.fit import split_holdout
 from common.engine.patchcore import PatchCore, resolve_device
@@ -80,16 +81,15 @@ def run_update(args: argparse.Namespace) -> int:
             images = reviewed_images(session, run_id, args.update, holdout, args.seed)
             model = load_artifact(data, str(device))
             threshold = _threshold(session, run_id, args.update, model_id, images, model)
-        features, skipped = patch_features(model, _paths(images.update), settings.batch_size)
-        if skipped:
-            print(
-                f"  skipped {len(skipped)} unreadable images, e.g. {next(iter(skipped.values()))}"
-            )
-        result = update_bank(model, features, device.type)
+        features = update_features(model, _paths(images.update), settings.batch_size)
+        if features.skipped:
+            reason = next(iter(features.skipped.values()))
+            print(f"  skipped {len(features.skipped)} unreadable images, e.g. {reason}")
+        result = update_model(model, features, device.type)
         print(describe_update(args.update, model_id, result, len(images.update)))
         print(compare(model, result.model, images, threshold, settings.batch_size))
-        if not result.added:
-            print("nothing to add: the bank already covers these images; model unchanged")
+        if not result.changed:
+            print("nothing to add: the model already covers these images; model unchanged")
             return 0
         with sessions.begin() as session:
             new_id = _store(session, args.update, model_id, result, run_id)
@@ -162,11 +162,17 @@ def _paths(records: Sequence[ImageRecord]) -> list[Path]:
 
 
 def describe_update(category: str, model_id: int, result: BankUpdate, n_images: int) -> str:
-    return (
+    lines = [
         f"{category}: model {model_id}, bank {result.bank_before:,} -> {result.bank_after:,} "
         f"patches: {result.added:,} of the {result.candidates:,} patches of {n_images} "
         f"reviewed-normal images lay beyond the coverage radius {result.radius:.4g}"
-    )
+    ]
+    if result.model.config.scorer != "patch":
+        lines.append(
+            "  whole-image exemplars added (images beyond a part's radius): "
+            f"global {result.global_exemplars}, pixel {result.pixel_exemplars}"
+        )
+    return "\n".join(lines)
 
 
 def compare(
@@ -237,6 +243,8 @@ def _store(
             "from_run": run_id,
             "coverage_radius": result.radius,
             "patches_added": result.added,
+            "global_exemplars_added": result.global_exemplars,
+            "pixel_exemplars_added": result.pixel_exemplars,
         },
     }
     data = save_artifact(result.model, category, validation)

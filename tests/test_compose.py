@@ -18,7 +18,7 @@ from common.settings import Settings
 
 ROOT = Path(__file__).parents[1]
 JOBS = ("fit", "submit", "aggregate", "report")
-PATCHQ_SERVICES = ("worker", "flower", *JOBS)
+PATCHQ_SERVICES = ("worker", "flower", "review", *JOBS)
 TEST_ENV = {
     "POSTGRES_PASSWORD": "pg-test-secret",
     "REDIS_PASSWORD": "redis-test-secret",
@@ -81,7 +81,7 @@ def test_worker_reserves_one_gpu_and_runs_one_process(services: dict[str, Any]) 
 
 def test_image_storage_is_read_only_at_the_same_path(services: dict[str, Any]) -> None:
     data = TEST_ENV["DATA_DIR"]
-    for name in ("worker", *JOBS):
+    for name in ("worker", "review", *JOBS):
         assert f"{data}:{data}:ro" in services[name]["volumes"], name
 
 
@@ -91,6 +91,15 @@ def test_flower_requires_login(services: dict[str, Any]) -> None:
     assert flower["environment"]["PATCHQ_FLOWER_BASIC_AUTH"] == TEST_ENV["PATCHQ_FLOWER_BASIC_AUTH"]
     assert flower["environment"]["PATCHQ_FLOWER_PORT"] == "5555"
     assert flower["ports"] == ["127.0.0.1:5555:5555/tcp"]
+
+
+def test_review_page_requires_login_and_listens_on_loopback(services: dict[str, Any]) -> None:
+    review = services["review"]
+    assert review["entrypoint"] == ["patchq", "review", "--address", "0.0.0.0"]
+    assert review["profiles"] == ["review"] and "restart" not in review
+    assert "PATCHQ_REVIEW_BASIC_AUTH" in review["environment"]  # patchq refuses to start without
+    assert review["environment"]["PATCHQ_REVIEW_PORT"] == "5580"
+    assert review["ports"] == ["127.0.0.1:5580:5580/tcp"]
 
 
 def test_redis_and_postgres_only_on_loopback_and_with_passwords(
@@ -112,17 +121,19 @@ def test_secrets_reach_only_the_services_that_need_them(services: dict[str, Any]
         environment = service.get("environment", {})
         assert "POSTGRES_PASSWORD" not in environment or name == "postgres"
         assert "PATCHQ_FLOWER_BASIC_AUTH" not in environment or name == "flower"
+        assert "PATCHQ_REVIEW_BASIC_AUTH" not in environment or name == "review"
 
 
 def test_every_setting_reaches_the_patchq_services(services: dict[str, Any]) -> None:
     """A new PATCHQ_* setting must be passed through, or .env would silently not apply it."""
-    flower_only = {"PATCHQ_FLOWER_BASIC_AUTH", "PATCHQ_FLOWER_PORT"}
-    # `patchq review RUN` is started by a person for one run, not kept up as a service.
-    review_only = {"PATCHQ_REVIEW_BASIC_AUTH", "PATCHQ_REVIEW_PORT"}
-    settings = {env_var for _, env_var, _, _ in Settings.describe()} - review_only
+    only = {
+        "flower": {"PATCHQ_FLOWER_BASIC_AUTH", "PATCHQ_FLOWER_PORT"},
+        "review": {"PATCHQ_REVIEW_BASIC_AUTH", "PATCHQ_REVIEW_PORT"},
+    }
+    settings = {env_var for _, env_var, _, _ in Settings.describe()}
     for name in PATCHQ_SERVICES:
-        wanted = settings if name == "flower" else settings - flower_only
-        assert wanted <= set(services[name]["environment"]), name
+        others = set().union(*(wanted for owner, wanted in only.items() if owner != name))
+        assert settings - others <= set(services[name]["environment"]), name
 
 
 def test_jobs_are_one_shot_services_in_a_profile(services: dict[str, Any]) -> None:

@@ -12,7 +12,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from common.data.layouts import ImageRecord
-from common.engine.artifact import load_artifact, read_artifact, save_artifact
+from common.engine.artifact import ArtifactError, load_artifact, read_artifact, save_artifact
+from common.engine.bank_update import update_features, update_model
 from common.engine.fit import FitResult, fit_category, score_records
 from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
 from common.engine.normalise import Normaliser
@@ -149,3 +150,46 @@ def _archive(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, header=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
     return buffer.getvalue()
+
+
+def test_exemplars_teach_one_variant_and_nothing_beyond_their_reach() -> None:
+    rng = np.random.default_rng(0)
+    scorer = GlobalScorer.fit(rng.normal(0, 1, (40, 12)))
+    held_out = rng.normal(0, 1, (30, 12))
+    radius = float(np.median(scorer.score(held_out)))
+    offset = np.zeros(12)
+    offset[0] = 6.0  # a new variant: every image of it shifted along one statistic
+    taught = scorer.with_exemplars(rng.normal(0, 1, (8, 12)) + offset, radius)
+    assert 1 <= taught.n_exemplars < 8  # one variant needs few exemplars, not one per image
+    variant = rng.normal(0, 1, (20, 12)) + offset
+    assert np.median(scorer.score(variant)) > np.quantile(scorer.score(held_out), 0.95)
+    assert np.median(taught.score(variant)) < np.quantile(scorer.score(held_out), 0.95)
+    # Scores only go down, and images beyond every exemplar's reach keep theirs exactly: on
+    # the other side of the mean, and farther out along the taught direction itself.
+    assert (taught.score(held_out) <= scorer.score(held_out)).all()
+    for beyond in (-offset, 2.5 * offset):
+        images = rng.normal(0, 1, (20, 12)) + beyond
+        np.testing.assert_array_equal(taught.score(images), scorer.score(images))
+    # A normal image already within the radius teaches nothing.
+    assert scorer.with_exemplars(np.zeros((1, 12)), radius).n_exemplars == 0
+
+
+def test_artifact_keeps_taught_exemplars(fitted) -> None:
+    result, root = fitted
+    model = result.model
+    records = _records(root, "colour", range(710, 713), 1, "test")
+    features = update_features(model, [r.path for r in records], batch_size=4)
+    taught = update_model(model, features, "cpu").model
+    assert taught.pixel_scorer is not None and taught.pixel_scorer.n_exemplars >= 1
+    data = save_artifact(taught, "tex")
+    loaded = read_artifact(data)
+    assert loaded.pixel_scorer is not None
+    np.testing.assert_array_equal(loaded.pixel_scorer.exemplars, taught.pixel_scorer.exemplars)
+    assert loaded.pixel_scorer.radius == pytest.approx(taught.pixel_scorer.radius)
+    stats = features.pixel
+    np.testing.assert_allclose(loaded.pixel_scorer.score(stats), taught.pixel_scorer.score(stats))
+    with np.load(io.BytesIO(data)) as archive:
+        arrays = {n: archive[n] for n in archive.files if n != "pixel_radius"}
+    header = json.loads(arrays.pop("header").tobytes())
+    with pytest.raises(ArtifactError, match="exemplars and radius"):
+        read_artifact(_archive(header, arrays))

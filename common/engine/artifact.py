@@ -15,7 +15,15 @@ Format ``patchq-model`` version 4 is a NumPy ``.npz`` archive (a zip of ``.npy``
                        (optional; (n, 2) in version 2 models, which lack the pixel part)
 ``pixel_mean``         float32 (4,): mean pixel statistics of the bank images (optional)
 ``pixel_precision``    float32 (4, 4): their shrunk inverse covariance (optional)
+``global_exemplars``   float32 (E, 2D): statistics of images taught by ``fit --update``
+                       (optional, with ``global_radius``: float32 (1,), the part's radius r)
+``pixel_exemplars``    float32 (E, 4): the same for the pixel part (optional, ``pixel_radius``)
 =====================  ======================================================================
+
+Exemplars (common/engine/global_scorer.py) were added to version 4 without a version bump: a
+model without them scores exactly as before, so every older version-4 file reads unchanged. The
+cost: a patchq from before them reads an updated model but ignores its exemplars (it scores the
+whole-image parts as the model before the update did), so upgrade workers before `fit --update`.
 
 The three global arrays come together or not at all; a model without them scores with the
 patch scorer only. The two pixel arrays need the global ones. Version 2 (no pixel part) is
@@ -93,15 +101,22 @@ def save_artifact(
         "calibration": np.asarray(model.calibration, dtype=np.float32),
     }
     if model.global_scorer is not None:
-        arrays["global_mean"] = model.global_scorer.mean
-        arrays["global_precision"] = model.global_scorer.precision
+        arrays |= _scorer_arrays("global", model.global_scorer)
         arrays["part_calibration"] = model.part_calibration
     if model.pixel_scorer is not None:
-        arrays["pixel_mean"] = model.pixel_scorer.mean
-        arrays["pixel_precision"] = model.pixel_scorer.precision
+        arrays |= _scorer_arrays("pixel", model.pixel_scorer)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
+
+
+def _scorer_arrays(part: str, scorer: GlobalScorer) -> dict[str, np.ndarray]:
+    """A whole-image part's arrays, its exemplars only when it has some."""
+    arrays = {f"{part}_mean": scorer.mean, f"{part}_precision": scorer.precision}
+    if scorer.n_exemplars:
+        arrays[f"{part}_exemplars"] = np.asarray(scorer.exemplars, np.float32)
+        arrays[f"{part}_radius"] = np.array([scorer.radius], np.float32)
+    return arrays
 
 
 def read_artifact(data: bytes) -> ModelArtifact:
@@ -153,7 +168,7 @@ def _read_global(arrays: dict[str, np.ndarray]) -> tuple[GlobalScorer | None, np
         raise ArtifactError(
             f"model artifact has {present} but not all of {list(GLOBAL_ARRAYS)}; refit the model"
         )
-    return _checked(arrays["global_mean"], arrays["global_precision"]), arrays["part_calibration"]
+    return _checked(arrays, "global"), arrays["part_calibration"]
 
 
 def _read_pixel(arrays: dict[str, np.ndarray], parts: np.ndarray | None) -> GlobalScorer | None:
@@ -167,11 +182,22 @@ def _read_pixel(arrays: dict[str, np.ndarray], parts: np.ndarray | None) -> Glob
             f"model artifact has {present} without all of {list(PIXEL_ARRAYS)} and 3-part "
             "calibration; refit the model"
         )
-    return _checked(arrays["pixel_mean"], arrays["pixel_precision"])
+    return _checked(arrays, "pixel")
 
 
-def _checked(mean: np.ndarray, precision: np.ndarray) -> GlobalScorer:
-    scorer = GlobalScorer(mean, precision)
+def _checked(arrays: dict[str, np.ndarray], part: str) -> GlobalScorer:
+    """A whole-image part from its arrays; exemplars and radius come together or not at all."""
+    exemplars, radius = arrays.get(f"{part}_exemplars"), arrays.get(f"{part}_radius")
+    if (exemplars is None) != (radius is None) or (radius is not None and radius.shape != (1,)):
+        raise ArtifactError(
+            f"model artifact's {part} exemplars and radius do not come together; refit the model"
+        )
+    scorer = GlobalScorer(
+        arrays[f"{part}_mean"],
+        arrays[f"{part}_precision"],
+        exemplars,
+        0.0 if radius is None else float(radius[0]),
+    )
     try:
         scorer.check()
     except PatchqError as exc:
