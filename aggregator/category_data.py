@@ -15,12 +15,8 @@ from aggregator.evaluation import AggregateError, CategoryData
 from aggregator.frames import model_frame_mask
 from aggregator.metrics import check_scores
 from aggregator.pixel_metrics import PixelMetrics, pixel_metrics
-from common.data.images import Preprocessing
-from common.engine.anomaly_map import anomaly_map
-from common.engine.artifact import ModelArtifact, read_artifact
-from common.engine.ensemble import is_ensemble, read_reference
+from common.engine.model_file import ModelReference, read_model_reference
 from common.engine.normalise import TAIL_FUSIONS
-from common.engine.patchcore import held_out_patch_maxima
 from common.store.database import decode_array, run_progress
 from common.store.reviews import latest_verdicts
 from common.store.schema import Image, Model, Score
@@ -74,7 +70,7 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
     artifact, validation = session.execute(
         select(Model.artifact, Model.validation).where(Model.id == used[0])
     ).one()
-    held_out, preprocessing, name, maxima = _reference(artifact)
+    reference = read_model_reference(artifact)
     progress = {p.category: p for p in run_progress(session, run_id)}[category]
     labels, n_reviewed = _with_verdicts(ids, labels, latest_verdicts(session, run_id, category))
     return CategoryData(
@@ -85,12 +81,12 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         labels=labels,
         in_train=in_train,
         has_mask=has_mask,
-        held_out_normals=np.asarray(held_out, np.float64),
-        preprocessing=preprocessing,
+        held_out_normals=np.asarray(reference.calibration, np.float64),
+        preprocessing=reference.preprocessing,
         n_failed=progress.failed,
         n_pending=progress.pending,
-        score_name=name,
-        normal_patch_maxima=maxima,
+        score_name=score_name(reference),
+        normal_patch_maxima=reference.normal_patch_maxima,
         n_review_labels=n_reviewed,
         chose_model_ids=_chose_model_ids(session, run_id, validation),
     )
@@ -109,41 +105,19 @@ def _chose_model_ids(session: Session, run_id: int, validation: dict | None) -> 
     return np.asarray(sorted(ids), np.int64)
 
 
-def _reference(data: bytes) -> tuple[np.ndarray, Preprocessing, str, np.ndarray]:
-    """(held-out normal scores, preprocessing, score name, held-out s*) of a stored model,
-    single or ensemble. An ensemble's score is not a patch distance: no s* reference."""
-    if is_ensemble(data):
-        held_out, preprocessing = read_reference(data)
-        name = "ensemble score (mean of the members' z-scores vs held-out normals)"
-        return held_out, preprocessing, name, np.empty(0)
-    artifact = read_artifact(data)
-    return (
-        artifact.calibration,
-        artifact.config.preprocessing(),
-        score_name(artifact),
-        normal_patch_maxima(artifact),
-    )
-
-
-def score_name(artifact: ModelArtifact) -> str:
+def score_name(model: ModelReference) -> str:
     """The model's image score in words: what a histogram of it has on its axis."""
-    config = artifact.config
-    if config.scorer == "fused" and config.fusion in TAIL_FUSIONS:
-        return f"fused image score (-log {config.fusion} tail probability vs held-out normals)"
-    if config.scorer == "fused":
-        return f"fused image score ({config.fusion} of the parts' z-scores vs held-out normals)"
-    if config.scorer == "global":
+    if model.ensemble:
+        return "ensemble score (mean of the members' z-scores vs held-out normals)"
+    if model.scorer == "fused" and model.fusion in TAIL_FUSIONS:
+        return f"fused image score (-log {model.fusion} tail probability vs held-out normals)"
+    if model.scorer == "fused":
+        return f"fused image score ({model.fusion} of the parts' z-scores vs held-out normals)"
+    if model.scorer == "global":
         return "image score: Mahalanobis distance of pooled features"
-    if config.num_neighbors > 1:
-        return f"image score: reweighted max patch distance (s*, b={config.num_neighbors})"
+    if model.num_neighbors > 1:
+        return f"image score: reweighted max patch distance (s*, b={model.num_neighbors})"
     return "image score: max patch distance (s*)"
-
-
-def normal_patch_maxima(artifact: ModelArtifact) -> np.ndarray:
-    """The held-out normals' s* of a stored model: the map scale's reference."""
-    return held_out_patch_maxima(
-        artifact.part_calibration, artifact.calibration, artifact.config.scorer
-    )
 
 
 # id, label, in_train, has_mask, score: the columns load_category keeps; then the model id.
@@ -228,9 +202,13 @@ def category_pixel_metrics(session: Session, data: CategoryData) -> PixelMetrics
     """Pixel AUROC / AUPRO over the labelled images when the category has masks (threshold-free).
 
     Normal images count with an empty mask; a defective image without a mask is left out.
+    The maps are upsampled by the engine's own code, so torch is imported here, for
+    categories with masks only.
     """
     if not (data.has_mask & data.eligible).any():
         return None
+    from common.engine.anomaly_map import anomaly_map
+
     chosen = np.flatnonzero(data.eligible & ((data.labels == 0) | data.has_mask))
     ids = data.image_ids[chosen].tolist()
     maps = load_patch_maps(session, data.run_id, ids)

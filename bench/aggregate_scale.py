@@ -9,7 +9,8 @@ shows, so their size does not change these figures (bench/fleet_writes.py writes
 maps). Each command runs in a fresh process; wall time and peak resident memory are reported.
 
     python -m bench.aggregate_scale --images 200000
-    python -m bench.aggregate_scale --images 10000000
+    python -m bench.aggregate_scale --images 10000000 --keep       # prints the database's URL
+    python -m bench.aggregate_scale --images 10000000 --database URL --code OLD
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -70,6 +72,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--steps", default="status,aggregate,report", help="commands to measure, in order"
     )
     parser.add_argument("--keep", action="store_true", help="keep the database (name printed)")
+    parser.add_argument(
+        "--database", help="measure this already seeded database (from --keep) instead"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here too")
     return parser.parse_args(argv)
 
@@ -77,11 +82,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     results: dict[str, object] = {"images": args.images, "code": str(args.code)}
-    with TemporaryDirectory() as folder, throwaway_database(args.keep) as url:
+    with TemporaryDirectory() as folder, _database(args, folder) as url:
         env = {"PATCHQ_DATABASE_URL": url}
-        setup = SETUP.format(root=f"{folder}/data", category=CATEGORY, url=url, run=RUN)
-        check(python(setup, env, args.code))
-        _seed(url, args.images)
         commands = {
             "status": ["status", RUN],
             "aggregate": ["aggregate", RUN, "--out", f"{folder}/out"],
@@ -92,6 +94,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+@contextmanager
+def _database(args: argparse.Namespace, folder: str) -> Iterator[str]:
+    """The seeded database to measure: --database as given, else a new one seeded now."""
+    if args.database:
+        yield args.database
+        return
+    with throwaway_database(args.keep) as url:
+        setup = SETUP.format(root=f"{folder}/data", category=CATEGORY, url=url, run=RUN)
+        check(python(setup, {"PATCHQ_DATABASE_URL": url}, args.code))
+        _seed(url, args.images)
+        if args.keep:
+            print(f"seeded database: {url}")
+        yield url
 
 
 def _seed(url: str, images: int) -> None:

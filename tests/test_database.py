@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from common.store.database import (
     register_images,
     run_id_by_name,
     run_progress,
+    schema_head,
     store_model,
     upsert_scores,
 )
@@ -92,6 +94,14 @@ def test_migrations_create_tables_and_indexes(engine: Engine) -> None:
     head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
     with engine.connect() as connection:
         assert connection.scalar(text("SELECT version_num FROM alembic_version")) == head
+
+
+def test_schema_head_is_alembics_head_and_files_are_named_by_revision() -> None:
+    """init_db skips alembic for a database at schema_head(), so it must be the real head."""
+    scripts = ScriptDirectory(str(MIGRATIONS_DIR))
+    assert schema_head() == scripts.get_current_head()
+    for script in scripts.walk_revisions():
+        assert Path(script.path).name.split("_", 1)[0] == script.revision
 
 
 def test_migrations_match_the_models(engine: Engine) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from common.data.layouts import iter_archive
-from common.store.database import open_database, store_model
+from common.store.database import make_engine, open_database, store_model
 from producer.submission import register_run
+from tests.aggregate_data import build_dataset, populate
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "faiss", "matplotlib", "sklearn")
@@ -78,3 +79,18 @@ def test_status_and_submit_import_no_heavy_module(tmp_path: Path) -> None:
     assert _probe(["status", "r"], tmp_path, env) == {"code": 0, "heavy": []}
     submit = _probe(["submit", str(manifest), "--category", "x"], tmp_path, env)
     assert submit == {"code": 2, "heavy": []}  # found the images, then: no broker configured
+
+
+def test_aggregate_imports_neither_torch_nor_faiss(tmp_path: Path) -> None:
+    """Aggregating a real fitted and scored run reads the stored model without the engine.
+
+    The category has no masks: pixel metrics of a masked category upsample maps with the
+    engine's code and so do import torch, for those images only."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    engine = make_engine(url)
+    populate(engine, {"cell": build_dataset(tmp_path / "data")["cell"]}, name="r")
+    engine.dispose()
+    env = {"PATCHQ_DATABASE_URL": url}
+    outcome = _probe(["aggregate", "r", "--out", str(tmp_path / "out")], tmp_path, env)
+    assert outcome["code"] == 0
+    assert not {"torch", "torchvision", "faiss"} & set(outcome["heavy"])

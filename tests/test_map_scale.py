@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sqlalchemy.orm import Session
 
-from aggregator.category_data import image_files, load_category, normal_patch_maxima, score_name
+from aggregator.category_data import image_files, load_category, score_name
 from aggregator.evaluation import evaluate_category
 from aggregator.plots import MAP_COLOURS, NORMAL_QUANTILE, map_scale, top_anomalies
 from aggregator.thresholds import parse_policy
-from common.engine.artifact import ModelArtifact, read_artifact
-from common.engine.patchcore import PatchCoreConfig
+from common.data.images import Preprocessing
+from common.engine.artifact import read_artifact
+from common.engine.model_file import ModelReference, held_out_patch_maxima
 from common.store.database import make_engine
 from tests.aggregate_data import build_dataset, populate
 
 MAXIMA = np.array([2.0, 2.5, 3.0, 3.5, 4.0])
-
-
-def _artifact(scorer: str, parts: np.ndarray | None, calibration: np.ndarray) -> ModelArtifact:
-    config = PatchCoreConfig(scorer=scorer)
-    return ModelArtifact("c", config, np.zeros((1, 4), np.float32), calibration, None, None, parts)
 
 
 def test_scale_tops_normal_at_the_held_out_normals_quantile() -> None:
@@ -71,12 +66,12 @@ def test_without_held_out_normals_the_scale_says_it_is_relative() -> None:
 
 def test_patch_distance_reference_comes_from_raw_s_star_not_the_fused_score() -> None:
     parts = np.array([[3.0, 10.0, 1.0], [4.0, 11.0, 2.0]], np.float32)
-    fused = _artifact("fused", parts, calibration=np.array([-0.5, 0.5], np.float32))
-    assert normal_patch_maxima(fused) == pytest.approx([3.0, 4.0])
-    version_1 = _artifact("patch", None, calibration=np.array([5.0, 6.0], np.float32))
-    assert normal_patch_maxima(version_1) == pytest.approx([5.0, 6.0])
-    no_holdout = _artifact("fused", np.empty((0, 3), np.float32), np.empty(0, np.float32))
-    assert len(normal_patch_maxima(no_holdout)) == 0
+    fused = held_out_patch_maxima(parts, np.array([-0.5, 0.5], np.float32), "fused")
+    assert fused == pytest.approx([3.0, 4.0])
+    version_1 = held_out_patch_maxima(None, np.array([5.0, 6.0], np.float32), "patch")
+    assert version_1 == pytest.approx([5.0, 6.0])
+    no_holdout = held_out_patch_maxima(np.empty((0, 3), np.float32), np.empty(0), "fused")
+    assert len(no_holdout) == 0
 
 
 @pytest.mark.parametrize(
@@ -89,11 +84,9 @@ def test_patch_distance_reference_comes_from_raw_s_star_not_the_fused_score() ->
     ],
 )
 def test_score_name_follows_the_models_scorer(scorer: str, neighbors: int, expected: str) -> None:
-    artifact = _artifact(scorer, None, np.empty(0, np.float32))
-    artifact = dataclasses.replace(
-        artifact, config=dataclasses.replace(artifact.config, num_neighbors=neighbors)
-    )
-    assert expected in score_name(artifact)
+    empty = np.empty(0)
+    model = ModelReference(empty, empty, Preprocessing(), False, scorer, "min-p", neighbors)
+    assert expected in score_name(model)
 
 
 def test_real_run_maps_normal_cool_and_defects_warm(tmp_path: Path) -> None:

@@ -10,15 +10,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as tf
 
 from common.errors import PatchqError
+
+if TYPE_CHECKING:
+    import torch
 
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -134,7 +134,14 @@ class Preprocessing:
                 raise PatchqError(f"preprocessing {name} values must be > {lowest}, got {values!r}")
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
-        """float32 tensor (3, image_size, image_size), normalised; `image` must be RGB."""
+        """float32 tensor (3, image_size, image_size), normalised; `image` must be RGB.
+
+        torch is imported here, not with the module: `Preprocessing` is also what aggregation
+        reads from a stored model, and aggregation must not import torch (issue 12)."""
+        import torch
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as tf
+
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image (use load_rgb), got mode {image.mode!r}")
         pixels = tf.pil_to_tensor(image).to(torch.float32).div_(255.0)

@@ -41,7 +41,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,18 +49,12 @@ import torch
 
 from common.engine.global_scorer import GlobalScorer
 from common.engine.memory_bank import MemoryBank
+from common.engine.model_file import FORMAT, VERSION, ArtifactError, read_arrays, read_header
 from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor, resolve_device
 from common.errors import PatchqError
 
-FORMAT = "patchq-model"
-VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
 GLOBAL_ARRAYS = ("global_mean", "global_precision", "part_calibration")
 PIXEL_ARRAYS = ("pixel_mean", "pixel_precision")
-
-
-class ArtifactError(PatchqError):
-    """A model artifact that is corrupt, of another format or version, or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -121,8 +114,8 @@ def _scorer_arrays(part: str, scorer: GlobalScorer) -> dict[str, np.ndarray]:
 
 def read_artifact(data: bytes) -> ModelArtifact:
     """Parse and validate artifact bytes without building a backbone."""
-    arrays = _read_arrays(data)
-    header = _read_header(arrays["header"])
+    arrays = read_arrays(data)
+    header = read_header(arrays["header"])
     bank, calibration = arrays["bank"], arrays["calibration"]
     if bank.ndim != 2 or bank.shape[1] != header.get("feature_dim") or len(bank) == 0:
         raise ArtifactError(
@@ -227,31 +220,3 @@ def load_artifact(data: bytes, device: str = "auto") -> PatchCore:
         artifact.part_calibration,
         artifact.pixel_scorer,
     )
-
-
-def _read_arrays(data: bytes) -> dict[str, np.ndarray]:
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise ArtifactError(f"model artifact is corrupt or not a patchq model ({exc})") from exc
-    missing = {"header", "bank", "calibration"} - set(arrays)
-    if missing:
-        raise ArtifactError(f"model artifact lacks {sorted(missing)}; refit the model")
-    return arrays
-
-
-def _read_header(raw: np.ndarray) -> dict[str, Any]:
-    try:
-        header = json.loads(raw.tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"model artifact header is not valid JSON ({exc})") from exc
-    if header.get("format") != FORMAT:
-        raise ArtifactError(f"not a patchq model artifact (format {header.get('format')!r})")
-    if header.get("version") not in READABLE_VERSIONS:
-        raise ArtifactError(
-            f"model artifact version {header.get('version')} is not supported by this patchq "
-            f"(reads versions {', '.join(map(str, READABLE_VERSIONS))}); "
-            "refit the model or upgrade patchq"
-        )
-    return header

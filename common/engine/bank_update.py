@@ -47,7 +47,8 @@ import numpy as np
 from common.data.batches import iter_batches
 from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
 from common.engine.memory_bank import MemoryBank
-from common.engine.patchcore import PatchCore, extract_patches, held_out_patch_maxima
+from common.engine.model_file import held_out_patch_maxima
+from common.engine.patchcore import PatchCore, extract_patches
 from common.errors import PatchqError
 
 

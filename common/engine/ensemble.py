@@ -18,14 +18,14 @@ member is validated exactly as a single model is.
 
 An ensemble is a model like any other on the fleet: its file goes into the ``models`` table,
 ``load_model`` turns either kind of file into a scorer (workers, common/scoring.py), and
-``read_reference`` gives aggregation the held-out normal scores and input size of either kind.
+common/engine/model_file.py reads the file and the held-out normal scores of either kind
+without torch, for aggregation.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,36 +39,18 @@ from common.data.layouts import ImageRecord
 from common.engine.artifact import ArtifactError, load_artifact, read_artifact, save_artifact
 from common.engine.fit import FitResult, fit_category, validation_metrics
 from common.engine.memory_bank import MemoryBank
+from common.engine.model_file import ENSEMBLE_FORMAT as FORMAT
+from common.engine.model_file import ENSEMBLE_VERSION as VERSION
+from common.engine.model_file import (
+    EnsembleError,
+    combine_members,
+    ensemble_calibration,
+    ensemble_members,
+    is_ensemble,
+    largest_input,
+)
 from common.engine.normalise import Normaliser
 from common.engine.patchcore import PatchCore, PatchCoreConfig, ScoreBatch
-from common.errors import PatchqError
-
-FORMAT = "patchq-ensemble"
-VERSION = 1
-
-
-class EnsembleError(PatchqError):
-    """Members that cannot be combined, or a damaged ensemble file."""
-
-
-def combine_members(
-    member_scores: Sequence[np.ndarray], member_calibrations: Sequence[np.ndarray]
-) -> np.ndarray:
-    """Mean over members of each member's scores as z-scores of its held-out normals."""
-    normalised = [
-        Normaliser.from_scores(calibration)(scores)
-        for scores, calibration in zip(member_scores, member_calibrations, strict=True)
-    ]
-    return np.mean(normalised, axis=0).astype(np.float32)
-
-
-def ensemble_calibration(member_calibrations: Sequence[np.ndarray]) -> np.ndarray:
-    """The ensemble's held-out normal scores: its combined score of the members' ones."""
-    return combine_members(member_calibrations, member_calibrations)
-
-
-def largest_input(preprocessings: Sequence[Preprocessing]) -> Preprocessing:
-    return max(preprocessings, key=lambda p: p.image_size)
 
 
 def _patch_calibration(member: PatchCore) -> np.ndarray:
@@ -189,50 +171,16 @@ def load_ensemble(data: bytes, device: str = "auto") -> Ensemble:
 
 
 def _member_bytes(data: bytes) -> list[bytes]:
-    """Each member's artifact bytes, after checking the ensemble header."""
-    arrays, header = _read_file(data)
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise EnsembleError(
-            f"not a {FORMAT} version {VERSION} file (got {header.get('format')!r} "
-            f"version {header.get('version')}); refit the ensemble or upgrade patchq"
-        )
+    """Each member's artifact bytes, after checking the ensemble header and each member."""
+    members = ensemble_members(data)
     try:
-        members = [arrays[f"member_{i}"].tobytes() for i in range(int(header["members"]))]
         for member in members:
             read_artifact(member)
-    except (KeyError, ValueError, ArtifactError) as exc:
+    except ArtifactError as exc:
         raise EnsembleError(f"ensemble member is missing or damaged ({exc}); refit") from exc
     return members
-
-
-def _read_file(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-        header = json.loads(arrays["header"].tobytes().decode())
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
-        raise EnsembleError(f"ensemble file is corrupt or not a patchq ensemble ({exc})") from exc
-    return arrays, header
-
-
-def is_ensemble(data: bytes) -> bool:
-    """Whether model bytes are an ensemble file (else they are read as a single model)."""
-    try:
-        return _read_file(data)[1].get("format") == FORMAT
-    except EnsembleError:
-        return False
 
 
 def load_model(data: bytes, device: str = "auto") -> PatchCore | Ensemble:
     """A ready scorer from the bytes of either kind of model file the models table holds."""
     return load_ensemble(data, device) if is_ensemble(data) else load_artifact(data, device)
-
-
-def read_reference(data: bytes) -> tuple[np.ndarray, Preprocessing]:
-    """(held-out normal scores, preprocessing) of either kind of model file, no backbone built."""
-    if not is_ensemble(data):
-        artifact = read_artifact(data)
-        return artifact.calibration, artifact.config.preprocessing()
-    members = [read_artifact(member) for member in _member_bytes(data)]
-    calibration = ensemble_calibration([m.calibration for m in members])
-    return calibration, largest_input([m.config.preprocessing() for m in members])

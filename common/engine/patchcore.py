@@ -188,23 +188,6 @@ def extract_patches(
     return patches.float().cpu().numpy()
 
 
-def held_out_patch_maxima(
-    part_calibration: np.ndarray | None, calibration: np.ndarray, scorer: str
-) -> np.ndarray:
-    """s* (largest patch distance) of the normal images fit held out of the bank, whichever
-    score the model reports; empty when the model kept none.
-
-    Models with whole-image parts keep the raw s* as the first column of ``part_calibration``;
-    a patch-scorer model's ``calibration`` is s* itself. (With eq. 7 reweighting, b > 1, s* is
-    the reweighted maximum, slightly below the largest distance.)
-    """
-    if part_calibration is not None and len(part_calibration):
-        return np.asarray(part_calibration[:, 0], np.float64)
-    if scorer == "patch":
-        return np.asarray(calibration, np.float64)
-    return np.empty(0)
-
-
 class PatchCore:
     """A fitted model: feature extractor + memory bank M + held-out normal scores.
 

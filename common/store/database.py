@@ -16,10 +16,18 @@ from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
 import numpy as np
-from alembic import command
-from alembic.config import Config
-from alembic.util.exc import CommandError
-from sqlalchemy import Engine, case, create_engine, event, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    case,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
@@ -176,24 +184,49 @@ def open_database(url: str) -> Iterator[tuple[Engine, sessionmaker[Session]]]:
 def init_db(engine: Engine) -> None:
     """Bring the schema to the newest revision shipped with this patchq; safe to call each start.
 
-    On PostgreSQL an advisory lock makes concurrent callers (a producer and workers starting
-    together) migrate one at a time.
+    A database already at that revision is left alone after one query, without importing
+    alembic: alembic and its migration scripts took most of the start-up of every command,
+    `patchq status` included. On PostgreSQL an advisory lock makes concurrent callers (a
+    producer and workers starting together) migrate one at a time.
     """
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as connection:
+        if _schema_revision(connection) == schema_head():
+            return
         if connection.dialect.name == "postgresql":
             connection.execute(
                 text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
             )
-        config.attributes["connection"] = connection
-        try:
-            command.upgrade(config, "head")
-        except CommandError as error:
-            raise DatabaseError(
-                f"cannot migrate the database at {mask_url(str(engine.url))}: {error}; "
-                "a newer patchq may have migrated it, so upgrade patchq on this machine"
-            ) from None
+        _migrate(connection)
+
+
+def schema_head() -> str:
+    """The newest migration shipped with this patchq: revisions are named by their files'
+    number prefixes (NNNN_what.py declares revision "NNNN") and each follows a lower one;
+    tests/test_database.py checks this against alembic's own reading of the chain."""
+    return max(path.name.split("_", 1)[0] for path in (MIGRATIONS_DIR / "versions").glob("*.py"))
+
+
+def _schema_revision(connection: Connection) -> str | None:
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    return connection.scalar(text("SELECT max(version_num) FROM alembic_version"))
+
+
+def _migrate(connection: Connection) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from alembic.util.exc import CommandError
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    try:
+        command.upgrade(config, "head")
+    except CommandError as error:
+        raise DatabaseError(
+            f"cannot migrate the database at {mask_url(str(connection.engine.url))}: {error}; "
+            "a newer patchq may have migrated it, so upgrade patchq on this machine"
+        ) from None
 
 
 def insert_statement(session: Session, entity: type[Base]) -> Any:

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -104,6 +105,16 @@ class Image(Base):
         Index(None, "run_id", "status", "id"),  # pending ids in order: keyset pages
         Index(None, "run_id", "category", "status"),
         Index(None, "lease_until"),
+        # status of a running run: its last change, and who holds its few leased images
+        Index(None, "run_id", "updated_at"),
+        Index(
+            "ix_images_leased",
+            "run_id",
+            "leased_by",
+            "lease_until",
+            postgresql_where=text("leased_by IS NOT NULL"),
+            sqlite_where=text("leased_by IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
