@@ -19,11 +19,13 @@ nor the Celery worker, does that:
   (common.scoring), as with a prefork pool child.
 
 The child stays in the supervisor's process group, so a signal to the group (Ctrl-C in a
-terminal, SIGSTOP, SIGKILL of the whole worker) reaches both.
+terminal, SIGSTOP, SIGKILL of the whole worker) reaches both; on Linux a child whose
+supervisor is killed alone gets SIGTERM and drains, rather than score on unsupervised.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import subprocess
@@ -44,6 +46,7 @@ FIRST_PAUSE_S = 0.5
 MAX_PAUSE_S = 30.0
 HEALTHY_AFTER_S = 60.0  # a child that lived this long died of something new: pause reset
 POLL_S = 0.2
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class Supervisor:
@@ -76,7 +79,8 @@ class Supervisor:
                 return 0
 
     def _run_child(self) -> int:
-        self._child = subprocess.Popen(self._argv)
+        follow = _follow_parent if sys.platform == "linux" else None
+        self._child = subprocess.Popen(self._argv, preexec_fn=follow)
         if self._stopping:  # the signal came while it was being started
             self._child.send_signal(signal.SIGTERM)
         return self._child.wait()
@@ -108,6 +112,11 @@ class Supervisor:
         deadline = time.monotonic() + seconds
         while not self._stopping and time.monotonic() < deadline:
             time.sleep(POLL_S)
+
+
+def _follow_parent() -> None:
+    """In the child, before exec: SIGTERM (drain) when the supervisor dies."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _how(status: int) -> str:

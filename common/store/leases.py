@@ -6,7 +6,9 @@ while it scores (worker.heartbeat). A lease that runs out means its holder is go
 pending images, no live lease and no activity for a lease period (a broker that lost its queue).
 
 The holder is the Celery node name, not the process: the pool process that replaces one that
-died on a batch may take that batch back at once instead of waiting for the lease to run out.
+died on a batch may take that batch back at once instead of waiting for the lease to run out,
+and the supervisor of a default worker, whose scoring process died, requeues what its node
+holds at once (worker.supervisor).
 Every statement here also runs on SQLite, where the in-process path leases to itself.
 Times come from the clocks of the machines that write and sweep, so keep them in sync.
 """
