@@ -18,8 +18,9 @@ load, decode, backbone, search, DB write) is what the stages report, summed over
 workers, so two workers do not oversubscribe the CPU.
 
 --no-op-model (the feed ceiling): the model is replaced by one that computes nothing
-(bench.noop_model), so what is left is claim, decode and write; it also reports images per
-CPU-second of this process, i.e. images/s per core.
+(bench.noop_model), so what is left is claim, decode and write. Every row also reports images
+per CPU-second of the processes that scored (this one, or the workers'), i.e. images/s per
+core: the figure a loaded machine disturbs least.
 
 Needs Redis (--broker, default the local server's database 15) and writes everything to a
 temporary folder.
@@ -159,7 +160,7 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
         print(row.rstrip())
     print(
         "(time split: seconds summed over batches and worker processes; overlap: their sum / "
-        "wall; img/CPU-s: images per CPU-second of this process = images/s per core)"
+        "wall; img/CPU-s: images per CPU-second of the scoring processes = images/s per core)"
     )
     for line in start_ups:
         print(line)
@@ -247,20 +248,37 @@ def score_on_workers(
         _wait(lambda: all(_finished(sessions, w.run_id) for w in warm_ups), START_TIMEOUT_S)
         warm = time.perf_counter()
         offsets = [len(log.read_text()) for log in logs]  # the timed run's log lines follow
+        groups = {process.pid for process in processes}  # each worker's own process group
+        cpu = _cpu_seconds(groups)
         enqueue_pending(app, sessions, submission.run_id, settings.batch_size, settings.queue)
         _wait(lambda: _finished(sessions, submission.run_id), RUN_TIMEOUT_S, poll_s=0.2)
         wall = time.perf_counter() - warm
+        cpu = _cpu_seconds(groups) - cpu
     finally:
         for process in processes:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    split = dict.fromkeys(TIMING_KEYS, 0.0)
+    split = dict.fromkeys(TIMING_KEYS, 0.0) | {"cpu_s": cpu}
     for log, offset in zip(logs, offsets, strict=True):
         for key, value in TIMING_LINE.findall(log.read_text()[offset:]):
             if key in split:
                 split[key] += float(value)
     start_up = f"ready {ready - spawned:.1f} s after start, warm-up batch {warm - ready:.1f} s"
     return wall, split, start_up
+
+
+def _cpu_seconds(process_groups: set[int]) -> float:
+    """CPU seconds (user + system) the live processes of `process_groups` used so far (Linux
+    /proc; a worker is a supervisor and its scoring child, in a process group of their own)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) in process_groups:  # fields: state, ppid, pgrp, ..., utime, stime
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _finished(sessions: sessionmaker[Session], run_id: int) -> bool:
