@@ -71,9 +71,10 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
     columns = _concatenate(parts)  # `parts` is emptied as it goes: one copy of each at a time
     order = np.argsort(columns[0], kind="stable")
     ids, labels, in_train, has_mask, scores = (columns.pop(0)[order] for _ in range(5))
-    held_out, preprocessing, name, maxima = _reference(
-        session.scalars(select(Model.artifact).where(Model.id == used[0])).one()
-    )
+    artifact, validation = session.execute(
+        select(Model.artifact, Model.validation).where(Model.id == used[0])
+    ).one()
+    held_out, preprocessing, name, maxima = _reference(artifact)
     progress = {p.category: p for p in run_progress(session, run_id)}[category]
     labels, n_reviewed = _with_verdicts(ids, labels, latest_verdicts(session, run_id, category))
     return CategoryData(
@@ -91,7 +92,21 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         score_name=name,
         normal_patch_maxima=maxima,
         n_review_labels=n_reviewed,
+        chose_model_ids=_chose_model_ids(session, run_id, validation),
     )
+
+
+def _chose_model_ids(session: Session, run_id: int, validation: dict | None) -> np.ndarray:
+    """Ids of this run's images in the selection half `fit --auto` chose the model on (matched
+    by absolute path, as both fit and runs record them)."""
+    paths = ((validation or {}).get("auto") or {}).get("selection_paths", [])
+    ids: list[int] = []
+    for start in range(0, len(paths), QUERY_CHUNK):
+        chunk = paths[start : start + QUERY_CHUNK]
+        ids += session.scalars(
+            select(Image.id).where(Image.run_id == run_id, Image.path.in_(chunk))
+        ).all()
+    return np.asarray(sorted(ids), np.int64)
 
 
 def _reference(data: bytes) -> tuple[np.ndarray, Preprocessing, str, np.ndarray]:

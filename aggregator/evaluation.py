@@ -10,6 +10,8 @@ Honesty rules, each printed with the figures so nobody has to guess:
 * Normal images of the training split (train/good) may be in the memory bank, where they score
   ~0; they get predictions but never count in metrics. When that leaves no labelled normal
   image (the seed layout), the fit's held-out normal scores stand in as the normal class.
+* Images `fit --auto` chose the model on (its selection half, stored with the model) are left
+  out of metrics too: a figure on them would be the best of several noisy estimates.
 * Too few labelled images to split (fewer than 2 per class) means calibration = evaluation;
   the output says the figures are optimistic.
 """
@@ -64,11 +66,23 @@ class CategoryData:
     # patch-distance units whatever the scorer (empty when fit held no normals out).
     normal_patch_maxima: np.ndarray = field(default_factory=lambda: np.empty(0))
     n_review_labels: int = 0  # labels taken from reviewers' verdicts (no folder label)
+    # ids of the images in the selection half `fit --auto` chose this model on
+    chose_model_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+    @property
+    def train_good(self) -> np.ndarray:
+        """train/good images: possibly memory-bank images, never used to judge the bank."""
+        return self.in_train & (self.labels == 0)
+
+    @property
+    def chose_model(self) -> np.ndarray:
+        """Images the model was chosen on (`fit --auto`'s selection half)."""
+        return np.isin(self.image_ids, self.chose_model_ids)
 
     @property
     def excluded(self) -> np.ndarray:
-        """train/good images: possibly memory-bank images, never used to judge the bank."""
-        return self.in_train & (self.labels == 0)
+        """Images that get predictions but never count in metrics."""
+        return self.train_good | self.chose_model
 
     @property
     def eligible(self) -> np.ndarray:
@@ -139,9 +153,7 @@ def _labelled_pool(data: CategoryData) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """(scores, labels, image index or -1, description) of every sample metrics may use."""
     index = np.flatnonzero(data.eligible)
     scores, labels = data.scores[index], data.labels[index]
-    described = f"{len(index)} labelled images of the run"
-    if data.excluded.any():
-        described += f" ({int(data.excluded.sum())} train/good images left out: maybe in the bank)"
+    described = labelled_images(data, len(index))
     if not (labels == 0).any() and len(data.held_out_normals):
         n = len(data.held_out_normals)
         scores = np.r_[scores, data.held_out_normals]
@@ -149,6 +161,19 @@ def _labelled_pool(data: CategoryData) -> tuple[np.ndarray, np.ndarray, np.ndarr
         index = np.r_[index, np.full(n, -1)]
         described += f" + {n} normal images fit held out of the memory bank"
     return scores, labels, index, described
+
+
+def labelled_images(data: CategoryData, n: int) -> str:
+    """ "N labelled images of the run", and which images were left out of them and why."""
+    left_out = [
+        (int(data.train_good.sum()), "train/good images left out: maybe in the bank"),
+        (
+            int((data.chose_model & ~data.train_good & (data.labels >= 0)).sum()),
+            "left out: `fit --auto` chose the model on them",
+        ),
+    ]
+    reasons = "; ".join(f"{count} {why}" for count, why in left_out if count)
+    return f"{n} labelled images of the run" + (f" ({reasons})" if reasons else "")
 
 
 def build_sets(data: CategoryData, policy: Policy, seed: int = SPLIT_SEED) -> EvaluationSets:
@@ -167,7 +192,7 @@ def build_sets(data: CategoryData, policy: Policy, seed: int = SPLIT_SEED) -> Ev
             None,
             *labelled,
             f"{n} normal images fit held out of the memory bank",
-            f"{len(eligible)} labelled images of the run",
+            labelled_images(data, len(eligible)),
         )
     if policy.kind == "contamination":
         usable = ~data.excluded
@@ -177,7 +202,7 @@ def build_sets(data: CategoryData, policy: Policy, seed: int = SPLIT_SEED) -> Ev
             None,
             *labelled,
             f"all {int(usable.sum())} scored images of the run (their own percentile)",
-            f"{len(eligible)} labelled images of the run (the same images)",
+            labelled_images(data, len(eligible)) + " (the same images)",
         )
     scores, labels, index, described = _labelled_pool(data)
     if not len(labels):

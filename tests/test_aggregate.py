@@ -108,7 +108,7 @@ def test_normal_quantile_uses_fit_held_out_scores(run, dataset, tmp_path) -> Non
     expected = np.quantile(dataset["tex"].calibration.astype(np.float64), 0.9)
     assert tex.choice.value == pytest.approx(expected)
     assert "held out of the memory bank" in tex.sets.calibration_set
-    assert tex.sets.evaluation_set == "14 labelled images of the run"
+    assert tex.sets.evaluation_set.startswith("14 labelled images of the run (")
 
 
 def test_unknown_run_is_a_clear_error(run, tmp_path) -> None:

@@ -69,3 +69,14 @@ def test_choice_and_calibration_use_the_selection_half_only(chosen: AutoFit) -> 
     )
     again = calibrated(chosen.fit, chosen.model.config.scorer, split.normal_selection)
     np.testing.assert_allclose(again.calibration, chosen.model.calibration)
+
+
+def test_the_selection_half_is_stored_as_absolute_paths(chosen: AutoFit) -> None:
+    auto, rows = chosen.validation["auto"], chosen.fit.row_paths
+    split = nested_split(len(rows["normal"]), len(rows["anomalous"]), BASE.seed + 1)
+    selection = {str(rows["normal"][i].absolute()) for i in split.normal_selection}
+    selection |= {str(rows["anomalous"][i].absolute()) for i in split.defect_selection}
+    report = {str(rows["normal"][i].absolute()) for i in split.normal_report}
+    report |= {str(rows["anomalous"][i].absolute()) for i in split.defect_report}
+    assert set(auto["selection_paths"]) == selection
+    assert selection.isdisjoint(report) and len(selection) == sum(auto["n_selection"])

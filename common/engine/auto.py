@@ -12,6 +12,9 @@ that figure optimistic (the best of several noisy estimates), so the choice is n
    the earlier, cheaper candidate);
 4. the winner's figures are computed on the report half, which played no part in the choice.
 
+The selection half's paths are stored with the choice (``selection_paths``): a run that scores
+those images later must not count them either (`patchq aggregate` leaves them out).
+
 Scorers are compared from one fit per configuration: the raw parts of every validation image
 are kept (FitResult.parts), so patch and fused cost nothing extra.
 """
@@ -148,9 +151,18 @@ def choose(fits: dict[str, FitResult], seed: int) -> AutoFit:
             "report_auroc": validation["auroc"],
             "n_selection": [len(split.normal_selection), len(split.defect_selection)],
             "n_report": [len(split.normal_report), len(split.defect_report)],
+            "selection_paths": selection_paths(fit, split),
         },
     }  # fmt: skip
     return AutoFit(chosen, fit, model, validation)
+
+
+def selection_paths(fit: FitResult, split: NestedSplit) -> list[str]:
+    """The images the choice (and the fused calibration) was made on, as sorted absolute paths."""
+    rows = fit.row_paths
+    chosen_on = [rows["normal"][i] for i in split.normal_selection]
+    chosen_on += [rows["anomalous"][i] for i in split.defect_selection]
+    return sorted(str(path.absolute()) for path in chosen_on)  # as runs register them
 
 
 def calibrated(fit: FitResult, scorer: str, normal_rows: np.ndarray) -> PatchCore:

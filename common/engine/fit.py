@@ -60,6 +60,9 @@ class FitResult:
     # Their raw (n, parts) [s*, global(, pixel)] scores, same keys and order, from which any
     # scorer or fusion of this model can be evaluated without scoring again.
     parts: dict[str, np.ndarray] = field(default_factory=dict)
+    # The image of each row of `parts` (unreadable images have no row), same keys: what a
+    # choice made on some rows (--auto) must keep out of later evaluations.
+    row_paths: dict[str, tuple[Path, ...]] = field(default_factory=dict)
 
 
 def split_holdout(
@@ -154,6 +157,10 @@ def fit_category(
         timings=timings,
         scores={"normal": normal_scores, "anomalous": anomalous_scores},
         parts={"normal": normal_parts, "anomalous": anomalous_parts},
+        row_paths={
+            "normal": tuple(r.path for r in normals if r.path not in skipped),
+            "anomalous": tuple(r.path for r in anomalous if r.path not in skipped),
+        },
     )
 
 
