@@ -67,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=SUPERVISED_POOL,
         choices=(SUPERVISED_POOL, "prefork", "solo"),
         help="Celery pool (default threads: batches overlap in one supervised process; "
-        "prefork, solo: one batch at a time)",
+        "prefork, solo: one batch at a time per process)",
     )
     parser.set_defaults(run=run)
 
