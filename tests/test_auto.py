@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from common.data.layouts import discover
-from common.engine.auto import AutoFit, calibrated, can_choose, fit_auto, nested_split
+from common.engine.auto import AutoFit, calibrated, can_choose, fine, fit_auto, nested_split
 from common.engine.fit import FitError
 from common.engine.patchcore import PatchCoreConfig
 from tests.synthetic import make_seed_layout
@@ -23,6 +23,14 @@ def test_nested_split_halves_are_disjoint_seeded_and_complete() -> None:
     assert sorted([*split.defect_selection, *split.defect_report]) == list(range(12))
     again = nested_split(9, 12, seed=3)
     np.testing.assert_array_equal(again.normal_report, split.normal_report)
+
+
+def test_fine_candidate_is_stride_4_one_step_larger_with_a_smaller_coreset() -> None:
+    config = fine(PatchCoreConfig(image_size=224, crop_from=256, coreset_ratio=0.1))
+    assert config.layers == ("stage2", "stage3")
+    assert (config.image_size, config.crop_from) == (256, 288)
+    assert config.coreset_ratio == pytest.approx(0.0125)
+    assert fine(PatchCoreConfig()).crop_from is None
 
 
 def test_too_few_validation_images_is_a_clear_error() -> None:

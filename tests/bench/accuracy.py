@@ -52,6 +52,9 @@ CONFIGS = {
     "default": PatchCoreConfig(),
     "border-mean": PatchCoreConfig(border="mean"),
     "fine": fine(PatchCoreConfig()),
+    # --auto's stride-4 candidate before: 224 px, a quarter of the coreset ratio.
+    "fine224": PatchCoreConfig(layers=("stage2", "stage3"), coreset_ratio=0.025),
+    "320": PatchCoreConfig(image_size=320),
     "large": PatchCoreConfig(image_size=384),
     "tiled": PatchCoreConfig(image_size=384, tile_size=224, tile_overlap=32),
 }
@@ -92,22 +95,24 @@ def write_set(
     n_normals: int,
     per_kind: int,
     labelled: int,
+    draw: int = 0,
 ) -> tuple[list[ImageRecord], dict[str, list[ImageRecord]]]:
     """Train normals and ``labelled`` defects per kind (which fit only validates on, and --auto
-    chooses by) as records for fit; test records per kind ("good" = test normals)."""
+    chooses by) as records for fit; test records per kind ("good" = test normals). ``draw``
+    picks another, disjoint set of seeds: the same settings on other images."""
     normal, defect, kinds = TEXTURES[texture]
+    base = 100_000 * draw
 
     def record(image: np.ndarray, name: str, split: str, label: int) -> ImageRecord:
         return ImageRecord(save(image, root / texture / f"{name}.png"), texture, split, label)
 
-    train = [record(normal(size, i), f"train/{i}", "train", 0) for i in range(n_train)]
-    test = {
-        "good": [record(normal(size, 5000 + i), f"good/{i}", "test", 0) for i in range(n_normals)]
-    }
+    train = [record(normal(size, base + i), f"train/{i}", "train", 0) for i in range(n_train)]
+    seeds = [base + 5000 + i for i in range(n_normals)]
+    test = {"good": [record(normal(size, s), f"good/{s}", "test", 0) for s in seeds]}
     for k, kind in enumerate(kinds):
-        seeds = [10_000 + 100 * k + i for i in range(per_kind)]
+        seeds = [base + 10_000 + 100 * k + i for i in range(per_kind)]
         test[kind] = [record(defect(size, s, kind), f"{kind}/{s}", "test", 1) for s in seeds]
-        seeds = [20_000 + 100 * k + i for i in range(labelled)]
+        seeds = [base + 20_000 + 100 * k + i for i in range(labelled)]
         train += [record(defect(size, s, kind), f"bad/{kind}/{s}", "train", 1) for s in seeds]
     return train, test
 
@@ -172,6 +177,7 @@ def main() -> None:
         "--labelled", type=int, default=4, help="labelled defects per kind, for --auto's choice"
     )
     parser.add_argument("--holdout", type=float, default=0.25)
+    parser.add_argument("--draw", type=int, default=0, help="another set of synthetic seeds")
     parser.add_argument("--configs", default="default,border-mean,fine", help=", ".join(CONFIGS))
     parser.add_argument("--textures", default="stripes,grain", help=", ".join(TEXTURES))
     parser.add_argument("--threads", type=int, default=2)
@@ -188,7 +194,7 @@ def main() -> None:
                 size = args.grain_size if texture == "grain" else args.size
                 train, test = write_set(
                     Path(folder), texture, size, args.train, args.normals, args.per_kind,
-                    args.labelled,
+                    args.labelled, args.draw,
                 )  # fmt: skip
                 kinds = TEXTURES[texture][2]
             print(
