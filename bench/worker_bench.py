@@ -7,17 +7,20 @@ Fits one synthetic category once, then scores the same test images several times
 new run in one results database: in this process one batch after the other (`score_batch` in a
 loop: "serial"), in this process with PATCHQ_PIPELINE_DEPTH batches overlapping ("in-process",
 what `patchq run` does without a broker), then through Redis with one `--pool prefork` worker
-(one batch at a time, the default worker), and with 1 and 2 pipelined workers
-(`--pool threads`). Throughput is images / wall time from the first batch sent to the last image
-done, so the workers' model loading (once per process) is included. The time split (model
+(one batch at a time: "1-prefork") and with 1 and 2 default workers ("N-default": supervised,
+pipelined, `--pool threads`). Every path scores one warm-up batch first (per worker process,
+through a queue of its own), so the model load and first-call set-up are outside every timed
+run alike; the workers' start-up and warm-up times are printed below the table. Throughput is
+images / wall time from the first batch sent to the last image done. The time split (model
 load, decode, backbone, search, DB write) is what the stages report, summed over all batches
 (for workers, read back from their log lines); "overlap" is that sum over the wall time: above
 1.0 the stages ran at the same time. Each worker process gets OMP_NUM_THREADS = cores /
 workers, so two workers do not oversubscribe the CPU.
 
 --no-op-model (the feed ceiling): the model is replaced by one that computes nothing
-(bench.noop_model), so what is left is claim, decode and write; it also reports images per
-CPU-second of this process, i.e. images/s per core.
+(bench.noop_model), so what is left is claim, decode and write. Every row also reports images
+per CPU-second of the processes that scored (this one, or the workers'), i.e. images/s per
+core: the figure a loaded machine disturbs least.
 
 Needs Redis (--broker, default the local server's database 15) and writes everything to a
 temporary folder.
@@ -95,6 +98,7 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
         model, records = fit_and_store(tmp / "data", sessions, config, args.images, "cpu")
 
         results: list[tuple[str, float, dict[str, float]]] = []
+        start_ups: list[str] = []
         provider = ModelProvider(sessions, settings.model_cache_dir, settings.device)
         if args.no_op_model:
             probe = decode_batch([records[0].path], model.preprocessing).tensor
@@ -115,14 +119,19 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
             timings["cpu_s"] = time.process_time() - cpu
             results.append((label, wall, timings))
         if not args.no_op_model:
-            worker_runs = [("1-serial", 1, "prefork")] + [
-                (f"{n}-worker", n, "threads") for n in args.workers
+            worker_runs = [("1-prefork", 1, "prefork")] + [
+                (f"{n}-default", n, None) for n in args.workers
             ]
             for name, workers, pool in worker_runs:
-                split = score_on_workers(
-                    tmp, env, settings, sessions, register(name), workers, pool
+                warm_ups = [
+                    register(f"warm-up {name} {i}", records[: args.batch_size])
+                    for i in range(workers)
+                ]
+                wall, split, start_up = score_on_workers(
+                    tmp, env, settings, sessions, register(name), warm_ups, pool
                 )
-                results.append((name, *split))
+                results.append((name, wall, split))
+                start_ups.append(f"{name}: {start_up}")
         with sessions() as session:
             runs = session.execute(
                 select(Run.name, Image.status, func.count())
@@ -151,8 +160,10 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
         print(row.rstrip())
     print(
         "(time split: seconds summed over batches and worker processes; overlap: their sum / "
-        "wall; img/CPU-s: images per CPU-second of this process = images/s per core)"
+        "wall; img/CPU-s: images per CPU-second of the scoring processes = images/s per core)"
     )
+    for line in start_ups:
+        print(line)
 
 
 def _score_serial(
@@ -197,23 +208,28 @@ def score_on_workers(
     settings: Settings,
     sessions: sessionmaker[Session],
     submission: Submission,
-    workers: int,
-    pool: str,
-) -> tuple[float, dict[str, float]]:
-    """Start `workers` patchq worker processes (Celery `pool`), enqueue the run, wait;
-    (wall s, time split)."""
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
-    logs = [tmp / f"{pool}{workers}-{i}.log" for i in range(workers)]
+    warm_ups: list[Submission],
+    pool: str | None,
+) -> tuple[float, dict[str, float], str]:
+    """Start one patchq worker process per warm-up run (Celery `pool`; None: the default),
+    score each warm-up run on its own worker, then time the run on all of them;
+    (wall s, time split of the timed run, start-up times)."""
+    threads = str(max(1, (os.cpu_count() or 1) // len(warm_ups)))
+    name = pool or "default"
+    logs = [tmp / f"{name}{len(warm_ups)}-{i}.log" for i in range(len(warm_ups))]
+    app = broker_app(settings)
     processes: list[subprocess.Popen[bytes]] = []
     try:
+        spawned = time.perf_counter()
         for i, log in enumerate(logs):
             with log.open("wb") as output:
                 processes.append(
                     subprocess.Popen(
                         [
                             sys.executable,
-                            *("-m", "producer.cli", "worker", f"--pool={pool}"),
-                            f"--hostname=b{i}@%h",
+                            *("-m", "producer.cli", "worker", f"--hostname=b{i}@%h"),
+                            f"--queues={settings.queue},{settings.queue}-warm{i}",
+                            *([f"--pool={pool}"] if pool else []),
                         ],
                         cwd=tmp,
                         env=os.environ
@@ -225,26 +241,49 @@ def score_on_workers(
                     )
                 )
         _wait(lambda: all(" ready." in log.read_text() for log in logs), START_TIMEOUT_S)
-        start = time.perf_counter()
-        app = broker_app(settings)
+        ready = time.perf_counter()
+        for i, warm_up in enumerate(warm_ups):
+            queue = f"{settings.queue}-warm{i}"
+            enqueue_pending(app, sessions, warm_up.run_id, settings.batch_size, queue)
+        _wait(lambda: all(_finished(sessions, w.run_id) for w in warm_ups), START_TIMEOUT_S)
+        warm = time.perf_counter()
+        offsets = [len(log.read_text()) for log in logs]  # the timed run's log lines follow
+        groups = {process.pid for process in processes}  # each worker's own process group
+        cpu = _cpu_seconds(groups)
         enqueue_pending(app, sessions, submission.run_id, settings.batch_size, settings.queue)
-
-        def finished() -> bool:
-            with sessions() as session:
-                return sum(r.pending for r in run_progress(session, submission.run_id)) == 0
-
-        _wait(finished, RUN_TIMEOUT_S, poll_s=0.2)
-        wall = time.perf_counter() - start
+        _wait(lambda: _finished(sessions, submission.run_id), RUN_TIMEOUT_S, poll_s=0.2)
+        wall = time.perf_counter() - warm
+        cpu = _cpu_seconds(groups) - cpu
     finally:
         for process in processes:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    split = dict.fromkeys(TIMING_KEYS, 0.0)
-    for log in logs:
-        for key, value in TIMING_LINE.findall(log.read_text()):
+    split = dict.fromkeys(TIMING_KEYS, 0.0) | {"cpu_s": cpu}
+    for log, offset in zip(logs, offsets, strict=True):
+        for key, value in TIMING_LINE.findall(log.read_text()[offset:]):
             if key in split:
                 split[key] += float(value)
-    return wall, split
+    start_up = f"ready {ready - spawned:.1f} s after start, warm-up batch {warm - ready:.1f} s"
+    return wall, split, start_up
+
+
+def _cpu_seconds(process_groups: set[int]) -> float:
+    """CPU seconds (user + system) the live processes of `process_groups` used so far (Linux
+    /proc; a worker is a supervisor and its scoring child, in a process group of their own)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) in process_groups:  # fields: state, ppid, pgrp, ..., utime, stime
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _finished(sessions: sessionmaker[Session], run_id: int) -> bool:
+    with sessions() as session:
+        return sum(r.pending for r in run_progress(session, run_id)) == 0
 
 
 def _wait(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.5) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.scoring import BatchOutcome, ModelProvider, score_batch
+from common.scoring import BatchOutcome, Isolation, ModelProvider, score_batch
 from common.store.leases import Lease
 
 
@@ -44,7 +44,9 @@ class PipelinedScorer:
     The threads share one lease holder (the worker node), and a lease lets its holder claim
     again, so two deliveries of one image to two threads would both score it. Each thread
     therefore leaves out the images another thread of this scorer holds: they are reported
-    skipped, and the thread that holds them writes them once.
+    skipped, and the thread that holds them writes them once. A batch a worker was lost on
+    is scored image by image with no other batch in flight (common.scoring.Isolation), so a
+    poison image's crashes count against it alone, as with one batch at a time.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class PipelinedScorer:
         self._pin_memory = pin_memory
         self._lease = lease
         self._device = threading.Lock()
+        self._isolation = Isolation()
         self._guard = threading.Lock()
         self._in_flight: dict[int, InFlight] = {}
 
@@ -84,6 +87,7 @@ class PipelinedScorer:
                 self._lease,
                 self._device,
                 self._pin_memory,
+                self._isolation,
             )
         finally:
             with self._guard:

@@ -25,8 +25,8 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
@@ -41,13 +41,12 @@ from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore
 from common.store.database import (
     ScoreRow,
-    images_by_id,
     load_model_bytes,
     mark_failed,
     model_content_hash,
     upsert_scores,
 )
-from common.store.leases import Lease, claim, redelivered
+from common.store.leases import Lease, claim_batch
 from common.store.schema import Image
 
 DEFAULT_CACHED_MODELS = 3
@@ -170,6 +169,50 @@ class _TimedBank:
         return getattr(self._bank, name)
 
 
+class Isolation:
+    """Lets a batch a worker was lost on be scored with nothing else in flight in its process.
+
+    Batches are scored `shared` (several threads of a pipelined scorer at once); the images
+    of a batch a worker was lost on are scored `alone`, one by one, each once every batch in
+    flight has been written and before another is claimed. A process that then dies was
+    killed by that image, and only that image's claim count goes up: batchmates and the
+    other threads' batches are never counted toward the limit for a poison image's crashes.
+    Waiting `alone` calls go before new `shared` ones.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._sharing = 0
+        self._waiting_alone = 0
+        self._alone = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._alone and not self._waiting_alone)
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._sharing -= 1
+                self._changed.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._changed:
+            self._waiting_alone += 1
+            self._changed.wait_for(lambda: not self._alone and not self._sharing)
+            self._waiting_alone -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._alone = False
+                self._changed.notify_all()
+
+
 def score_batch(
     session_factory: sessionmaker[Session],
     run_id: int,
@@ -180,6 +223,7 @@ def score_batch(
     lease: Lease | None = None,
     device: AbstractContextManager[object] | None = None,
     pin_memory: bool = False,
+    isolation: Isolation | None = None,
 ) -> BatchOutcome:
     """Score the pending images of `image_ids` (of run `run_id`) and write the results.
 
@@ -187,48 +231,41 @@ def score_batch(
     scored (None: no limit). `lease`: who claims the images (default: `worker_name`).
     `device`: held while the backbone and the index run, so that of several threads scoring
     batches at once (common.pipelined) one at a time is there while the others claim, decode
-    and write; `pin_memory`: see `decode_groups`. Unreadable images are marked failed with
-    their reason; the rest of the batch is scored.
+    and write; `isolation`: shared by those threads (see `Isolation`); `pin_memory`: see
+    `decode_groups`. Unreadable images are marked failed with their reason; the rest of the
+    batch is scored. A batch a worker was lost on is scored image by image (`_one_by_one`).
     """
     lease = lease or Lease(worker_name)
-    if len(image_ids) > 1 and _was_lost_on(session_factory, image_ids):
-        return _one_by_one(
-            image_ids,
-            lambda ids: score_batch(
-                session_factory,
-                run_id,
-                ids,
-                model_provider,
-                worker_name,
-                max_deliveries,
-                lease,
-                device,
-                pin_memory,
-            ),
-        )
-    outcome = BatchOutcome()
-    images = claim_batch(session_factory, run_id, image_ids, max_deliveries, lease, outcome)
-    groups = decode_groups(images, model_provider, outcome, pin_memory)
-    with device or nullcontext():
-        rows = infer_groups(groups, run_id, worker_name, outcome)
-    write_batch(session_factory, run_id, rows, outcome)
-    return outcome
+    isolation = isolation or Isolation()
 
+    def score(ids: Sequence[int]) -> BatchOutcome | None:
+        outcome = BatchOutcome()
+        images = claim_images(session_factory, run_id, ids, max_deliveries, lease, outcome)
+        if images is None:
+            return None
+        groups = decode_groups(images, model_provider, outcome, pin_memory)
+        with device or nullcontext():
+            rows = infer_groups(groups, run_id, worker_name, outcome)
+        write_batch(session_factory, run_id, rows, outcome)
+        return outcome
 
-def _was_lost_on(session_factory: sessionmaker[Session], image_ids: Sequence[int]) -> bool:
-    with session_factory() as session:
-        return redelivered(session, image_ids)
+    with isolation.shared():
+        outcome = score(image_ids)
+    return _one_by_one(image_ids, score, isolation) if outcome is None else outcome
 
 
 def _one_by_one(
-    image_ids: Sequence[int], score: Callable[[list[int]], BatchOutcome]
+    image_ids: Sequence[int],
+    score: Callable[[Sequence[int]], BatchOutcome | None],
+    isolation: Isolation,
 ) -> BatchOutcome:
     """Score a batch a worker was lost on one image at a time, each claimed and written on its
-    own: if one image kills the process again, the images before it are kept, and only that
-    image's count goes up until the limit fails it."""
+    own and alone in the process: if one image kills the process again, the images before it
+    are kept, and only that image's count goes up until the limit fails it."""
     outcome = BatchOutcome()
     for image_id in image_ids:
-        outcome.add(score([image_id]))
+        with isolation.alone():
+            outcome.add(score([image_id]) or BatchOutcome())  # one image is always claimed
     return outcome
 
 
@@ -241,30 +278,33 @@ class DecodedGroup:
     decoded: DecodedBatch
 
 
-def claim_batch(
+def claim_images(
     session_factory: sessionmaker[Session],
     run_id: int,
     image_ids: Sequence[int],
     max_deliveries: int | None,
     lease: Lease,
     outcome: BatchOutcome,
-) -> list[Image]:
+) -> list[Image] | None:
     """Lease and count the images still to score, committed before scoring, so a worker
-    killed while scoring still leaves its count and its (soon expiring) lease behind."""
+    killed while scoring still leaves its count and its (soon expiring) lease behind.
+    None, claiming nothing, for a batch a worker was lost on (common.store.leases)."""
     start = time.perf_counter()
     with session_factory.begin() as session:
-        attempts = claim(session, image_ids, lease)
-        found = [i for i in images_by_id(session, list(attempts)) if i.run_id == run_id]
-        pending = [i for i in found if i.status == "pending"]
+        claimed = claim_batch(session, image_ids, lease)
+        if claimed.lost_on:
+            return None
+        pending = [i for i in claimed.images if i.id in claimed.attempts and i.run_id == run_id]
         worn_out = {
-            i.id: f"worker lost {attempts[i.id] - 1} times while scoring it; see the worker logs"
+            i.id: f"worker lost {claimed.attempts[i.id] - 1} times while scoring it; "
+            "see the worker logs"
             for i in pending
-            if max_deliveries is not None and attempts[i.id] > max_deliveries
+            if max_deliveries is not None and claimed.attempts[i.id] > max_deliveries
         }
         mark_failed(session, run_id, worn_out)
+    outcome.timings["write_s"] += time.perf_counter() - start
     outcome.failed |= worn_out
     outcome.skipped = sorted(set(image_ids) - {i.id for i in pending})
-    outcome.timings["write_s"] += time.perf_counter() - start
     return [i for i in pending if i.id not in worn_out]
 
 

@@ -62,7 +62,7 @@ class Settings:
     pipeline_depth: int = field(
         default=3,
         metadata=_about(
-            "batches scored at once by `patchq run` and a `--pool threads` worker: decoding, "
+            "batches scored at once by `patchq run` and a (default) worker: decoding, "
             "on the backbone, being written (1: one batch at a time)"
         ),
     )

@@ -96,7 +96,7 @@ class Cluster:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start_worker(self, name: str, *options: str) -> None:
-        """Start `patchq worker` with default settings plus `options` (e.g. --pool threads)."""
+        """Start `patchq worker` with default settings plus `options` (e.g. --pool prefork)."""
         argv = [sys.executable, "-m", "producer.cli", "worker", f"--hostname={name}@%h"]
         self._spawn(name, [*argv, *options])
 

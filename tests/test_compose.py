@@ -69,14 +69,15 @@ def test_missing_secret_or_storage_is_refused(tmp_path: Path, missing: str) -> N
     assert f"set {missing} in .env" in result.stderr
 
 
-def test_worker_reserves_one_gpu_and_runs_one_process(services: dict[str, Any]) -> None:
+def test_worker_reserves_one_gpu_and_runs_the_default_pipelined_worker(
+    services: dict[str, Any],
+) -> None:
     worker = services["worker"]
     assert worker["deploy"]["resources"]["reservations"]["devices"] == [
         {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
     ]
-    command = worker["command"]
-    assert command[0] == "worker"
-    assert command[command.index("--concurrency") + 1] == "1"
+    # The default: one supervised scoring process, PATCHQ_PIPELINE_DEPTH batches in flight.
+    assert worker["command"] == ["worker"]
 
 
 def test_image_storage_is_read_only_at_the_same_path(services: dict[str, Any]) -> None:

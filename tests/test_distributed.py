@@ -57,14 +57,14 @@ def test_an_ensemble_is_scored_through_the_queue_like_any_model(
     assert_scored_exactly_once(cluster, run_id, ensemble_data)
 
 
-def test_threads_worker_holds_its_depth_beats_and_its_batches_survive_a_sigkill(
+def test_default_worker_holds_its_depth_beats_and_its_batches_survive_a_sigkill(
     cluster_factory: ClusterFactory, shared_broker: str, db_url: str, cluster_data: Data
 ) -> None:
-    """The pipelined (`--pool threads`) worker holds at most PATCHQ_PIPELINE_DEPTH batches,
-    runs a heartbeat in its one process, and what it held when killed is requeued by the
-    lease sweep and scored by a default worker, once."""
+    """The default (pipelined, supervised) worker holds at most PATCHQ_PIPELINE_DEPTH batches,
+    runs a heartbeat in its one scoring process, and what it held when killed with its
+    supervisor is requeued by the lease sweep and scored by another worker, once."""
     cluster = cluster_factory(shared_broker, db_url)
-    cluster.start_worker("piped", "--pool", "threads")
+    cluster.start_worker("piped")
     cluster.wait_ready("piped")
     run_id = cluster.submit()
     cluster.wait_scored(run_id, 2)
@@ -76,7 +76,7 @@ def test_threads_worker_holds_its_depth_beats_and_its_batches_survive_a_sigkill(
     cluster.kill("piped")
     assert pending > 0, "the worker finished before it could be paused"
     assert 0 < held <= cluster.settings.pipeline_depth
-    assert any(node.startswith("piped@") for node in nodes), "no heartbeat from a threads pool"
+    assert any(node.startswith("piped@") for node in nodes), "no heartbeat from the worker"
     cluster.start_workers("rescuer")
     cluster.wait_finished(run_id)
     assert_scored_exactly_once(cluster, run_id, cluster_data)

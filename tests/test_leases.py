@@ -9,7 +9,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from common.store.database import mark_failed
 from common.store.fleet_schema import Worker
-from common.store.leases import Lease, claim, expired, held_images, release, renew, stalled
+from common.store.leases import (
+    Lease,
+    claim,
+    claim_batch,
+    expired,
+    held_by,
+    held_images,
+    release,
+    renew,
+    stalled,
+)
 from common.store.schema import Image, utcnow
 from common.store.workers import Beat, fleet, mark_stopped, record_beat
 from tests.test_database import _run_with_images
@@ -36,6 +46,22 @@ def test_a_live_lease_keeps_others_out_and_its_holder_may_reclaim(
         mark_failed(session, run_id, {ids[0]: "bad"})
     with sessions.begin() as session:
         assert claim(session, ids[:1], BETA) == {}  # failed: nobody claims it
+
+
+def test_a_batch_a_worker_was_lost_on_is_not_claimed_whole(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as session:
+        run_id, ids = _run_with_images(session, {"cell": 3})
+        first = claim_batch(session, ids[:2], ALPHA)
+        assert (first.attempts, first.lost_on) == ({ids[0]: 1, ids[1]: 1}, False)
+        assert [i.id for i in first.images] == ids[:2]
+        assert held_by(session, ALPHA.holder) == {run_id: ids[:2]}
+        release(session, ids)  # ALPHA's process died: its supervisor gave the batch back
+        again = claim_batch(session, ids, BETA)
+        assert (again.attempts, again.lost_on) == ({}, True)  # to be retried image by image
+        assert claim_batch(session, ids[:1], BETA).attempts == {ids[0]: 2}
+        assert held_by(session, BETA.holder) == {run_id: ids[:1]}
 
 
 def test_an_expired_lease_is_free_and_found_by_the_sweep(sessions: sessionmaker[Session]) -> None:

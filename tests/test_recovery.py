@@ -2,7 +2,7 @@
 
 Each test starts real `patchq worker` processes (tests/cluster.py), submits a run and then
 breaks something mid-run: a whole worker SIGKILLed, Redis restarted empty, PostgreSQL
-restarted, an image that kills its pool process every time, a rolling SIGTERM restart.
+restarted, an image that kills its scoring process every time, a rolling SIGTERM restart.
 No manual command follows the fault; leases, heartbeats and the workers' sweep must finish
 the run. Settings are patchq's defaults (lease 60 s, heartbeat 5 s, visibility 2 h); each
 test prints how long the run took to finish after the fault (the figures in
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.integration
 
 OUTAGE_S = 30  # PostgreSQL stays down this long, the short end of the issue's 30-60 s
 LOST_AFTER_S = 20  # three missed heartbeats (5 s) and a margin: then status says "lost"
-POISON_SITE = '''"""Test fault: a pool process decoding the poison image dies (a decoder crash)."""
+POISON_SITE = '''"""Test fault: the process decoding the poison image dies (a decoder crash)."""
 import os
 import signal
 
@@ -195,7 +195,8 @@ def test_poison_image_fails_with_its_reason_and_the_rest_completes(
     cluster.env["PYTHONPATH"] = f"{site_dir}:{cluster.env['PYTHONPATH']}"
     cluster.start_worker("taster")
     run_id = cluster.submit()
-    cluster.wait_finished(run_id)
+    waited = cluster.wait_finished(run_id)
+    print(f"\n[recovery] a poison image (4 deaths): run finished {waited:.0f} s after submit")
     assert_scored_exactly_once(cluster, run_id, cluster_data, failed=frozenset({poison}))
     with cluster.sessions() as session:
         error = session.scalar(select(Image.error).where(Image.path == poison))

@@ -6,7 +6,7 @@ workers' app from the environment (and so needs PATCHQ_BROKER_URL). Delivery set
 - acks late + reject on worker lost: a batch is acknowledged only after its rows are
   committed, and a worker process that dies mid-batch hands the batch back to the queue;
 - prefetch 1 per pool slot: a worker holds at most the batches it is scoring (one per pool
-  process; PATCHQ_PIPELINE_DEPTH with `--pool threads`, each acknowledged after its own
+  process; PATCHQ_PIPELINE_DEPTH with the default threads pool, each acknowledged after its own
   write), so a lost worker strands little;
 - leases in SQL (common.store.leases) bring back a batch whose whole worker vanished (SIGKILL,
   power loss) within PATCHQ_LEASE_S; Redis's visibility timeout (PATCHQ_VISIBILITY_TIMEOUT_S,

@@ -1,14 +1,14 @@
 """A scoring process's heartbeat: a thread that, every PATCHQ_HEARTBEAT_S seconds,
 
 - writes the process's row in the workers table (`patchq status` tells live from lost);
-- renews the leases of the batches being scored (one per pool thread with `--pool threads`),
+- renews the leases of the batches being scored (one per pool thread with the threads pool),
   so nobody requeues them while they are worked on;
 - runs the requeue sweep (worker.sweeper), so recovery needs no producer alive.
 
 It lives in the process that scores (the prefork pool's child, or the main process of a
-solo or threads pool), started after any fork, so a killed process's leases stop being renewed
-with it. A database or broker outage only makes it log and retry with backoff: it never
-stops, and it never fails an image.
+solo or threads pool: the default worker's supervised child), started after any fork, so a
+killed process's leases stop being renewed with it. A database or broker outage only makes
+it log and retry with backoff: it never stops, and it never fails an image.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import logging
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.store.leases import batch_sizes, expired, release, stalled, try_sweep_lock
+from common.store.leases import batch_sizes, expired, held_by, release, stalled, try_sweep_lock
 from common.store.schema import utcnow
 from worker.broker import queue_length, send_batches
 
@@ -43,10 +43,26 @@ def sweep(sessions: sessionmaker[Session], app: Celery, queue: str, lease_s: int
                 log.warning("refilling the empty queue %r with %s", queue, _describe(stranded))
             for run_id, ids in stranded.items():
                 lost[run_id] = sorted({*lost.get(run_id, []), *ids})
-        sizes = batch_sizes(session, list(lost))
-        for run_id, ids in lost.items():
-            send_batches(app, run_id, ids, sizes[run_id], queue)
-        release(session, [image_id for ids in lost.values() for image_id in ids])
+        return _requeue(session, app, queue, lost)
+
+
+def requeue_held(sessions: sessionmaker[Session], app: Celery, queue: str, holder: str) -> int:
+    """Requeue at once the pending images `holder` leases, when its process is known to be gone
+    (worker.supervisor saw it die): nobody need wait for those leases to run out."""
+    with sessions.begin() as session:
+        lost = held_by(session, holder)
+        if lost:
+            log.warning("requeueing %s: %s died holding them", _describe(lost), holder)
+        return _requeue(session, app, queue, lost)
+
+
+def _requeue(session: Session, app: Celery, queue: str, lost: dict[int, list[int]]) -> int:
+    """Send `lost` ({run: image ids}) in batches of their run's size and clear their leases;
+    returns how many images were sent."""
+    sizes = batch_sizes(session, list(lost))
+    for run_id, ids in lost.items():
+        send_batches(app, run_id, ids, sizes[run_id], queue)
+    release(session, [image_id for ids in lost.values() for image_id in ids])
     return sum(len(ids) for ids in lost.values())
 
 

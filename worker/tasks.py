@@ -6,12 +6,11 @@ index is ever shared with a parent process. Each scoring process also runs a hea
 (worker.heartbeat), started when the process starts and stopped when it drains, which renews
 the leases of the batches in hand and sweeps for work nobody holds any more.
 
-With `--pool threads` (opt-in), one task per thread overlaps its decode and write with the
-other tasks' backbone (common.pipelined). Celery enforces no time limit on threads, so a
-watchdog here does what the prefork pool's time limit does: fail the overdue batch's images
-with the reason, then end the process, whose other batches come back when their leases run
-out. The default pool stays prefork: a poison image that kills the process which scores it
-kills only a pool child there, which Celery replaces, while a threads worker would be gone.
+With the `threads` pool (the default, run under worker.supervisor), one task per thread
+overlaps its decode and write with the other tasks' backbone (common.pipelined). Celery
+enforces no time limit on threads, so a watchdog here does what the prefork pool's time limit
+does: fail the overdue batch's images with the reason, then end the process, whose supervisor
+requeues its other batches and starts a new one.
 """
 
 from __future__ import annotations
@@ -82,7 +81,7 @@ def _scorer(pid: int, node: str) -> PipelinedScorer:
 def _watchdog() -> None:
     """Fail batches that overran PATCHQ_TASK_TIME_LIMIT_S and end the process (a hung thread
     cannot be stopped otherwise). The heartbeat renews a hung batch's lease, so only this
-    ends it; the process's other batches are requeued when their leases run out."""
+    ends it; the supervisor requeues the process's other batches and starts a new one."""
     while True:
         time.sleep(WATCHDOG_EVERY_S)
         scorer = _scorers.get(os.getpid())

@@ -6,7 +6,9 @@ while it scores (worker.heartbeat). A lease that runs out means its holder is go
 pending images, no live lease and no activity for a lease period (a broker that lost its queue).
 
 The holder is the Celery node name, not the process: the pool process that replaces one that
-died on a batch may take that batch back at once instead of waiting for the lease to run out.
+died on a batch may take that batch back at once instead of waiting for the lease to run out,
+and the supervisor of a default worker, whose scoring process died, requeues what its node
+holds at once (worker.supervisor).
 Every statement here also runs on SQLite, where the in-process path leases to itself.
 Times come from the clocks of the machines that write and sweep, so keep them in sync.
 """
@@ -45,16 +47,31 @@ def _claimable(holder: str, now: datetime) -> ColumnElement[bool]:
     )
 
 
-def redelivered(session: Session, ids: Sequence[int]) -> bool:
-    """Whether some pending image of `ids` was claimed before and never finished, i.e. a
-    worker was lost on it (or its write failed): such a batch is retried image by image."""
-    return bool(
-        session.scalar(
-            select(func.count()).where(
-                Image.id.in_(ids), Image.status == "pending", Image.attempts > 0
-            )
-        )
-    )
+@dataclass(frozen=True)
+class BatchClaim:
+    """What claiming a batch found: the batch's image rows (id order, as they were before the
+    claim) and {id: claims so far} of the images it leased. `lost_on`: a worker was lost on
+    this batch, so nothing was claimed and the batch is to be retried image by image."""
+
+    images: list[Image]
+    attempts: dict[int, int]
+    lost_on: bool = False
+
+
+def claim_batch(session: Session, ids: Sequence[int], lease: Lease) -> BatchClaim:
+    """Read the batch's rows and lease its claimable images: two statements.
+
+    A batch of several images of which one is pending and was claimed before without being
+    finished (a worker was lost on it, or its write failed) is not claimed: such a batch is
+    retried image by image, each claimed on its own, so one poison image cannot take its
+    batchmates down with it. The read also gives the scorer its paths and models.
+    """
+    rows = select(Image).where(Image.id.in_(ids)).order_by(Image.id)
+    # populate_existing: rows this session read before are read afresh, not from its cache
+    images = list(session.scalars(rows.execution_options(populate_existing=True)))
+    if len(ids) > 1 and any(i.status == "pending" and i.attempts > 0 for i in images):
+        return BatchClaim(images, {}, lost_on=True)
+    return BatchClaim(images, claim(session, ids, lease))
 
 
 def claim(session: Session, ids: Sequence[int], lease: Lease) -> dict[int, int]:
@@ -62,21 +79,17 @@ def claim(session: Session, ids: Sequence[int], lease: Lease) -> dict[int, int]:
 
     Images done, failed or held by another live node are left alone (a duplicate delivery
     of a batch someone else is scoring costs nothing and counts nothing). On PostgreSQL a
-    concurrent claim of the same rows waits for this one and then finds them taken.
+    concurrent claim of the same rows waits for this one and then finds them taken. One
+    statement (UPDATE ... RETURNING, on SQLite too).
     """
-    now = utcnow()
-    session.execute(
+    rows = session.execute(
         update(Image)
-        .where(Image.id.in_(ids), _claimable(lease.holder, now))
+        .where(Image.id.in_(ids), _claimable(lease.holder, utcnow()))
         .values(attempts=Image.attempts + 1, leased_by=lease.holder, lease_until=lease.until())
+        .returning(Image.id, Image.attempts)
         .execution_options(synchronize_session=False)
     )
-    rows = session.execute(
-        select(Image.id, Image.attempts).where(
-            Image.id.in_(ids), Image.status == "pending", Image.leased_by == lease.holder
-        )
-    )
-    return dict(rows.all())
+    return {image_id: attempts for image_id, attempts in rows}
 
 
 def renew(session: Session, ids: Sequence[int], lease: Lease) -> None:
@@ -108,6 +121,16 @@ def try_sweep_lock(session: Session) -> bool:
     return bool(
         session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _SWEEP_LOCK_KEY})
     )
+
+
+def held_by(session: Session, holder: str) -> dict[int, list[int]]:
+    """Pending images `holder` leases, by run (live or not: the caller knows it is gone)."""
+    rows = session.execute(
+        select(Image.run_id, Image.id)
+        .where(Image.status == "pending", Image.leased_by == holder)
+        .order_by(Image.run_id, Image.id)
+    )
+    return _by_run(rows.all())
 
 
 def expired(session: Session, now: datetime) -> dict[int, list[int]]:
