@@ -2,8 +2,8 @@
 
 Each simulated worker is a separate process doing what `patchq worker` does around the model,
 with the model replaced by nothing: take a batch of image ids from a real Redis list, claim it
-in PostgreSQL (count the delivery, read the image rows: one transaction), then write the
-batch's scores with the real multi-row upsert (`upsert_scores`: INSERT .. ON CONFLICT DO
+in PostgreSQL (`claim_batch`: read the rows, lease the pending ones; one transaction), then
+write the batch's scores with the real multi-row upsert (`upsert_scores`: INSERT .. ON CONFLICT DO
 UPDATE plus marking the images done: one transaction). Rows carry patch maps and embeddings of
 the real size (28x28 float16 map: Lite0 at 224 px; 152-value embedding), random values.
 
@@ -33,9 +33,7 @@ from sqlalchemy import create_engine, text
 from bench.scale_tools import throwaway_database
 from common.store.database import (
     ImageRow,
-    bump_attempts,
     create_run,
-    images_by_id,
     make_engine,
     make_session_factory,
     open_database,
@@ -44,6 +42,7 @@ from common.store.database import (
     store_model,
     upsert_scores,
 )
+from common.store.leases import Lease, claim_batch
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -122,13 +121,13 @@ def _worker(url: str, run_id: int, queue: str, map_size: int, dim: int) -> dict[
     sessions = make_session_factory(engine)
     broker = redis.Redis.from_url(REDIS_URL)
     rng = np.random.default_rng(os.getpid())
+    lease = Lease(f"bench-{os.getpid()}")
     totals = {"rows": 0, "claim_s": 0.0, "write_s": 0.0, "start": time.time(), "end": 0.0}
     while (item := broker.lpop(queue)) is not None:
         batch = json.loads(item)
         started = time.perf_counter()
         with sessions.begin() as session:
-            bump_attempts(session, batch)
-            pending = [i.id for i in images_by_id(session, batch) if i.status == "pending"]
+            pending = sorted(claim_batch(session, batch, lease).attempts)
         claimed = time.perf_counter()
         rows = [
             {"run_id": run_id, "image_id": image_id, "score": float(rng.random()),

@@ -440,7 +440,7 @@ def upsert_scores(session: Session, rows: Sequence[ScoreRow]) -> None:
         session.execute(select(Image.id, Image.category).where(Image.id.in_(image_ids))).all()
     )
     values = [_score_values(row, categories[row["image_id"]]) for row in latest.values()]
-    statement = insert_statement(session, Score).values(values)
+    statement = insert_statement(session, Score)
     written = [name for name in values[0] if name not in ("run_id", "image_id")]
     # One single-row statement run for every row (executemany), not one statement with a
     # VALUES entry per row: SQLAlchemy caches the compiled form and the driver batches the
