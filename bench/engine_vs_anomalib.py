@@ -44,7 +44,7 @@ JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 HOLDOUT = 0.2
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=250, help="generated image size (px)")
     parser.add_argument("--train", type=int, default=40, help="train normals")
@@ -60,9 +60,11 @@ def main() -> None:
         help="memory-bank searches to score patchq with",
     )
     parser.add_argument("--no-anomalib", action="store_true", help="patchq only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="patchq-vs-anomalib-") as folder:
-        train, test = write_set(Path(folder), args.size, args.train, args.normals, args.per_kind)
+        train, test = write_set(
+            Path(folder), "stripes", args.size, args.train, args.normals, args.per_kind, labelled=0
+        )
         records = [r for kind in test.values() for r in kind]
         labels = np.array([r.label for r in records])
         print(

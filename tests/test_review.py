@@ -28,7 +28,6 @@ from sqlalchemy.orm import Session
 
 from aggregator.aggregate import aggregate_run
 from common.engine.artifact import load_artifact
-from common.engine.bank_update import image_scores
 from common.store.database import load_model_bytes, make_engine
 from common.store.review_schema import Review
 from common.store.reviews import ReviewError, add_verdict, latest_verdicts
@@ -38,6 +37,7 @@ from producer.fit_update import reviewed_images
 from review.queries import category_threshold
 from tests.synthetic import make_review_layout
 from tests.test_report import browser  # noqa: F401  (the headless Chromium fixture)
+from tests.update_scores import update_scores
 
 LOGINS = {"alice": "pw-alice", "bob": "pw-bob", "carol": "pw-carol"}
 CATEGORY = "tex"
@@ -239,18 +239,14 @@ def test_browser_review_labels_the_run_and_teaches_the_model(
         split = reviewed_images(session, served.run_id, CATEGORY, holdout=0.2, seed=0)
     assert before.bank.size < after.bank.size < before.bank.size * 1.5  # the bank grows little
 
-    taught = [r.path for r in split.update]
-    held_normal = [r.path for r in split.validation if r.label == 0]
-    held_defect = [r.path for r in split.validation if r.label == 1]
-    assert taught and held_normal and held_defect
-    old = image_scores(before, taught + held_normal + held_defect, 8)
-    new = image_scores(after, taught + held_normal + held_defect, 8)
-    assert all(old[p] >= old_threshold.value for p in taught)  # they were false alarms
-    assert all(new[p] < old_threshold.value for p in taught)  # now below the old threshold
-    assert all(new[p] < old[p] for p in held_normal)  # unseen variants score lower too
+    scores, threshold = update_scores(before, after, split), old_threshold.value
+    old, new = scores.old, scores.new
+    assert all(old[p] >= threshold for p in scores.taught)  # they were false alarms
+    assert all(new[p] < threshold for p in scores.taught)  # now below the old threshold
+    assert all(new[p] < old[p] for p in scores.held_normal)  # unseen variants score lower too
     # Held-out defects keep their scores: a larger bank only shortens distances, and little.
-    assert all(0.9 * old[p] <= new[p] <= old[p] for p in held_defect)
-    assert all(new[p] >= old_threshold.value for p in held_defect)
+    assert all(0.9 * old[p] <= new[p] <= old[p] for p in scores.held_defect)
+    assert all(new[p] >= threshold for p in scores.held_defect)
 
 
 def test_requests_without_a_valid_login_are_refused(served: Served) -> None:

@@ -17,7 +17,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from common.engine.artifact import load_artifact
-from common.engine.bank_update import image_scores
 from common.store.database import load_model_bytes, make_engine
 from common.store.reviews import add_verdict
 from common.store.schema import Image, Model, Run
@@ -25,6 +24,7 @@ from producer.cli import main
 from producer.fit_update import reviewed_images
 from review.queries import category_threshold
 from tests.synthetic import make_review_layout
+from tests.update_scores import update_scores
 
 CATEGORY = "tex"
 
@@ -65,16 +65,11 @@ def test_fit_update_teaches_the_fused_model_its_false_alarms(
     for part in (after.global_scorer, after.pixel_scorer):
         assert part is not None and 1 <= part.n_exemplars <= len(split.update)
 
-    taught = [r.path for r in split.update]
-    held_normal = [r.path for r in split.validation if r.label == 0]
-    held_defect = [r.path for r in split.validation if r.label == 1]
-    assert taught and held_normal and held_defect
-    old = image_scores(before, taught + held_normal + held_defect, 8)
-    new = image_scores(after, taught + held_normal + held_defect, 8)
-    threshold = old_threshold.value
-    assert all(old[p] >= threshold for p in taught)  # they were false alarms
-    assert all(new[p] < threshold for p in taught)  # now below the old threshold
-    assert all(new[p] < old[p] for p in held_normal)  # unseen marked images score lower too
+    scores, threshold = update_scores(before, after, split), old_threshold.value
+    old, new = scores.old, scores.new
+    assert all(old[p] >= threshold for p in scores.taught)  # they were false alarms
+    assert all(new[p] < threshold for p in scores.taught)  # now below the old threshold
+    assert all(new[p] < old[p] for p in scores.held_normal)  # unseen marked images: lower too
     # Held-out defects keep their scores: still flagged, and at most 10% lower.
-    assert all(0.9 * old[p] <= new[p] <= old[p] for p in held_defect)
-    assert all(new[p] >= threshold for p in held_defect)
+    assert all(0.9 * old[p] <= new[p] <= old[p] for p in scores.held_defect)
+    assert all(new[p] >= threshold for p in scores.held_defect)
