@@ -91,3 +91,15 @@ def test_unreadable_weight_file_is_a_clear_error(tmp_path) -> None:
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneError, match="cannot be read"):
         load_backbone("efficientnet_lite0", weights=path)
+
+
+def test_folded_batch_norms_compute_the_same_features() -> None:
+    # load_backbone folds each batch norm into its convolution; the classifier keeps them.
+    unfolded = load_backbone("efficientnet_lite0", ("stage3", "stage5"), fold=False)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.modules())
+    folded = load_backbone("efficientnet_lite0", ("stage3", "stage5"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = _tf_lite_input(data.chelsea())
+    with torch.no_grad():
+        for want, got in zip(unfolded(x), folded(x), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

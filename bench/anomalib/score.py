@@ -55,14 +55,18 @@ def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
     config = PatchCoreConfig()
     model = PatchcoreModel(layers=list(config.layers), backbone="resnet18", pre_trained=False)
-    trunk = load_backbone(config.backbone, config.layers, config.image_size)
+    # The trunk as anomalib would run it (timm's, batch norms unfolded): patchq's folding is
+    # patchq's engine work, not anomalib's.
+    trunk = load_backbone(config.backbone, config.layers, config.image_size, fold=False)
     model.feature_extractor = NamedLayers(trunk, config.layers)
     train = batches(job["train"], config, job["batch_size"])
     test = batches(job["test"], config, job["batch_size"])
     start = time.perf_counter()
-    model.train()
-    for tensor in train:
-        model(tensor)
+    model.train()  # PatchcoreModel collects the bank in training mode, but its trunk stays
+    model.feature_extractor.eval()  # frozen, as anomalib's own training step keeps it
+    with torch.no_grad():
+        for tensor in train:
+            model(tensor)
     model.subsample_embedding(job["coreset_ratio"])
     fit_s = time.perf_counter() - start
     model.eval()
