@@ -81,7 +81,7 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         labels=labels,
         in_train=in_train,
         has_mask=has_mask,
-        held_out_normals=np.asarray(reference.calibration, np.float64),
+        held_out_normals=_held_out_normals(reference.calibration, validation),
         preprocessing=reference.preprocessing,
         n_failed=progress.failed,
         n_pending=progress.pending,
@@ -90,6 +90,14 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         n_review_labels=n_reviewed,
         chose_model_ids=_chose_model_ids(session, run_id, validation),
     )
+
+
+def _held_out_normals(calibration: np.ndarray, validation: dict | None) -> np.ndarray:
+    """Scores of normal images the bank never saw and nothing was fitted on: the model's
+    calibration normals, or, for a model `fit --auto` chose, its report half's normals (its
+    calibration normals chose the model and shaped its fused tails, so they score in-sample)."""
+    auto = (validation or {}).get("auto") or {}
+    return np.asarray(auto.get("report_normal_scores", calibration), np.float64)
 
 
 def _chose_model_ids(session: Session, run_id: int, validation: dict | None) -> np.ndarray:

@@ -61,6 +61,8 @@ def test_reported_figures_come_from_the_report_half_only(chosen: AutoFit) -> Non
     defect = model.combine(*chosen.fit.parts["anomalous"][split.defect_report].T)
     labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
     assert chosen.validation["auroc"] == pytest.approx(roc_auc_score(labels, np.r_[normal, defect]))
+    # What aggregate may use as normal images: these out-of-sample scores, not the calibration.
+    np.testing.assert_allclose(auto["report_normal_scores"], normal)
 
 
 def test_choice_and_calibration_use_the_selection_half_only(chosen: AutoFit) -> None:

@@ -13,7 +13,9 @@ that figure optimistic (the best of several noisy estimates), so the choice is n
 4. the winner's figures are computed on the report half, which played no part in the choice.
 
 The selection half's paths are stored with the choice (``selection_paths``): a run that scores
-those images later must not count them either (`patchq aggregate` leaves them out).
+those images later must not count them either (`patchq aggregate` leaves them out), and the
+report half's normal scores (``report_normal_scores``) are what aggregate's figures may use as
+normal images, not the selection normals the fused score was calibrated on.
 
 Scorers are compared from one fit per configuration: the raw parts of every validation image
 are kept (FitResult.parts), so patch and fused cost nothing extra.
@@ -162,6 +164,10 @@ def choose(fits: dict[str, FitResult], seed: int) -> AutoFit:
             "n_selection": [len(split.normal_selection), len(split.defect_selection)],
             "n_report": [len(split.normal_report), len(split.defect_report)],
             "selection_paths": selection_paths(fit, split),
+            # The held-out normals' scores that neither chose nor calibrated the model: what
+            # may stand in for normal images when a run has none labelled (the stored
+            # calibration scores are the selection normals', in-sample for the fused tails).
+            "report_normal_scores": normal.tolist(),
         },
     }  # fmt: skip
     return AutoFit(chosen, fit, model, validation)
