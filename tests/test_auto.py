@@ -90,3 +90,18 @@ def test_the_selection_half_is_stored_as_absolute_paths(chosen: AutoFit) -> None
     report |= {str(rows["anomalous"][i].absolute()) for i in split.defect_report}
     assert set(auto["selection_paths"]) == selection
     assert selection.isdisjoint(report) and len(selection) == sum(auto["n_selection"])
+
+
+def test_selection_normals_are_scored_leave_one_out(chosen: AutoFit) -> None:
+    # Each selection normal is scored by the model calibrated on the other selection normals.
+    fit, key = chosen.fit, chosen.chosen
+    split = nested_split(len(fit.parts["normal"]), len(fit.parts["anomalous"]), BASE.seed + 1)
+    rows, scorer = split.normal_selection, key.split()[1]
+    normal = [
+        calibrated(fit, scorer, np.delete(rows, i)).combine(*fit.parts["normal"][[r]].T)[0]
+        for i, r in enumerate(rows)
+    ]
+    defect = chosen.model.combine(*fit.parts["anomalous"][split.defect_selection].T)
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
+    expected = roc_auc_score(labels, np.r_[normal, defect])
+    assert chosen.validation["auto"]["selection_auroc"][key] == pytest.approx(expected)

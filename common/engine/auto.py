@@ -8,8 +8,9 @@ that figure optimistic (the best of several noisy estimates), so the choice is n
 1. every candidate configuration is fitted on the same bank/held-out split (one seed);
 2. the held-out normals and the labelled defects are split, seeded, into a SELECTION half and a
    REPORT half; the fused score's part calibration uses the selection normals only;
-3. each candidate x scorer is scored on the selection half; the highest AUROC wins (ties go to
-   the earlier, cheaper candidate);
+3. each candidate x scorer is scored on the selection half, each selection normal by the model
+   calibrated on the others (leave-one-out); the highest AUROC wins (ties go to the earlier,
+   cheaper candidate);
 4. the winner's figures are computed on the report half, which played no part in the choice.
 
 The selection half's paths are stored with the choice (``selection_paths``): a run that scores
@@ -146,9 +147,7 @@ def choose(fits: dict[str, FitResult], seed: int) -> AutoFit:
         for scorer in SCORERS:
             key = f"{name} {scorer}"
             models[key] = calibrated(fit, scorer, split.normal_selection)
-            selection[key] = _auroc(
-                models[key], fit, split.normal_selection, split.defect_selection
-            )
+            selection[key] = _selection_auroc(models[key], fit, scorer, split)
     chosen = max(selection, key=lambda k: (selection[k], -list(selection).index(k)))
     fit, model = fits[chosen.split()[0]], models[chosen]
     normal = _scores(model, fit.parts["normal"][split.normal_report])
@@ -202,10 +201,17 @@ def _scores(model: PatchCore, parts: np.ndarray) -> np.ndarray:
     return model.combine(parts[:, 0], parts[:, 1], pixel)
 
 
-def _auroc(
-    model: PatchCore, fit: FitResult, normal_rows: np.ndarray, defect_rows: np.ndarray
-) -> float:
-    normal = _scores(model, fit.parts["normal"][normal_rows])
-    defect = _scores(model, fit.parts["anomalous"][defect_rows])
+def _selection_auroc(model: PatchCore, fit: FitResult, scorer: str, split: NestedSplit) -> float:
+    """AUROC on the selection half, each selection normal scored by the model calibrated on
+    the *other* selection normals (leave-one-out). Scored by its own calibration, a normal can
+    never fall beyond the tails fitted to it, so a fused score looks better on its calibration
+    normals than on any new normal (demo poly: 0.94 on them, 0.67 on the report half), and the
+    choice would favour whichever candidate overfits its few normals most."""
+    rows = split.normal_selection
+    normal = [
+        _scores(calibrated(fit, scorer, np.delete(rows, i)), fit.parts["normal"][rows[i : i + 1]])
+        for i in range(len(rows))
+    ]
+    defect = _scores(model, fit.parts["anomalous"][split.defect_selection])
     labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
-    return float(roc_auc_score(labels, np.r_[normal, defect]))
+    return float(roc_auc_score(labels, np.r_[np.concatenate(normal), defect]))
