@@ -6,7 +6,8 @@ process of the checkout `--code`, so the code before a change can be measured be
 the same machine:
 
     python -m bench.enqueue_rate --tasks 20000
-    python -m bench.enqueue_rate --tasks 20000 --code /tmp/patchq-before
+    git worktree add build/before HEAD~1
+    python -m bench.enqueue_rate --tasks 20000 --code build/before
 """
 
 from __future__ import annotations
