@@ -38,12 +38,21 @@ class EnsembleError(PatchqError):
     """Members that cannot be combined, or a damaged ensemble file."""
 
 
+# What np.load raises for bytes that are not a readable .npz archive.
+NOT_AN_ARCHIVE = (OSError, ValueError, zipfile.BadZipFile, EOFError)
+
+
+def _archive(data: bytes) -> dict[str, np.ndarray]:
+    """Every array of an .npz archive, read without pickle."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
 def read_arrays(data: bytes) -> dict[str, np.ndarray]:
     """A model artifact's arrays, header included (still as bytes)."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        arrays = _archive(data)
+    except NOT_AN_ARCHIVE as exc:
         raise ArtifactError(f"model artifact is corrupt or not a patchq model ({exc})") from exc
     missing = {"header", "bank", "calibration"} - set(arrays)
     if missing:
@@ -71,10 +80,9 @@ def read_header(raw: np.ndarray) -> dict[str, Any]:
 def read_ensemble_file(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """An ensemble file's arrays and header (its format is not checked here)."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
+        arrays = _archive(data)
         header = json.loads(arrays["header"].tobytes().decode())
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+    except (*NOT_AN_ARCHIVE, KeyError) as exc:
         raise EnsembleError(f"ensemble file is corrupt or not a patchq ensemble ({exc})") from exc
     return arrays, header
 
