@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy import case, func, select
@@ -71,6 +72,7 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         select(Model.artifact, Model.validation).where(Model.id == used[0])
     ).one()
     reference = read_model_reference(artifact)
+    auto = (validation or {}).get("auto") or {}  # how `fit --auto` chose the model, if it did
     progress = {p.category: p for p in run_progress(session, run_id)}[category]
     labels, n_reviewed = _with_verdicts(ids, labels, latest_verdicts(session, run_id, category))
     return CategoryData(
@@ -81,29 +83,27 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         labels=labels,
         in_train=in_train,
         has_mask=has_mask,
-        held_out_normals=_held_out_normals(reference.calibration, validation),
+        held_out_normals=_held_out_normals(reference.calibration, auto),
         preprocessing=reference.preprocessing,
         n_failed=progress.failed,
         n_pending=progress.pending,
         score_name=score_name(reference),
         normal_patch_maxima=reference.normal_patch_maxima,
         n_review_labels=n_reviewed,
-        chose_model_ids=_chose_model_ids(session, run_id, validation),
+        chose_model_ids=_chose_model_ids(session, run_id, auto.get("selection_paths", [])),
     )
 
 
-def _held_out_normals(calibration: np.ndarray, validation: dict | None) -> np.ndarray:
+def _held_out_normals(calibration: np.ndarray, auto: dict[str, Any]) -> np.ndarray:
     """Scores of normal images the bank never saw and nothing was fitted on: the model's
     calibration normals, or, for a model `fit --auto` chose, its report half's normals (its
     calibration normals chose the model and shaped its fused tails, so they score in-sample)."""
-    auto = (validation or {}).get("auto") or {}
     return np.asarray(auto.get("report_normal_scores", calibration), np.float64)
 
 
-def _chose_model_ids(session: Session, run_id: int, validation: dict | None) -> np.ndarray:
-    """Ids of this run's images in the selection half `fit --auto` chose the model on (matched
-    by absolute path, as both fit and runs record them)."""
-    paths = ((validation or {}).get("auto") or {}).get("selection_paths", [])
+def _chose_model_ids(session: Session, run_id: int, paths: Sequence[str]) -> np.ndarray:
+    """Ids of this run's images among `paths`, the selection half `fit --auto` chose the model
+    on (matched by absolute path, as both fit and runs record them)."""
     ids: list[int] = []
     for start in range(0, len(paths), QUERY_CHUNK):
         chunk = paths[start : start + QUERY_CHUNK]

@@ -19,6 +19,7 @@ Honesty rules, each printed with the figures so nobody has to guess:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -69,22 +70,24 @@ class CategoryData:
     # ids of the images in the selection half `fit --auto` chose this model on
     chose_model_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
-    @property
+    # Masks over the category's images, computed once: a category may have millions, and
+    # building the sets reads them several times.
+    @cached_property
     def train_good(self) -> np.ndarray:
         """train/good images: possibly memory-bank images, never used to judge the bank."""
         return self.in_train & (self.labels == 0)
 
-    @property
+    @cached_property
     def chose_model(self) -> np.ndarray:
         """Images the model was chosen on (`fit --auto`'s selection half)."""
         return np.isin(self.image_ids, self.chose_model_ids)
 
-    @property
+    @cached_property
     def excluded(self) -> np.ndarray:
         """Images that get predictions but never count in metrics."""
         return self.train_good | self.chose_model
 
-    @property
+    @cached_property
     def eligible(self) -> np.ndarray:
         """Labelled images that may count in metrics."""
         return (self.labels >= 0) & ~self.excluded
