@@ -34,10 +34,8 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from sqlalchemy import Engine
-
 from common.settings import Settings
-from common.store.database import make_engine, make_session_factory
+from common.store.database import open_database
 from producer.submission import broker_app
 from worker.sweeper import requeue_held
 
@@ -97,16 +95,11 @@ class Supervisor:
         """Requeue what the child's node still leases (nothing after a clean drain). A database
         or broker that is down now only delays it: the sweep requeues those leases when they
         run out."""
-        engine: Engine | None = None
         try:
-            engine = make_engine(self._settings.database_url)
-            app = broker_app(self._settings)
-            requeue_held(make_session_factory(engine), app, self._queue, self._node)
+            with open_database(self._settings.database_url) as (_, sessions):
+                requeue_held(sessions, broker_app(self._settings), self._queue, self._node)
         except Exception as error:  # any outage: the leases still run out and get swept
             log.warning("could not requeue what %s held (%s); the sweep will", self._node, error)
-        finally:
-            if engine is not None:
-                engine.dispose()
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
