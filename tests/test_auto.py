@@ -7,7 +7,15 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from common.data.layouts import discover
-from common.engine.auto import AutoFit, calibrated, can_choose, fine, fit_auto, nested_split
+from common.engine.auto import (
+    AutoFit,
+    NestedSplit,
+    calibrated,
+    can_choose,
+    fine,
+    fit_auto,
+    nested_split,
+)
 from common.engine.fit import FitError
 from common.engine.patchcore import PatchCoreConfig
 from tests.synthetic import make_seed_layout
@@ -47,38 +55,45 @@ def chosen(tmp_path_factory: pytest.TempPathFactory) -> AutoFit:
     return fit_auto(records, BASE, holdout=0.25, device="cpu", progress=False)
 
 
+def _split(chosen: AutoFit) -> NestedSplit:
+    parts = chosen.fit.parts
+    return nested_split(len(parts["normal"]), len(parts["anomalous"]), BASE.seed + 1)
+
+
 def test_reported_figures_come_from_the_report_half_only(chosen: AutoFit) -> None:
-    auto = chosen.validation["auto"]
-    split = nested_split(
-        len(chosen.fit.parts["normal"]), len(chosen.fit.parts["anomalous"]), BASE.seed + 1
-    )
+    auto, split = chosen.validation["auto"], _split(chosen)
     assert auto["n_report"] == [len(split.normal_report), len(split.defect_report)]
     assert chosen.validation["n_normal"] == len(split.normal_report)
     assert chosen.validation["n_anomalous"] == len(split.defect_report)
-    # Recompute the reported AUROC from the report rows alone: it must match exactly.
-    model = chosen.model
+    # Recompute the reported AUROC from the report rows alone, scored by the model calibrated
+    # on the selection normals (the one that was chosen): it must match exactly.
+    model = calibrated(chosen.fit, chosen.model.config.scorer, split.normal_selection)
     normal = model.combine(*chosen.fit.parts["normal"][split.normal_report].T)
     defect = model.combine(*chosen.fit.parts["anomalous"][split.defect_report].T)
     labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
     assert chosen.validation["auroc"] == pytest.approx(roc_auc_score(labels, np.r_[normal, defect]))
-    # What aggregate may use as normal images: these out-of-sample scores, not the calibration.
-    np.testing.assert_allclose(auto["report_normal_scores"], normal)
 
 
-def test_choice_and_calibration_use_the_selection_half_only(chosen: AutoFit) -> None:
-    auto = chosen.validation["auto"]
-    assert set(auto["selection_auroc"]) == {
-        "default fused", "default patch", "fine fused", "fine patch"
-    }  # fmt: skip
+def test_the_stored_model_is_calibrated_on_every_held_out_normal(chosen: AutoFit) -> None:
+    auto, split, parts = chosen.validation["auto"], _split(chosen), chosen.fit.parts["normal"]
     assert auto["chosen"] == max(auto["selection_auroc"], key=auto["selection_auroc"].get)
     assert chosen.model.config.scorer == auto["chosen"].split()[1]
-    # The stored model's held-out normal scores are the selection normals', nothing else.
-    assert len(chosen.model.calibration) == auto["n_selection"][0]
-    split = nested_split(
-        len(chosen.fit.parts["normal"]), len(chosen.fit.parts["anomalous"]), BASE.seed + 1
+    np.testing.assert_allclose(chosen.model.part_calibration, parts)
+    # Each normal's stored score is the one the model calibrated on the others gives it.
+    scorer, rows = chosen.model.config.scorer, np.arange(len(parts))
+    for i in (0, len(parts) - 1):
+        left_out = calibrated(chosen.fit, scorer, np.delete(rows, i)).combine(*parts[[i]].T)
+        assert chosen.model.calibration[i] == pytest.approx(left_out[0])
+    # What aggregate may use as normal images: the report half's, not the selection's.
+    np.testing.assert_allclose(
+        auto["report_normal_scores"], chosen.model.calibration[split.normal_report]
     )
-    again = calibrated(chosen.fit, chosen.model.config.scorer, split.normal_selection)
-    np.testing.assert_allclose(again.calibration, chosen.model.calibration)
+
+
+def test_candidates_are_every_configuration_with_every_scorer(chosen: AutoFit) -> None:
+    assert set(chosen.validation["auto"]["selection_auroc"]) == {
+        "default fused", "default patch", "fine fused", "fine patch"
+    }  # fmt: skip
 
 
 def test_the_selection_half_is_stored_as_absolute_paths(chosen: AutoFit) -> None:
@@ -93,15 +108,16 @@ def test_the_selection_half_is_stored_as_absolute_paths(chosen: AutoFit) -> None
 
 
 def test_selection_normals_are_scored_leave_one_out(chosen: AutoFit) -> None:
-    # Each selection normal is scored by the model calibrated on the other selection normals.
-    fit, key = chosen.fit, chosen.chosen
-    split = nested_split(len(fit.parts["normal"]), len(fit.parts["anomalous"]), BASE.seed + 1)
-    rows, scorer = split.normal_selection, key.split()[1]
+    # Each selection normal is scored by the model calibrated on the other selection normals
+    # (the fused scorer: plain s* does not depend on the calibration).
+    fit, split = chosen.fit, _split(chosen)
+    rows, key = split.normal_selection, f"{chosen.chosen.split()[0]} fused"
     normal = [
-        calibrated(fit, scorer, np.delete(rows, i)).combine(*fit.parts["normal"][[r]].T)[0]
+        calibrated(fit, "fused", np.delete(rows, i)).combine(*fit.parts["normal"][[r]].T)[0]
         for i, r in enumerate(rows)
     ]
-    defect = chosen.model.combine(*fit.parts["anomalous"][split.defect_selection].T)
+    model = calibrated(fit, "fused", rows)
+    defect = model.combine(*fit.parts["anomalous"][split.defect_selection].T)
     labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
     expected = roc_auc_score(labels, np.r_[normal, defect])
     assert chosen.validation["auto"]["selection_auroc"][key] == pytest.approx(expected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common.data.layouts import ImageRecord, discover
@@ -46,6 +47,19 @@ def test_validation_never_scores_memory_bank_images(seed_fit) -> None:
     assert len(result.model.calibration) == 5
     assert result.model.part_calibration.shape == (5, 3)
     assert result.model.part_calibration[:, 0].min() > 0.05
+
+
+def test_fused_calibration_scores_are_each_normal_left_out(seed_fit) -> None:
+    # A held-out normal's stored score is what the model calibrated on the other normals gives
+    # it: the score a new normal gets, not the lower one its own tails would give it.
+    _, result = seed_fit
+    model, parts = result.model, result.model.part_calibration
+    assert model.config.scorer == "fused"
+    for i in range(len(parts)):
+        others = model.with_calibration(model.calibration, np.delete(parts, i, axis=0))
+        assert model.calibration[i] == pytest.approx(others.combine(*parts[[i]].T)[0])
+    in_sample = model.combine(*parts.T)
+    assert (model.calibration >= in_sample - 1e-6).all() and (model.calibration > in_sample).any()
 
 
 def test_held_out_figures_separate_drawn_defects(seed_fit) -> None:

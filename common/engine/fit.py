@@ -141,9 +141,9 @@ def fit_category(
         normal_parts[:n_calibration] if global_scorer is not None else None,
         pixel_scorer,
     )
-    normal_scores = _combine(model, normal_parts)
-    anomalous_scores = _combine(model, anomalous_parts)
-    calibration = normal_scores[:n_calibration]
+    calibration = held_out_scores(model, normal_parts[:n_calibration])
+    normal_scores = np.r_[calibration, combine_parts(model, normal_parts[n_calibration:])]
+    anomalous_scores = combine_parts(model, anomalous_parts)
     validation = validation_metrics(normal_scores, anomalous_scores, calibration)
     validation["bank_size"] = bank.size
     validation["bank_images"] = len(bank_records) - sum(r.path in skipped for r in bank_records)
@@ -164,11 +164,32 @@ def fit_category(
     )
 
 
-def _combine(model: PatchCore, parts: np.ndarray) -> np.ndarray:
+def combine_parts(model: PatchCore, parts: np.ndarray) -> np.ndarray:
     """The model's image scores from raw (n, parts) [s*, global(, pixel)] part scores."""
     global_scores = parts[:, 1] if model.global_scorer is not None else None
     pixel_scores = parts[:, 2] if model.pixel_scorer is not None else None
     return model.combine(parts[:, 0], global_scores, pixel_scores)
+
+
+def held_out_scores(model: PatchCore, parts: np.ndarray) -> np.ndarray:
+    """Image scores of the held-out normals whose raw ``parts`` calibrate ``model``, each
+    scored by the model calibrated on the *other* normals (leave-one-out).
+
+    A fused score turns each part into a tail probability fitted to these very normals; scored
+    by its own tails, a normal never falls beyond them, so it scores lower than any new normal
+    would (demo poly: AUROC 0.94 against its calibration normals, 0.67 against new ones).
+    Thresholds, validation figures and the normals aggregate stands in for a run need what a
+    new normal scores. The raw parts themselves (s*, global, pixel) are not fitted to these
+    normals, so plain scorers score them as they are; so does a lone normal (no others).
+    """
+    if model.config.scorer in ("patch", "global") or len(parts) < 2:
+        return combine_parts(model, parts)
+    scores = [
+        combine_parts(model.with_calibration(model.calibration, np.delete(parts, i, axis=0)),
+                      parts[i : i + 1])
+        for i in range(len(parts))
+    ]  # fmt: skip
+    return np.concatenate(scores)
 
 
 def _single_category(records: Sequence[ImageRecord]) -> str:
