@@ -73,13 +73,15 @@ def _quiet_line(session: Session, run_id: int, now: datetime, lease_s: int) -> s
 def _summary(views: list[WorkerView]) -> str:
     live = sum(view.live for view in views)
     lost = sum(view.lost for view in views)
-    stopped = len(views) - live - lost
-    return f"workers: {live} live, {lost} lost, {stopped} stopped (seen in the last day)"
+    died = sum(view.worker.state == "died" for view in views)
+    stopped = len(views) - live - lost - died
+    restarted = f", {died} died and restarted" if died else ""
+    return f"workers: {live} live, {lost} lost, {stopped} stopped{restarted} (seen in the last day)"
 
 
 def _worker_line(view: WorkerView, now: datetime) -> str:
     worker = view.worker
-    state = "live" if view.live else ("LOST" if view.lost else "stopped")
+    state = "live" if view.live else ("LOST" if view.lost else worker.state)
     seen = _ago(worker.last_seen, now)
     doing = f", now {worker.current_batch}" if view.live and worker.current_batch else ""
     return (

@@ -21,7 +21,7 @@ from common.store.leases import (
     stalled,
 )
 from common.store.schema import Image, utcnow
-from common.store.workers import Beat, fleet, mark_stopped, record_beat
+from common.store.workers import Beat, fleet, mark_died, mark_stopped, record_beat
 from tests.test_database import _run_with_images
 
 ALPHA = Lease("alpha@host", 60)
@@ -107,10 +107,12 @@ def test_heartbeats_tell_live_lost_and_stopped_workers(sessions: sessionmaker[Se
         return Beat(name, node, "host", 1, "cpu", utcnow(), 2, 64, None)
 
     with sessions.begin() as session:
-        for name in ("a@h/1", "b@h/2", "c@h/3"):
+        for name in ("a@h/1", "b@h/2", "c@h/3", "d@h/4"):
             record_beat(session, beat(name))
         record_beat(session, beat("a@h/1"))  # a second beat updates the row
         mark_stopped(session, "c@h/3")
+        mark_died(session, "d@h/4")  # its supervisor requeued what it held
+        mark_died(session, "c@h/3")  # a drained worker stays stopped
         old = utcnow() - timedelta(minutes=5)
         session.execute(update(Worker).where(Worker.name == "b@h/2").values(last_seen=old))
     with sessions() as session:
@@ -118,3 +120,6 @@ def test_heartbeats_tell_live_lost_and_stopped_workers(sessions: sessionmaker[Se
     assert views["a@h/1"].live and not views["a@h/1"].lost
     assert views["b@h/2"].lost
     assert not views["c@h/3"].live and not views["c@h/3"].lost
+    assert views["c@h/3"].worker.state == "stopped"
+    assert not views["d@h/4"].live and not views["d@h/4"].lost
+    assert views["d@h/4"].worker.state == "died"

@@ -201,6 +201,10 @@ def test_poison_image_fails_with_its_reason_and_the_rest_completes(
     with cluster.sessions() as session:
         error = session.scalar(select(Image.error).where(Image.path == poison))
     assert error == "worker lost 4 times while scoring it; see the worker logs"
+    # Each dead process was marked by its supervisor: status counts none of them lost.
+    with cluster.sessions() as session:
+        states = session.scalars(select(Worker.state).where(Worker.node.like("taster@%"))).all()
+    assert sorted(set(states)) == ["alive", "died"] and states.count("alive") == 1
 
 
 def test_rolling_sigterm_restart_drains_and_loses_nothing(

@@ -36,6 +36,7 @@ from types import FrameType
 
 from common.settings import Settings
 from common.store.database import open_database
+from common.store.workers import mark_died
 from producer.submission import broker_app
 from worker.sweeper import requeue_held
 
@@ -65,8 +66,9 @@ class Supervisor:
         deaths = 0
         while True:
             started = time.monotonic()
-            status = self._run_child()
-            self._give_back()
+            child = self._run_child()
+            status = child.returncode
+            self._give_back(dead_pid=None if status == 0 else child.pid)
             if self._stopping or status == 0:
                 return status if status >= 0 else 128 - status
             deaths = deaths + 1 if time.monotonic() - started < HEALTHY_AFTER_S else 1
@@ -76,12 +78,14 @@ class Supervisor:
             if self._stopping:
                 return 0
 
-    def _run_child(self) -> int:
+    def _run_child(self) -> subprocess.Popen[bytes]:
+        """Start the child and wait for it to exit; the exited child."""
         follow = _follow_parent if sys.platform == "linux" else None
         self._child = subprocess.Popen(self._argv, preexec_fn=follow)
         if self._stopping:  # the signal came while it was being started
             self._child.send_signal(signal.SIGTERM)
-        return self._child.wait()
+        self._child.wait()
+        return self._child
 
     def _stop(self, signum: int, _: FrameType | None) -> None:
         """Drain: the child gets SIGTERM (Celery's warm shutdown) whichever signal came, since
@@ -91,13 +95,17 @@ class Supervisor:
         if self._child is not None and self._child.poll() is None:
             self._child.send_signal(signal.SIGTERM)
 
-    def _give_back(self) -> None:
-        """Requeue what the child's node still leases (nothing after a clean drain). A database
-        or broker that is down now only delays it: the sweep requeues those leases when they
-        run out."""
+    def _give_back(self, dead_pid: int | None) -> None:
+        """Requeue what the child's node still leases (nothing after a clean drain) and, if it
+        died (`dead_pid`), mark its heartbeat row so that status does not count it lost. A
+        database or broker that is down now only delays it: the sweep requeues those leases
+        when they run out (and the row shows lost meanwhile, which is then true)."""
         try:
             with open_database(self._settings.database_url) as (_, sessions):
                 requeue_held(sessions, broker_app(self._settings), self._queue, self._node)
+                if dead_pid is not None:
+                    with sessions.begin() as session:
+                        mark_died(session, f"{self._node}/{dead_pid}")
         except Exception as error:  # any outage: the leases still run out and get swept
             log.warning("could not requeue what %s held (%s); the sweep will", self._node, error)
 

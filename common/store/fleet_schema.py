@@ -24,7 +24,7 @@ class Worker(Base):
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
     device: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="alive")  # stopped: left cleanly
+    state: Mapped[str] = mapped_column(String(16), default="alive")  # or stopped, died
     started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     batches_done: Mapped[int] = mapped_column(Integer, default=0)

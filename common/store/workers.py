@@ -1,7 +1,9 @@
 """The workers table: heartbeats in, the fleet as `patchq status` shows it out.
 
 A worker is live while its last heartbeat is recent; one that stopped sending without saying
-goodbye (state still "alive") is lost: killed, frozen or cut off from the database.
+goodbye (state still "alive") is lost: killed, frozen or cut off from the database. A process
+that drained says "stopped"; one that died under `patchq worker`'s supervisor is marked "died"
+by the supervisor, which has requeued what it held.
 """
 
 from __future__ import annotations
@@ -49,10 +51,20 @@ def record_beat(session: Session, beat: Beat) -> None:
 
 def mark_stopped(session: Session, name: str) -> None:
     """A clean exit (drain): the worker is gone on purpose, not lost."""
+    _mark(session, name, "stopped")
+
+
+def mark_died(session: Session, name: str) -> None:
+    """A supervised process that died and whose supervisor requeued what it held and started
+    another (worker.supervisor): nothing waits on it, so it is not lost either."""
+    _mark(session, name, "died")
+
+
+def _mark(session: Session, name: str, state: str) -> None:
     session.execute(
         update(Worker)
-        .where(Worker.name == name)
-        .values(state="stopped", current_batch=None, last_seen=utcnow())
+        .where(Worker.name == name, Worker.state == "alive")
+        .values(state=state, current_batch=None, last_seen=utcnow())
     )
 
 
