@@ -107,17 +107,16 @@ def test_the_selection_half_is_stored_as_absolute_paths(chosen: AutoFit) -> None
     assert selection.isdisjoint(report) and len(selection) == sum(auto["n_selection"])
 
 
-def test_selection_normals_are_scored_leave_one_out(chosen: AutoFit) -> None:
-    # Each selection normal is scored by the model calibrated on the other selection normals
-    # (the fused scorer: plain s* does not depend on the calibration).
+def test_selection_auroc_is_leave_one_out_pairwise(chosen: AutoFit) -> None:
+    # Each selection normal is compared with every selection defect, both scored by the model
+    # calibrated on the other selection normals (the fused scorer: s* ignores calibration).
     fit, split = chosen.fit, _split(chosen)
     rows, key = split.normal_selection, f"{chosen.chosen.split()[0]} fused"
-    normal = [
-        calibrated(fit, "fused", np.delete(rows, i)).combine(*fit.parts["normal"][[r]].T)[0]
-        for i, r in enumerate(rows)
-    ]
-    model = calibrated(fit, "fused", rows)
-    defect = model.combine(*fit.parts["anomalous"][split.defect_selection].T)
-    labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
-    expected = roc_auc_score(labels, np.r_[normal, defect])
-    assert chosen.validation["auto"]["selection_auroc"][key] == pytest.approx(expected)
+    defects = fit.parts["anomalous"][split.defect_selection]
+    pairs = []
+    for i, row in enumerate(rows):
+        model = calibrated(fit, "fused", np.delete(rows, i))
+        normal = model.combine(*fit.parts["normal"][[row]].T)[0]
+        scores = model.combine(*defects.T)
+        pairs += [1.0 if d > normal else 0.5 if d == normal else 0.0 for d in scores]
+    assert chosen.validation["auto"]["selection_auroc"][key] == pytest.approx(np.mean(pairs))
