@@ -55,6 +55,14 @@ CONFIGS = {
     # --auto's stride-4 candidate before: 224 px, a quarter of the coreset ratio.
     "fine224": PatchCoreConfig(layers=("stage2", "stage3"), coreset_ratio=0.025),
     "320": PatchCoreConfig(image_size=320),
+    # elpv mono >= 0.97 (issue 13), tried: the bigger Lite backbones, an input near the cells'
+    # 300 px (coreset ratio scaled by (224/288)^2: same bank), the stride-4 grid on Lite2, and
+    # other seeds (bank/held-out split, coreset start) for how far a figure moves by chance.
+    "lite2": PatchCoreConfig(backbone="efficientnet_lite2"),
+    "288": PatchCoreConfig(image_size=288, coreset_ratio=0.06),
+    "lite2-fine": fine(PatchCoreConfig(backbone="efficientnet_lite2")),
+    "default-s1": PatchCoreConfig(seed=1),
+    "default-s2": PatchCoreConfig(seed=2),
     "large": PatchCoreConfig(image_size=384),
     "tiled": PatchCoreConfig(image_size=384, tile_size=224, tile_overlap=32),
 }
