@@ -7,7 +7,15 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from common.data.layouts import discover
-from common.engine.auto import AutoFit, calibrated, can_choose, fine, fit_auto, nested_split
+from common.engine.auto import (
+    AutoFit,
+    calibrated,
+    can_choose,
+    fine,
+    fit_auto,
+    nested_split,
+    small,
+)
 from common.engine.fit import FitError
 from common.engine.patchcore import PatchCoreConfig
 from tests.synthetic import make_seed_layout
@@ -31,6 +39,15 @@ def test_fine_candidate_is_stride_4_one_step_larger_with_a_smaller_coreset() -> 
     assert (config.image_size, config.crop_from) == (256, 288)
     assert config.coreset_ratio == pytest.approx(0.0125)
     assert fine(PatchCoreConfig()).crop_from is None
+
+
+def test_small_candidate_is_stride_8_alone_larger_with_mirrored_edges_and_the_same_bank() -> None:
+    config = small(PatchCoreConfig(image_size=224, crop_from=256, coreset_ratio=0.1))
+    assert config.layers == ("stage3",) and config.border == "reflect"
+    assert (config.image_size, config.crop_from) == (384, 438)
+    # As many bank patches per image as the base: (384 / 8)^2 * ratio == (224 / 8)^2 * 0.1.
+    assert 48**2 * config.coreset_ratio == pytest.approx(28**2 * 0.1)
+    assert small(PatchCoreConfig()).crop_from is None
 
 
 def test_too_few_validation_images_is_a_clear_error() -> None:
@@ -68,7 +85,7 @@ def test_reported_figures_come_from_the_report_half_only(chosen: AutoFit) -> Non
 def test_choice_and_calibration_use_the_selection_half_only(chosen: AutoFit) -> None:
     auto = chosen.validation["auto"]
     assert set(auto["selection_auroc"]) == {
-        "default fused", "default patch", "fine fused", "fine patch"
+        "default fused", "default patch", "fine fused", "fine patch", "small fused", "small patch"
     }  # fmt: skip
     assert auto["chosen"] == max(auto["selection_auroc"], key=auto["selection_auroc"].get)
     assert chosen.model.config.scorer == auto["chosen"].split()[1]
