@@ -15,6 +15,7 @@ from common.engine.auto import (
     fine,
     fit_auto,
     nested_split,
+    small,
 )
 from common.engine.fit import FitError
 from common.engine.patchcore import PatchCoreConfig
@@ -39,6 +40,15 @@ def test_fine_candidate_is_stride_4_one_step_larger_with_a_smaller_coreset() -> 
     assert (config.image_size, config.crop_from) == (256, 288)
     assert config.coreset_ratio == pytest.approx(0.0125)
     assert fine(PatchCoreConfig()).crop_from is None
+
+
+def test_small_candidate_is_stride_8_alone_larger_with_mirrored_edges_and_the_same_bank() -> None:
+    config = small(PatchCoreConfig(image_size=224, crop_from=256, coreset_ratio=0.1))
+    assert config.layers == ("stage3",) and config.border == "reflect"
+    assert (config.image_size, config.crop_from) == (384, 438)
+    # As many bank patches per image as the base: (384 / 8)^2 * ratio == (224 / 8)^2 * 0.1.
+    assert 48**2 * config.coreset_ratio == pytest.approx(28**2 * 0.1)
+    assert small(PatchCoreConfig()).crop_from is None
 
 
 def test_too_few_validation_images_is_a_clear_error() -> None:
@@ -92,7 +102,7 @@ def test_the_stored_model_is_calibrated_on_every_held_out_normal(chosen: AutoFit
 
 def test_candidates_are_every_configuration_with_every_scorer(chosen: AutoFit) -> None:
     assert set(chosen.validation["auto"]["selection_auroc"]) == {
-        "default fused", "default patch", "fine fused", "fine patch"
+        "default fused", "default patch", "fine fused", "fine patch", "small fused", "small patch"
     }  # fmt: skip
 
 

@@ -110,6 +110,16 @@ def test_image_statistics_see_colour_and_blur() -> None:
     assert blurred[0, 3] < stats[0, 3] - 1  # fine-scale energy falls by more than e-fold
 
 
+def test_image_statistics_energy_is_the_3x3_laplacian() -> None:
+    """The slice sums are the 5-point Laplacian kernel applied over the interior, as the
+    grouped convolution that computed it before (and that artifacts were fitted with)."""
+    images = torch.from_numpy(np.random.default_rng(1).normal(0, 0.5, (2, 3, 24, 24))).float()
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).expand(3, 1, 3, 3)
+    convolved = torch.nn.functional.conv2d(images, kernel, groups=3)
+    expected = torch.log(convolved.abs().mean(dim=(1, 2, 3)) + 1e-6).double().numpy()
+    np.testing.assert_allclose(image_statistics(images)[:, 3], expected, rtol=1e-5)
+
+
 def test_fit_calibrates_every_part_on_held_out_normals(fitted) -> None:
     result, _ = fitted
     model = result.model

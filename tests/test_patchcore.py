@@ -182,6 +182,27 @@ def test_zero_padded_border_counts_missing_neighbours_as_zeros() -> None:
     assert torch.all(zeros[1:-1, 1:-1] == 1)
 
 
+class _Stride8Ones(torch.nn.Module):
+    """A stride-8 map of ones over whatever input it gets, padded or not."""
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        size = images.shape[-1] // 8
+        return [torch.ones(images.shape[0], 2, size, size)]
+
+
+def test_reflect_border_keeps_the_grid_and_gives_edge_patches_real_neighbours() -> None:
+    images = torch.rand(1, 3, 48, 48)
+    patches = PatchFeatureExtractor(_Stride8Ones(), border="reflect")(images)  # type: ignore[arg-type]
+    assert patches.shape == (1, 6, 6, 2)  # the unpadded image's grid, padding cut away
+    assert torch.all(patches == 1)  # no zero neighbours shrink the edge patches
+
+
+def test_reflect_border_needs_a_layer_fine_enough_to_cut_the_padding_away() -> None:
+    assert PatchCoreConfig(layers=("stage3",), border="reflect").border == "reflect"
+    with pytest.raises(PatchqError, match="border 'reflect' needs a layer of stride 16"):
+        PatchCoreConfig(layers=("stage6",), border="reflect")
+
+
 def test_version_3_artifacts_keep_their_border_and_fusion(model: PatchCore) -> None:
     assert model.config.border == "zeros" and model.config.fusion == "min-p"
     data = save_artifact(model, "tex")
@@ -203,4 +224,4 @@ def test_version_3_artifacts_keep_their_border_and_fusion(model: PatchCore) -> N
 
 def test_unknown_border_is_a_clear_error() -> None:
     with pytest.raises(PatchqError, match="border must be one of"):
-        PatchCoreConfig(border="reflect")
+        PatchCoreConfig(border="replicate")

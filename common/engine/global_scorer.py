@@ -43,7 +43,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
 from common.errors import PatchqError
@@ -56,9 +55,6 @@ def pooled_statistics(patches: np.ndarray) -> np.ndarray:
     return np.concatenate([flat.mean(axis=1), flat.std(axis=1)], axis=1)
 
 
-_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
-
-
 def image_statistics(images: torch.Tensor) -> np.ndarray:
     """(B, 3, S, S) preprocessed images -> (B, 4): per-channel mean, log fine-scale energy.
 
@@ -68,10 +64,18 @@ def image_statistics(images: torch.Tensor) -> np.ndarray:
     already seen by the feature statistics, and on tests/bench adding it only cost accuracy.
     """
     x = images.detach().float()
-    kernel = _LAPLACIAN.to(x.device).expand(x.shape[1], 1, 3, 3)
-    laplacian = F.conv2d(x, kernel, groups=x.shape[1]).abs().mean(dim=(1, 2, 3))
+    laplacian = _laplacian(x).abs().mean(dim=(1, 2, 3))
     stats = torch.cat([x.mean(dim=(2, 3)), torch.log(laplacian + 1e-6)[:, None]], dim=1)
     return stats.cpu().double().numpy()
+
+
+def _laplacian(x: torch.Tensor) -> torch.Tensor:
+    """The 5-point Laplacian over the interior of (B, C, S, S), from shifted slices: the same
+    sums as a grouped 3x3 convolution, which on CPU took 4-11 ms per image (224-384 px, one
+    thread; a fifth of the default's scoring time) against 0.5-2 ms for the slices."""
+    centre = x[:, :, 1:-1, 1:-1]
+    vertical = x[:, :, :-2, 1:-1] + x[:, :, 2:, 1:-1]
+    return vertical + x[:, :, 1:-1, :-2] + x[:, :, 1:-1, 2:] - 4 * centre
 
 
 def vouched(distance: np.ndarray, nearest: np.ndarray, reach: float) -> np.ndarray:

@@ -26,7 +26,7 @@ import torch
 
 from common.data.images import Preprocessing
 from common.engine.backbones import backbone_spec, load_backbone
-from common.engine.features import BORDERS, PatchFeatureExtractor
+from common.engine.features import BORDERS, REFLECT_PAD, PatchFeatureExtractor
 from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
 from common.engine.memory_bank import MemoryBank
 from common.engine.normalise import FUSIONS as Z_FUSIONS
@@ -90,6 +90,11 @@ class PatchCoreConfig:
             raise PatchqError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         if self.border not in BORDERS:
             raise PatchqError(f"border must be one of {', '.join(BORDERS)}, got {self.border!r}")
+        if self.border == "reflect" and REFLECT_PAD % min(spec.strides[n] for n in self.layers):
+            raise PatchqError(
+                f"border 'reflect' needs a layer of stride {REFLECT_PAD} or finer, "
+                f"got {self.layers}"
+            )
         if self.tile_size is not None:
             self._check_tiles()
 

@@ -2,7 +2,8 @@
 on held-out synthetic images (tests/bench/generators.py).
 
     .venv/bin/python -m tests.bench.accuracy [--size 384] [--train 30] [--normals 12] \
-        [--per-kind 8] [--configs default,border-mean,fine] [--textures stripes,grain,mono,poly]
+        [--per-kind 8] [--configs default,border-mean,fine,small] \
+        [--textures stripes,grain,mono,poly]
 
 Two synthetic textures, each with its own models: "stripes" (global, tiny and local defect
 kinds) and "grain" (speckle clusters on a fine oriented grain); and the elpv demo categories
@@ -32,7 +33,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from common.data.layouts import ImageRecord, discover
-from common.engine.auto import CANDIDATES, choose, fine
+from common.engine.auto import CANDIDATES, choose, fine, small
 from common.engine.fit import FitResult, fit_category, score_records
 from common.engine.normalise import fuse, fuse_tail
 from common.engine.patchcore import PatchCore, PatchCoreConfig
@@ -52,6 +53,8 @@ CONFIGS = {
     "default": PatchCoreConfig(),
     "border-mean": PatchCoreConfig(border="mean"),
     "fine": fine(PatchCoreConfig()),
+    "small": small(PatchCoreConfig()),
+    "default-reflect": PatchCoreConfig(border="reflect"),
     # --auto's stride-4 candidate before: 224 px, a quarter of the coreset ratio.
     "fine224": PatchCoreConfig(layers=("stage2", "stage3"), coreset_ratio=0.025),
     "320": PatchCoreConfig(image_size=320),
@@ -65,6 +68,12 @@ CONFIGS = {
     "default-s2": PatchCoreConfig(seed=2),
     "large": PatchCoreConfig(image_size=384),
     "tiled": PatchCoreConfig(image_size=384, tile_size=224, tile_overlap=32),
+    # Issue 13 (tiny defects): larger inputs through a backbone cut after stage 3, 4 or 5, the
+    # coreset ratio cut in proportion to the patches per image (the default's bank size or half).
+    "t384-s3": PatchCoreConfig(image_size=384, layers=("stage3",), coreset_ratio=0.034),
+    "t384-s34": PatchCoreConfig(image_size=384, layers=("stage3", "stage4"), coreset_ratio=0.034),
+    "t384-s35-half": PatchCoreConfig(image_size=384, coreset_ratio=0.017),
+    "t320-s35": PatchCoreConfig(image_size=320, coreset_ratio=0.05),
 }
 METHODS = ("patch", "global", "pixel", "fused-max", "fused-min-p", "fused-fisher")
 # texture -> (normal image maker, defect image maker, defect kinds)
@@ -186,7 +195,9 @@ def main() -> None:
     )
     parser.add_argument("--holdout", type=float, default=0.25)
     parser.add_argument("--draw", type=int, default=0, help="another set of synthetic seeds")
-    parser.add_argument("--configs", default="default,border-mean,fine", help=", ".join(CONFIGS))
+    parser.add_argument(
+        "--configs", default="default,border-mean,fine,small", help=", ".join(CONFIGS)
+    )
     parser.add_argument("--textures", default="stripes,grain", help=", ".join(TEXTURES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--elpv", type=Path, default=Path("demo-data-full"), help="demo folder")
