@@ -86,7 +86,11 @@ def test_reported_figures_come_from_the_report_half_only(chosen: AutoFit) -> Non
 
 def test_the_stored_model_is_calibrated_on_every_held_out_normal(chosen: AutoFit) -> None:
     auto, split, parts = chosen.validation["auto"], _split(chosen), chosen.fit.parts["normal"]
-    assert auto["chosen"] == max(auto["selection_auroc"], key=auto["selection_auroc"].get)
+    figures = {
+        key: (auroc, auto["selection_margin"][key])
+        for key, auroc in auto["selection_auroc"].items()
+    }
+    assert auto["chosen"] == max(figures, key=figures.get)  # ties on AUROC go by margin
     assert chosen.model.config.scorer == auto["chosen"].split()[1]
     np.testing.assert_allclose(chosen.model.part_calibration, parts)
     # Each normal's stored score is the one the model calibrated on the others gives it.
@@ -123,10 +127,15 @@ def test_selection_auroc_is_leave_one_out_pairwise(chosen: AutoFit) -> None:
     fit, split = chosen.fit, _split(chosen)
     rows, key = split.normal_selection, f"{chosen.chosen.split()[0]} fused"
     defects = fit.parts["anomalous"][split.defect_selection]
-    pairs = []
+    pairs, normals, gaps = [], [], []
     for i, row in enumerate(rows):
         model = calibrated(fit, "fused", np.delete(rows, i))
         normal = model.combine(*fit.parts["normal"][[row]].T)[0]
         scores = model.combine(*defects.T)
         pairs += [1.0 if d > normal else 0.5 if d == normal else 0.0 for d in scores]
-    assert chosen.validation["auto"]["selection_auroc"][key] == pytest.approx(np.mean(pairs))
+        normals.append(normal)
+        gaps += [d - normal for d in scores]
+    auto = chosen.validation["auto"]
+    assert auto["selection_auroc"][key] == pytest.approx(np.mean(pairs))
+    # The tie-break: the mean gap in units of the left-out normals' spread.
+    assert auto["selection_margin"][key] == pytest.approx(np.mean(gaps) / np.std(normals))

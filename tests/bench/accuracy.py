@@ -176,9 +176,12 @@ def auto_column(runs: dict[str, ConfigRun]) -> dict[str, np.ndarray]:
     defects + held-out normals, selection half), scored on the test images."""
     candidates = {name: runs[name].fit for name in CANDIDATES}
     chosen = choose(candidates, seed=1)
-    print(
-        f"  --auto chose {chosen.chosen}: selection {chosen.validation['auto']['selection_auroc']}"
-    )
+    record = chosen.validation["auto"]
+    figures = {
+        key: f"{auroc:.3f} (margin {record['selection_margin'][key]:.1f})"
+        for key, auroc in record["selection_auroc"].items()
+    }
+    print(f"  --auto chose {chosen.chosen}: selection AUROC {figures}")
     test_parts = runs[chosen.chosen.split()[0]].parts
     return {kind: chosen.model.combine(*parts.T) for kind, parts in test_parts.items()}
 
