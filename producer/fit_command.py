@@ -78,6 +78,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--tile-overlap", type=int, help="overlap between tiles")
     group.add_argument(
+        "--border",
+        help="patches at the image edge: zeros (default, the paper's padding), reflect (mirrored "
+        "edges: defects a few pixels from the edge; stride 16 or finer), mean (older models)",
+    )
+    group.add_argument(
         "--precision",
         choices=("auto", "float32", "bfloat16"),
         help="backbone arithmetic (default auto: bfloat16 where the CPU/GPU has it natively)",
@@ -137,6 +142,7 @@ def config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
         "scorer": args.scorer,
         "tile_size": args.tile_size,
         "tile_overlap": args.tile_overlap,
+        "border": args.border,
         "precision": args.precision,
         "weights": args.weights,
         "seed": args.seed,

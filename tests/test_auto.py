@@ -19,6 +19,7 @@ from common.engine.auto import (
 )
 from common.engine.fit import FitError
 from common.engine.patchcore import PatchCoreConfig
+from common.errors import PatchqError
 from tests.synthetic import make_seed_layout
 
 BASE = PatchCoreConfig(image_size=64, coreset_ratio=0.25)
@@ -139,3 +140,20 @@ def test_selection_auroc_is_leave_one_out_pairwise(chosen: AutoFit) -> None:
     assert auto["selection_auroc"][key] == pytest.approx(np.mean(pairs))
     # The tie-break: the mean gap in units of the left-out normals' spread.
     assert auto["selection_margin"][key] == pytest.approx(np.mean(gaps) / np.std(normals))
+
+
+def test_fit_command_takes_the_small_candidates_settings() -> None:
+    # What docs/accuracy.md tells users to fit when tiny defects matter and --auto does not
+    # choose `small`: the same configuration from the command line.
+    from producer.cli import build_parser
+    from producer.fit_command import config_from_args
+
+    argv = "fit --layers stage3 --image-size 384 --border reflect --coreset-ratio 0.034"
+    config = config_from_args(build_parser().parse_args(argv.split()))
+    expected = small(PatchCoreConfig())
+    assert (config.layers, config.image_size, config.border) == (
+        expected.layers, expected.image_size, expected.border
+    )  # fmt: skip
+    assert config.coreset_ratio == pytest.approx(expected.coreset_ratio, rel=0.02)
+    with pytest.raises(PatchqError, match="border must be one of"):
+        config_from_args(build_parser().parse_args(["fit", "--border", "replicate"]))
