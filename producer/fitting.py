@@ -141,9 +141,12 @@ def describe_fit(category: str, fitted: Fitted, model_id: int) -> str:
     ]
     if "auto" in v:
         auto = v["auto"]
-        tried = ", ".join(f"{k} {_fmt(a)}" for k, a in auto["selection_auroc"].items())
+        selection = auto["selection_auroc"]
+        tried = ", ".join(f"{k} {_fmt(a)}" for k, a in selection.items())
+        tied = sum(a == selection[auto["chosen"]] for a in selection.values()) > 1
+        how = "AUROC (a tie, broken by the larger margin)" if tied else "AUROC"
         lines.append(
-            f"  --auto chose {auto['chosen']} by AUROC on a selection half "
+            f"  --auto chose {auto['chosen']} by {how} on a selection half "
             f"({auto['n_selection'][0]} normal, {auto['n_selection'][1]} defective): {tried}; "
             f"the figure above is on the other half only"
         )

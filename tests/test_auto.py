@@ -157,3 +157,18 @@ def test_fit_command_takes_the_small_candidates_settings() -> None:
     assert config.coreset_ratio == pytest.approx(expected.coreset_ratio, rel=0.02)
     with pytest.raises(PatchqError, match="border must be one of"):
         config_from_args(build_parser().parse_args(["fit", "--border", "replicate"]))
+
+
+def test_fit_printout_says_when_a_tie_was_broken_by_margin() -> None:
+    from producer.fitting import Fitted, describe_fit
+
+    def printout(selection: dict[str, float]) -> str:
+        auto = {"chosen": "fine patch", "selection_auroc": selection, "n_selection": [4, 9]}
+        validation = {"auroc": 0.9, "average_precision": 0.9, "n_normal": 4, "n_anomalous": 9}
+        fitted = Fitted(b"", validation | {"auto": auto}, 10, "--auto: fine patch", {})
+        return describe_fit("tex", fitted, 1)
+
+    assert "a tie, broken by the larger margin" in printout(
+        {"default patch": 1.0, "fine patch": 1.0}
+    )
+    assert "tie" not in printout({"default patch": 0.9, "fine patch": 1.0})
