@@ -11,13 +11,14 @@ that figure optimistic (the best of several noisy estimates), so the choice is n
    REPORT half; the fused score's part calibration uses the selection normals only;
 3. each candidate x scorer is scored on the selection half, each selection normal against
    every selection defect by the model calibrated on the other normals (leave-one-out); the
-   highest AUROC wins (ties go to the earlier, cheaper candidate);
+   highest AUROC wins (ties go to the larger margin, then to the earlier, cheaper candidate);
 4. the winner's figures are computed on the report half, which played no part in the choice;
 5. the winner is then calibrated on every held-out normal, as a model chosen by cross-validation
    is refitted on all its data: the stored model's tails rest on twice the normals the reported
    figure's did, so that figure is, if anything, conservative. (Calibrated on the selection
-   half alone, the stored model lost 0.01 AUROC on elpv poly's test set and 0.12 on one synthetic
-   draw's global defects, whose 2 tail excesses made a needlessly thin tail.)
+   half alone, the stored model scored elpv poly's test set 0.844 instead of 0.860, and one
+   synthetic draw's global defects 0.875 instead of 0.990: 2 tail excesses, a needlessly thin
+   tail.)
 
 The selection half's paths are stored with the choice (``selection_paths``): a run that scores
 those images later must not count them either (`patchq aggregate` leaves them out), and the
@@ -80,7 +81,7 @@ def small(config: PatchCoreConfig) -> PatchCoreConfig:
     the edge, however deep or large the model (384 px with the default layers and bank: 0.95-0.99
     inside, 0.65-0.82 at the edge, 4.5x the default's scoring time). Mirroring the edge (border
     "reflect") fixed that, and cutting the backbone after stage 3 keeps the cost down: tiny s*
-    0.92-0.98 and fused 0.92-0.97 on three draws (five test sets), at 2.1-2.4x the default's
+    0.92-0.98 and fused 0.92-0.97 on three draws (five test sets), at 1.9-2.6x the default's
     scoring CPU time (fit ~2x). It does not replace `fine`: on the grain texture's speckle it
     gave s* 0.87-0.96 against `fine`'s 0.99-1.00, and its fused score lost whole-image
     rescaling on one draw (0.81-0.88; the global part alone 1.00). The coreset ratio shrinks
@@ -98,7 +99,7 @@ def small(config: PatchCoreConfig) -> PatchCoreConfig:
     )
 
 
-# name -> the candidate made from the base config. Order is preference on ties: cheapest first.
+# name -> the candidate made from the base config. Order is the last tie-break: cheapest first.
 CANDIDATES: dict[str, Callable[[PatchCoreConfig], PatchCoreConfig]] = {
     "default": lambda config: config,
     "fine": fine,
