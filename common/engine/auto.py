@@ -180,17 +180,16 @@ def choose(fits: dict[str, FitResult], seed: int) -> AutoFit:
     split = nested_split(len(first.parts["normal"]), len(first.parts["anomalous"]), seed)
     selection: dict[str, float] = {}
     margins: dict[str, float] = {}
-    models: dict[str, PatchCore] = {}
     for name, fit in fits.items():
         for scorer in SCORERS:
             key = f"{name} {scorer}"
-            models[key] = _tails_from(fit, scorer, split.normal_selection)
             selection[key], margins[key] = _selection_figures(fit, scorer, split)
     order = list(selection)
     chosen = max(order, key=lambda k: (selection[k], margins[k], -order.index(k)))
     fit, scorer = fits[chosen.split()[0]], chosen.split()[1]
-    normal = combine_parts(models[chosen], fit.parts["normal"][split.normal_report])
-    defect = combine_parts(models[chosen], fit.parts["anomalous"][split.defect_report])
+    selected = _tails_from(fit, scorer, split.normal_selection)  # the model that was chosen
+    normal = combine_parts(selected, fit.parts["normal"][split.normal_report])
+    defect = combine_parts(selected, fit.parts["anomalous"][split.defect_report])
     model = calibrated(fit, scorer, np.arange(len(fit.parts["normal"])))
     validation = validation_metrics(normal, defect, model.calibration)
     validation |= {
