@@ -46,6 +46,7 @@ from common.engine.fit import (
     combine_parts,
     fit_category,
     held_out_scores,
+    left_out,
     split_holdout,
     validation_metrics,
 )
@@ -260,13 +261,14 @@ def _selection_figures(fit: FitResult, scorer: str, split: NestedSplit) -> tuple
     separates perfectly under several candidates; the AUROC tie then went to the cheapest, on
     the grain benchmark the default's s*, which ranked its 2 selection speckles first by chance
     and new ones at chance (0.50) where the stride-4 candidates found them (0.82-0.99)."""
-    rows, defects = split.normal_selection, fit.parts["anomalous"][split.defect_selection]
+    selection = fit.parts["normal"][split.normal_selection]
+    defects = fit.parts["anomalous"][split.defect_selection]
+    model = _tails_from(fit, scorer, split.normal_selection)
     normals, gaps = [], []
-    for i in range(len(rows)):
-        model = _tails_from(fit, scorer, np.delete(rows, i))
-        normal = combine_parts(model, fit.parts["normal"][rows[i : i + 1]])[0]
+    for i, others in enumerate(left_out(model, selection)):
+        normal = combine_parts(others, selection[i : i + 1])[0]
         normals.append(normal)
-        gaps.append(combine_parts(model, defects) - normal)
+        gaps.append(combine_parts(others, defects) - normal)
     gap = np.concatenate(gaps)
     auroc = np.mean(gap > 0) + 0.5 * np.mean(gap == 0)
     return float(auroc), float(gap.mean() / max(float(np.std(normals)), 1e-12))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,12 +184,15 @@ def held_out_scores(model: PatchCore, parts: np.ndarray) -> np.ndarray:
     """
     if model.config.scorer in ("patch", "global") or len(parts) < 2:
         return combine_parts(model, parts)
-    scores = [
-        combine_parts(model.with_calibration(model.calibration, np.delete(parts, i, axis=0)),
-                      parts[i : i + 1])
-        for i in range(len(parts))
-    ]  # fmt: skip
+    scores = [combine_parts(m, parts[i : i + 1]) for i, m in enumerate(left_out(model, parts))]
     return np.concatenate(scores)
+
+
+def left_out(model: PatchCore, parts: np.ndarray) -> Iterator[PatchCore]:
+    """For each held-out normal i of the raw ``parts`` calibrating ``model``, the model whose
+    part tails are fitted to the other normals only."""
+    for i in range(len(parts)):
+        yield model.with_calibration(model.calibration, np.delete(parts, i, axis=0))
 
 
 def _single_category(records: Sequence[ImageRecord]) -> str:
