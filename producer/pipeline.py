@@ -30,6 +30,7 @@ from common.store.database import (
     run_progress,
 )
 from common.store.schema import Model
+from common.store.workers import process_name
 from producer.fitting import FitPlan, fit_and_store
 from producer.progress import describe_progress, failure_examples, wait_for_run
 from producer.submission import Submission, broker_app, enqueue_pending, find_images, register_run
@@ -53,7 +54,7 @@ def score_in_process(
         ids = pending_image_ids(session, run_id)
     if provider is None:
         provider = ModelProvider(sessions, settings.model_cache_dir, settings.device)
-    worker = f"inprocess@{socket.gethostname()}/{os.getpid()}"
+    worker = process_name(f"inprocess@{socket.gethostname()}", os.getpid())
     scorer = PipelinedScorer(
         sessions,
         provider,

@@ -27,7 +27,7 @@ from common.errors import PatchqError
 from common.settings import Settings
 from common.store.leases import Lease, renew
 from common.store.schema import utcnow
-from common.store.workers import Beat, mark_stopped, record_beat
+from common.store.workers import Beat, mark_stopped, process_name, record_beat
 from worker.sweeper import sweep
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Heartbeat:
         self._app = app
         self._settings = settings
         self.lease = Lease(node, settings.lease_s)
-        self.name = f"{node}/{os.getpid()}"
+        self.name = process_name(node, os.getpid())
         self._started_at = utcnow()
         self._device = _device_label(settings.device)
         self._lock = threading.Lock()

@@ -36,7 +36,7 @@ from types import FrameType
 
 from common.settings import Settings
 from common.store.database import open_database
-from common.store.workers import mark_died
+from common.store.workers import mark_died, process_name
 from producer.submission import broker_app
 from worker.sweeper import requeue_held
 
@@ -105,7 +105,7 @@ class Supervisor:
                 requeue_held(sessions, broker_app(self._settings), self._queue, self._node)
                 if dead_pid is not None:
                     with sessions.begin() as session:
-                        mark_died(session, f"{self._node}/{dead_pid}")
+                        mark_died(session, process_name(self._node, dead_pid))
         except Exception as error:  # any outage: the leases still run out and get swept
             log.warning("could not requeue what %s held (%s); the sweep will", self._node, error)
 

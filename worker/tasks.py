@@ -42,6 +42,7 @@ from common.pipelined import PipelinedScorer
 from common.scoring import ModelProvider
 from common.store.database import DatabaseError, make_engine, make_session_factory, mark_failed
 from common.store.leases import Lease
+from common.store.workers import process_name
 from worker.app import app, settings
 from worker.config import TASK_NAME
 from worker.heartbeat import Heartbeat
@@ -70,7 +71,7 @@ def _scorer(pid: int, node: str) -> PipelinedScorer:
             _scorers[pid] = PipelinedScorer(
                 sessions,
                 ModelProvider(sessions, settings.model_cache_dir, settings.device),
-                f"{node}/{pid}",
+                process_name(node, pid),
                 max_deliveries=settings.max_redeliveries + 1,
                 pin_memory=settings.device.startswith("cuda"),
                 lease=Lease(node, settings.lease_s),

@@ -37,6 +37,12 @@ class Beat:
     current_batch: str | None
 
 
+def process_name(node: str, pid: int) -> str:
+    """A scoring process's name: its Celery node and pid. Scores carry it (scores.worker), its
+    heartbeat row is keyed by it, and its supervisor marks that row by it when it dies."""
+    return f"{node}/{pid}"
+
+
 def record_beat(session: Session, beat: Beat) -> None:
     """Insert or refresh the process's row (a heartbeat is an idempotent upsert)."""
     values = {**asdict(beat), "state": "alive", "last_seen": utcnow()}
