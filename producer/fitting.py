@@ -150,6 +150,13 @@ def describe_fit(category: str, fitted: Fitted, model_id: int) -> str:
             f"({auto['n_selection'][0]} normal, {auto['n_selection'][1]} defective): {tried}; "
             f"the figure above is on the other half only"
         )
+        by_kind = auto.get("report_auroc_by_kind", {})  # absent from models fitted before it
+        if len(by_kind) > 1:
+            weakest_first = sorted(by_kind.items(), key=lambda item: item[1])
+            lines.append(
+                "  on the other half by defect kind, weakest first: "
+                + ", ".join(f"{kind} {_fmt(a)}" for kind, a in weakest_first)
+            )
     if fitted.skipped:
         first = next(iter(fitted.skipped.values()))
         lines.append(f"  skipped {len(fitted.skipped)} unreadable images, e.g. {first}")

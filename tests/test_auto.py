@@ -26,13 +26,26 @@ BASE = PatchCoreConfig(image_size=64, coreset_ratio=0.25)
 
 
 def test_nested_split_halves_are_disjoint_seeded_and_complete() -> None:
-    split = nested_split(9, 12, seed=3)
+    split = nested_split(9, ["bad"] * 12, seed=3)
     assert set(split.normal_selection).isdisjoint(split.normal_report)
     assert set(split.defect_selection).isdisjoint(split.defect_report)
     assert sorted([*split.normal_selection, *split.normal_report]) == list(range(9))
     assert sorted([*split.defect_selection, *split.defect_report]) == list(range(12))
-    again = nested_split(9, 12, seed=3)
+    again = nested_split(9, ["bad"] * 12, seed=3)
     np.testing.assert_array_equal(again.normal_report, split.normal_report)
+    np.testing.assert_array_equal(again.defect_report, split.defect_report)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_nested_split_halves_every_defect_kind(seed: int) -> None:
+    kinds = ["scratch"] * 4 + ["dent"] * 3 + ["spot"] * 5 + ["stain"] * 1 + ["crack"] * 3
+    split = nested_split(8, kinds, seed)
+    assert sorted([*split.defect_selection, *split.defect_report]) == list(range(len(kinds)))
+    assert len(split.defect_selection) - len(split.defect_report) in (0, 1)
+    for kind in set(kinds):
+        rows = {i for i, k in enumerate(kinds) if k == kind}
+        in_selection = len(rows & set(split.defect_selection))
+        assert in_selection in (len(rows) // 2, (len(rows) + 1) // 2), kind
 
 
 def test_fine_candidate_is_stride_4_one_step_larger_with_a_smaller_coreset() -> None:
@@ -54,13 +67,18 @@ def test_small_candidate_is_stride_8_alone_larger_with_mirrored_edges_and_the_sa
 
 def test_too_few_validation_images_is_a_clear_error() -> None:
     with pytest.raises(FitError, match="--auto needs at least 4"):
-        nested_split(3, 10, seed=0)
+        nested_split(3, ["bad"] * 10, seed=0)
 
 
 @pytest.fixture(scope="module")
 def chosen(tmp_path_factory: pytest.TempPathFactory) -> AutoFit:
     root = tmp_path_factory.mktemp("auto")
     make_seed_layout(root, "tex", n_good=20, n_bad=8, n_test=2, size=64)
+    bad = root / "tex" / "train" / "bad"
+    for i, path in enumerate(sorted(bad.iterdir())):  # two kinds, in their own folders
+        kind = bad / ("scratch" if i < 4 else "spot")
+        kind.mkdir(exist_ok=True)
+        path.rename(kind / path.name)
     records = discover(root)
     assert can_choose(records, 0.25, BASE.seed)
     return fit_auto(records, BASE, holdout=0.25, device="cpu", progress=False)
@@ -68,7 +86,14 @@ def chosen(tmp_path_factory: pytest.TempPathFactory) -> AutoFit:
 
 def _split(chosen: AutoFit) -> NestedSplit:
     parts = chosen.fit.parts
-    return nested_split(len(parts["normal"]), len(parts["anomalous"]), BASE.seed + 1)
+    return nested_split(len(parts["normal"]), chosen.fit.defect_kinds, BASE.seed + 1)
+
+
+def test_each_half_holds_half_of_every_defect_kind(chosen: AutoFit) -> None:
+    rows, split = chosen.fit.row_paths["anomalous"], _split(chosen)
+    assert chosen.fit.defect_kinds == tuple(path.parent.name for path in rows)
+    for half in (split.defect_selection, split.defect_report):
+        assert sorted(chosen.fit.defect_kinds[i] for i in half) == ["scratch"] * 2 + ["spot"] * 2
 
 
 def test_reported_figures_come_from_the_report_half_only(chosen: AutoFit) -> None:
@@ -83,6 +108,13 @@ def test_reported_figures_come_from_the_report_half_only(chosen: AutoFit) -> Non
     defect = model.combine(*chosen.fit.parts["anomalous"][split.defect_report].T)
     labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
     assert chosen.validation["auroc"] == pytest.approx(roc_auc_score(labels, np.r_[normal, defect]))
+    kinds = np.array(chosen.fit.defect_kinds)[split.defect_report]
+    by_kind = auto["report_auroc_by_kind"]
+    assert set(by_kind) == {"scratch", "spot"}
+    for kind, auroc in by_kind.items():
+        ours = defect[kinds == kind]
+        labels = np.r_[np.zeros(len(normal)), np.ones(len(ours))]
+        assert auroc == pytest.approx(roc_auc_score(labels, np.r_[normal, ours])), kind
 
 
 def test_the_stored_model_is_calibrated_on_every_held_out_normal(chosen: AutoFit) -> None:
@@ -113,7 +145,7 @@ def test_candidates_are_every_configuration_with_every_scorer(chosen: AutoFit) -
 
 def test_the_selection_half_is_stored_as_absolute_paths(chosen: AutoFit) -> None:
     auto, rows = chosen.validation["auto"], chosen.fit.row_paths
-    split = nested_split(len(rows["normal"]), len(rows["anomalous"]), BASE.seed + 1)
+    split = _split(chosen)
     selection = {str(rows["normal"][i].absolute()) for i in split.normal_selection}
     selection |= {str(rows["anomalous"][i].absolute()) for i in split.defect_selection}
     report = {str(rows["normal"][i].absolute()) for i in split.normal_report}
@@ -172,3 +204,22 @@ def test_fit_printout_says_when_a_tie_was_broken_by_margin() -> None:
         {"default patch": 1.0, "fine patch": 1.0}
     )
     assert "tie" not in printout({"default patch": 0.9, "fine patch": 1.0})
+
+
+def test_fit_printout_lists_the_report_half_by_defect_kind_weakest_first() -> None:
+    from producer.fitting import Fitted, describe_fit
+
+    def printout(by_kind: dict[str, float]) -> str:
+        auto = {
+            "chosen": "small fused",
+            "selection_auroc": {"small fused": 0.9},
+            "n_selection": [4, 9],
+            "report_auroc_by_kind": by_kind,
+        }
+        validation = {"auroc": 0.9, "average_precision": 0.9, "n_normal": 4, "n_anomalous": 9}
+        fitted = Fitted(b"", validation | {"auto": auto}, 10, "--auto: small fused", {})
+        return describe_fit("tex", fitted, 1)
+
+    text = printout({"blur": 1.0, "scratch": 0.5, "spot": 0.875})
+    assert "by defect kind, weakest first: scratch 0.500, spot 0.875, blur 1.000" in text
+    assert "by defect kind" not in printout({"bad": 0.9})  # one kind: the figure above

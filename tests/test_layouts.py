@@ -39,6 +39,20 @@ def test_seed_layout(tmp_path: Path) -> None:
     assert records == discover(tmp_path, ["tiles"]) == discover(tmp_path, "tiles")
 
 
+def test_train_bad_subfolders_name_the_defect_kind(tmp_path: Path) -> None:
+    make_seed_layout(tmp_path, "tiles", n_good=3, n_bad=1, n_test=1, size=16)
+    for kind, seed in (("scratch", 1), ("scratch", 2), ("dent", 3)):
+        save(make_texture(16, seed), tmp_path / "tiles/train/bad" / kind / f"{seed}.png")
+    save(make_texture(16, 4), tmp_path / "tiles/train/bad/dent/deeper/4.png")
+    assert _counts(discover(tmp_path)) == {
+        ("tiles", "train", 0, "good"): 3,
+        ("tiles", "train", 1, "bad"): 1,
+        ("tiles", "train", 1, "scratch"): 2,
+        ("tiles", "train", 1, "dent"): 2,
+        ("tiles", "test", None, None): 1,
+    }
+
+
 def test_mvtec_layout_with_masks(tmp_path: Path) -> None:
     make_mvtec_layout(tmp_path, "grid", n_train=3, n_test_good=2, n_per_defect=2, size=16)
     records = discover(tmp_path, ["grid"])

@@ -40,7 +40,7 @@ class ImageRecord:
     category: str
     split: str  # "train" | "test"
     label: int | None  # 0 normal, 1 anomalous, None unknown
-    defect_type: str | None = None  # "good", "bad", an MVTec defect folder name, None
+    defect_type: str | None = None  # "good", "bad", a train/bad or MVTec test defect folder, None
     mask_path: Path | None = None  # MVTec ground-truth mask, when there is one
 
 
@@ -101,15 +101,22 @@ def _discover_category(folder: Path) -> list[ImageRecord]:
             "put the category's normal training images there"
         )
     records = [ImageRecord(p, category, "train", 0, "good") for p in good]
-    records += [
-        ImageRecord(p, category, "train", 1, "bad") for p in _images(folder / "train" / "bad")
-    ]
+    bad = folder / "train" / "bad"
+    records += [ImageRecord(p, category, "train", 1, _defect_kind(bad, p)) for p in _images(bad)]
     test = folder / "test"
     if (test / "good").is_dir() or (folder / "ground_truth").is_dir():
         records += _mvtec_test(folder)
     else:
         records += [ImageRecord(p, category, "test", None) for p in _images(test)]
     return records
+
+
+def _defect_kind(bad: Path, path: Path) -> str:
+    """A labelled defect's kind: its folder under train/bad (`train/bad/scratch/1.png`:
+    "scratch", as MVTec's `test/<defect>`), or "bad" for one directly in train/bad. Kinds let
+    `fit --auto` give each kind its share of both halves it chooses and reports on."""
+    inner = path.relative_to(bad).parts
+    return inner[0] if len(inner) > 1 else "bad"
 
 
 def _mvtec_test(folder: Path) -> Iterator[ImageRecord]:

@@ -63,6 +63,9 @@ class FitResult:
     # The image of each row of `parts` (unreadable images have no row), same keys: what a
     # choice made on some rows (--auto) must keep out of later evaluations.
     row_paths: dict[str, tuple[Path, ...]] = field(default_factory=dict)
+    # The defect kind (ImageRecord.defect_type) of each "anomalous" row: --auto gives every
+    # kind its share of the half it chooses on and of the half it reports on.
+    defect_kinds: tuple[str, ...] = ()
 
 
 def split_holdout(
@@ -161,6 +164,7 @@ def fit_category(
             "normal": tuple(r.path for r in normals if r.path not in skipped),
             "anomalous": tuple(r.path for r in anomalous if r.path not in skipped),
         },
+        defect_kinds=tuple(r.defect_type or "bad" for r in anomalous if r.path not in skipped),
     )
 
 

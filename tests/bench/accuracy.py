@@ -120,8 +120,10 @@ def write_set(
     normal, defect, kinds = TEXTURES[texture]
     base = 100_000 * draw
 
-    def record(image: np.ndarray, name: str, split: str, label: int) -> ImageRecord:
-        return ImageRecord(save(image, root / texture / f"{name}.png"), texture, split, label)
+    def record(
+        image: np.ndarray, name: str, split: str, label: int, kind: str | None = None
+    ) -> ImageRecord:
+        return ImageRecord(save(image, root / texture / f"{name}.png"), texture, split, label, kind)
 
     train = [record(normal(size, base + i), f"train/{i}", "train", 0) for i in range(n_train)]
     seeds = [base + 5000 + i for i in range(n_normals)]
@@ -130,7 +132,7 @@ def write_set(
         seeds = [base + 10_000 + 100 * k + i for i in range(per_kind)]
         test[kind] = [record(defect(size, s, kind), f"{kind}/{s}", "test", 1) for s in seeds]
         seeds = [base + 20_000 + 100 * k + i for i in range(labelled)]
-        train += [record(defect(size, s, kind), f"bad/{kind}/{s}", "train", 1) for s in seeds]
+        train += [record(defect(size, s, kind), f"bad/{kind}/{s}", "train", 1, kind) for s in seeds]
     return train, test
 
 
