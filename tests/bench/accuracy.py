@@ -188,7 +188,9 @@ def auto_column(runs: dict[str, ConfigRun], seed: int = 1) -> dict[str, np.ndarr
     return {kind: chosen.model.combine(*parts.T) for kind, parts in test_parts.items()}
 
 
-def auto_spread(runs: dict[str, ConfigRun], kinds: tuple[str, ...], seeds: int) -> str:
+def auto_spread(
+    texture: str, runs: dict[str, ConfigRun], kinds: tuple[str, ...], seeds: int
+) -> str:
     """--auto's test figures per family over ``seeds`` selection/report splits of the same
     validation images: one split's choice rests on a few images per kind, so one column of
     the table says little about how often --auto finds a family."""
@@ -200,8 +202,8 @@ def auto_spread(runs: dict[str, ConfigRun], kinds: tuple[str, ...], seeds: int) 
             auroc = np.mean([_auroc(scores["good"], scores[k]) for k in members])
             by_family.setdefault(family, []).append(float(auroc))
     return "\n".join(
-        f"  --auto over {seeds} split seeds, {family}: mean {np.mean(v):.3f}, min {min(v):.3f}, "
-        f">= 0.90 on {sum(a >= 0.9 for a in v)} of {seeds}"
+        f"  {texture} --auto over {seeds} split seeds, {family}: mean {np.mean(v):.3f}, "
+        f"min {min(v):.3f}, >= 0.90 on {sum(a >= 0.9 for a in v)} of {seeds}"
         for family, v in by_family.items()
     )
 
@@ -273,7 +275,7 @@ def bench_texture(
     if set(CANDIDATES) <= set(runs) and any(r.label == 1 for r in train):
         columns["auto"] = auto_column(runs)
         if args.split_seeds > 1:
-            print(auto_spread(runs, kinds, args.split_seeds))
+            print(auto_spread(texture, runs, kinds, args.split_seeds))
     return columns
 
 
