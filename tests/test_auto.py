@@ -36,6 +36,16 @@ def test_nested_split_halves_are_disjoint_seeded_and_complete() -> None:
     np.testing.assert_array_equal(again.defect_report, split.defect_report)
 
 
+def test_with_one_defect_kind_the_halves_are_the_shuffles_first_and_second_half() -> None:
+    # What they were before kinds were known: a flat train/bad keeps its --auto choice.
+    rng = np.random.default_rng(5)
+    rng.permutation(10)  # the normals' shuffle comes first
+    defects = rng.permutation(7)
+    split = nested_split(10, ["bad"] * 7, seed=5)
+    np.testing.assert_array_equal(split.defect_selection, np.sort(defects[:4]))
+    np.testing.assert_array_equal(split.defect_report, np.sort(defects[4:]))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_nested_split_halves_every_defect_kind(seed: int) -> None:
     kinds = ["scratch"] * 4 + ["dent"] * 3 + ["spot"] * 5 + ["stain"] * 1 + ["crack"] * 3

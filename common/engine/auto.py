@@ -147,7 +147,8 @@ def nested_split(n_normal: int, defect_kinds: Sequence[str], seed: int) -> Neste
     Each defect kind is halved on its own (its odd one out going to the selection and report
     halves in turn), so that neither half misses a kind by chance: with 4 labelled images of
     each of 9 kinds, an unstratified half held 0-4 of a kind, and the choice or the reported
-    figure could leave a kind out."""
+    figure could leave a kind out. With one kind (a flat train/bad) the halves are what they
+    were before kinds were known, so such a category's choice does not change."""
     n_defect = len(defect_kinds)
     if min(n_normal, n_defect) < 2 * MIN_PER_HALF:
         raise FitError(
@@ -157,13 +158,21 @@ def nested_split(n_normal: int, defect_kinds: Sequence[str], seed: int) -> Neste
     rng = np.random.default_rng(seed)
     normals, defects = rng.permutation(n_normal), rng.permutation(n_defect)
     kinds = np.asarray(defect_kinds)[defects]
-    by_kind = defects[np.argsort(kinds, kind="stable")]  # shuffled within each kind
+    selection: list[int] = []
+    report: list[int] = []
+    odd_to_selection = True
+    for kind in sorted(set(kinds)):
+        members = defects[kinds == kind]  # in shuffled order
+        half = (len(members) + odd_to_selection) // 2
+        selection += members[:half].tolist()
+        report += members[half:].tolist()
+        odd_to_selection ^= len(members) % 2 == 1
     half_n = (n_normal + 1) // 2
     return NestedSplit(
         np.sort(normals[:half_n]),
         np.sort(normals[half_n:]),
-        np.sort(by_kind[0::2]),
-        np.sort(by_kind[1::2]),
+        np.sort(np.asarray(selection, dtype=int)),
+        np.sort(np.asarray(report, dtype=int)),
     )
 
 
