@@ -201,34 +201,25 @@ def test_fit_command_takes_the_small_candidates_settings() -> None:
         config_from_args(build_parser().parse_args(["fit", "--border", "replicate"]))
 
 
-def test_fit_printout_says_when_a_tie_was_broken_by_margin() -> None:
+def _printout(chosen: str, selection: dict[str, float], **auto: object) -> str:
+    """What fit prints for a model --auto chose (the record fields given, figures made up)."""
     from producer.fitting import Fitted, describe_fit
 
-    def printout(selection: dict[str, float]) -> str:
-        auto = {"chosen": "fine patch", "selection_auroc": selection, "n_selection": [4, 9]}
-        validation = {"auroc": 0.9, "average_precision": 0.9, "n_normal": 4, "n_anomalous": 9}
-        fitted = Fitted(b"", validation | {"auto": auto}, 10, "--auto: fine patch", {})
-        return describe_fit("tex", fitted, 1)
+    auto |= {"chosen": chosen, "selection_auroc": selection, "n_selection": [4, 9]}
+    validation = {"auroc": 0.9, "average_precision": 0.9, "n_normal": 4, "n_anomalous": 9}
+    fitted = Fitted(b"", validation | {"auto": auto}, 10, f"--auto: {chosen}", {})
+    return describe_fit("tex", fitted, 1)
 
-    assert "a tie, broken by the larger margin" in printout(
-        {"default patch": 1.0, "fine patch": 1.0}
-    )
-    assert "tie" not in printout({"default patch": 0.9, "fine patch": 1.0})
+
+def test_fit_printout_says_when_a_tie_was_broken_by_margin() -> None:
+    tied = _printout("fine patch", {"default patch": 1.0, "fine patch": 1.0})
+    assert "a tie, broken by the larger margin" in tied
+    assert "tie" not in _printout("fine patch", {"default patch": 0.9, "fine patch": 1.0})
 
 
 def test_fit_printout_lists_the_report_half_by_defect_kind_weakest_first() -> None:
-    from producer.fitting import Fitted, describe_fit
-
     def printout(by_kind: dict[str, float]) -> str:
-        auto = {
-            "chosen": "small fused",
-            "selection_auroc": {"small fused": 0.9},
-            "n_selection": [4, 9],
-            "report_auroc_by_kind": by_kind,
-        }
-        validation = {"auroc": 0.9, "average_precision": 0.9, "n_normal": 4, "n_anomalous": 9}
-        fitted = Fitted(b"", validation | {"auto": auto}, 10, "--auto: small fused", {})
-        return describe_fit("tex", fitted, 1)
+        return _printout("small fused", {"small fused": 0.9}, report_auroc_by_kind=by_kind)
 
     text = printout({"blur": 1.0, "scratch": 0.5, "spot": 0.875})
     assert "by defect kind, weakest first: scratch 0.500, spot 0.875, blur 1.000" in text
