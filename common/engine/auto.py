@@ -8,11 +8,13 @@ that figure optimistic (the best of several noisy estimates), so the choice is n
 
 1. every candidate configuration is fitted on the same bank/held-out split (one seed);
 2. the held-out normals and the labelled defects are split, seeded, into a SELECTION half and a
-   REPORT half; the fused score's part calibration uses the selection normals only;
+   REPORT half, each defect kind halved on its own; the fused score's part calibration uses the
+   selection normals only;
 3. each candidate x scorer is scored on the selection half, each selection normal against
    every selection defect by the model calibrated on the other normals (leave-one-out); the
    highest AUROC wins (ties go to the larger margin, then to the earlier, cheaper candidate);
-4. the winner's figures are computed on the report half, which played no part in the choice;
+4. the winner's figures are computed on the report half, which played no part in the choice,
+   overall and per defect kind;
 5. the winner is then calibrated on every held-out normal, as a model chosen by cross-validation
    is refitted on all its data: the stored model's tails rest on twice the normals the reported
    figure's did, so that figure is, if anything, conservative. (Calibrated on the selection
