@@ -196,11 +196,8 @@ def auto_spread(
     the table says little about how often --auto finds a family."""
     by_family: dict[str, list[float]] = {}
     for seed in range(1, seeds + 1):
-        scores = auto_column(runs, seed)
-        for family in sorted({FAMILY.get(k, "elpv") for k in kinds}):
-            members = [k for k in kinds if FAMILY.get(k, "elpv") == family]
-            auroc = np.mean([_auroc(scores["good"], scores[k]) for k in members])
-            by_family.setdefault(family, []).append(float(auroc))
+        for family, auroc in _family_aurocs(auto_column(runs, seed), kinds).items():
+            by_family.setdefault(family, []).append(auroc)
     return "\n".join(
         f"  {texture} --auto over {seeds} split seeds, {family}: mean {np.mean(v):.3f}, "
         f"min {min(v):.3f}, >= 0.90 on {sum(a >= 0.9 for a in v)} of {seeds}"
@@ -287,11 +284,23 @@ def _table(columns: dict[str, dict[str, np.ndarray]], kinds: tuple[str, ...]) ->
         lines.append(
             f"| {kind} ({FAMILY.get(kind, 'elpv')}) | " + " | ".join(f"{v:.3f}" for v in row) + " |"
         )
-    for family in sorted({FAMILY[k] for k in kinds if k in FAMILY}):
-        members = [k for k in kinds if FAMILY.get(k) == family]
-        row = [np.mean([_auroc(columns[n]["good"], columns[n][k]) for k in members]) for n in names]
-        lines.append(f"| **mean {family}** | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    if any(kind in FAMILY for kind in kinds):  # elpv's one kind needs no mean row
+        means = [_family_aurocs(columns[n], kinds) for n in names]
+        for family in means[0]:
+            row = " | ".join(f"{m[family]:.3f}" for m in means)
+            lines.append(f"| **mean {family}** | {row} |")
     return "\n".join(lines)
+
+
+def _family_aurocs(scores: dict[str, np.ndarray], kinds: tuple[str, ...]) -> dict[str, float]:
+    """Mean test AUROC of each defect family (FAMILY; elpv's one kind is its own), by name."""
+    families: dict[str, list[str]] = {}
+    for kind in kinds:
+        families.setdefault(FAMILY.get(kind, "elpv"), []).append(kind)
+    return {
+        family: float(np.mean([_auroc(scores["good"], scores[k]) for k in members]))
+        for family, members in sorted(families.items())
+    }
 
 
 def _auroc(normal: np.ndarray, defective: np.ndarray) -> float:
