@@ -25,7 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Build a PatchCore memory bank per category from ROOT/<category>/train/good, holding "
             "out a share of the good images; score the held-out images and the labelled defects "
-            "(train/bad or MVTec test/<defect>) for validation figures the bank never saw. "
+            "(train/bad, train/bad/<kind>/ or MVTec test/<defect>) for validation figures the "
+            "bank never saw; with --auto, figures per defect kind too. "
             "The model is stored in the database (PATCHQ_DATABASE_URL)."
         ),
     )
