@@ -212,11 +212,7 @@ def choose(fits: dict[str, FitResult], seed: int) -> AutoFit:
     defect = combine_parts(selected, fit.parts["anomalous"][split.defect_report])
     model = calibrated(fit, scorer, np.arange(len(fit.parts["normal"])))
     validation = validation_metrics(normal, defect, model.calibration)
-    kinds = np.asarray(fit.defect_kinds)[split.defect_report]
-    by_kind = {
-        kind: _auroc(defect[kinds == kind][:, None] - normal[None, :])
-        for kind in sorted(set(kinds))
-    }
+    by_kind = _auroc_by_kind(normal, defect, np.asarray(fit.defect_kinds)[split.defect_report])
     validation |= {
         "bank_size": fit.validation["bank_size"],
         "bank_images": fit.validation["bank_images"],
@@ -297,6 +293,14 @@ def _selection_figures(fit: FitResult, scorer: str, split: NestedSplit) -> tuple
         gaps.append(combine_parts(others, defects) - normal)
     gap = np.concatenate(gaps)
     return _auroc(gap), float(gap.mean() / max(float(np.std(normals)), 1e-12))
+
+
+def _auroc_by_kind(normal: np.ndarray, defect: np.ndarray, kinds: np.ndarray) -> dict[str, float]:
+    """AUROC of the normals' scores against each defect kind's (``kinds``: one per defect)."""
+    return {
+        str(kind): _auroc(defect[kinds == kind][:, None] - normal[None, :])
+        for kind in sorted(set(kinds))
+    }
 
 
 def _auroc(gap: np.ndarray) -> float:
