@@ -83,7 +83,7 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         labels=labels,
         in_train=in_train,
         has_mask=has_mask,
-        held_out_normals=_held_out_normals(reference.calibration, auto),
+        held_out_normals=np.asarray(reference.calibration, np.float64),
         preprocessing=reference.preprocessing,
         n_failed=progress.failed,
         n_pending=progress.pending,
@@ -91,19 +91,23 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         normal_patch_maxima=reference.normal_patch_maxima,
         n_review_labels=n_reviewed,
         chose_model_ids=_chose_model_ids(session, run_id, auto.get("selection_paths", [])),
+        stand_in_normals=_stand_in_normals(reference.calibration, auto),
     )
 
 
-def _held_out_normals(calibration: np.ndarray, auto: dict[str, Any]) -> np.ndarray:
-    """Scores of normal images the bank never saw and nothing was fitted on: the model's
-    calibration normals, or, for a model `fit --auto` chose, its report half's normals (its
-    calibration normals chose the model and shaped its fused tails, so they score in-sample)."""
-    return np.asarray(auto.get("report_normal_scores", calibration), np.float64)
+def _stand_in_normals(calibration: np.ndarray, auto: dict[str, Any]) -> np.ndarray:
+    """Held-out normal scores that may stand in for a run's normal class: the model's
+    calibration normals, but none of a model `fit --auto` chose (every held-out normal chose
+    it, so they score in-sample), save the report half's that older --auto models stored
+    (chosen on one half, reported on the other)."""
+    if not auto:
+        return np.asarray(calibration, np.float64)
+    return np.asarray(auto.get("report_normal_scores", []), np.float64)
 
 
 def _chose_model_ids(session: Session, run_id: int, paths: Sequence[str]) -> np.ndarray:
-    """Ids of this run's images among `paths`, the selection half `fit --auto` chose the model
-    on (matched by absolute path, as both fit and runs record them)."""
+    """Ids of this run's images among `paths`, the images `fit --auto` chose the model on
+    (matched by absolute path, as both fit and runs record them)."""
     ids: list[int] = []
     for start in range(0, len(paths), QUERY_CHUNK):
         chunk = paths[start : start + QUERY_CHUNK]

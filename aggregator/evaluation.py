@@ -10,8 +10,10 @@ Honesty rules, each printed with the figures so nobody has to guess:
 * Normal images of the training split (train/good) may be in the memory bank, where they score
   ~0; they get predictions but never count in metrics. When that leaves no labelled normal
   image (the seed layout), the fit's held-out normal scores stand in as the normal class.
-* Images `fit --auto` chose the model on (its selection half, stored with the model) are left
-  out of metrics too: a figure on them would be the best of several noisy estimates.
+* Images `fit --auto` chose the model on (every validation image of its fit, stored with the
+  model) are left out of metrics too: a figure on them would be the best of several noisy
+  estimates. For the same reason an --auto model's held-out normals never stand in as the
+  normal class (they still set a normal_quantile threshold: that is what they are for).
 * Too few labelled images to split (fewer than 2 per class) means calibration = evaluation;
   the output says the figures are optimistic.
 """
@@ -67,8 +69,11 @@ class CategoryData:
     # patch-distance units whatever the scorer (empty when fit held no normals out).
     normal_patch_maxima: np.ndarray = field(default_factory=lambda: np.empty(0))
     n_review_labels: int = 0  # labels taken from reviewers' verdicts (no folder label)
-    # ids of the images in the selection half `fit --auto` chose this model on
+    # ids of the images `fit --auto` chose this model on
     chose_model_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    # held-out normal scores that may stand in for a run's normal class in metrics: nothing
+    # was chosen or fitted on them (for an --auto model, not its calibration normals)
+    stand_in_normals: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     # Masks over the category's images, computed once: a category may have millions, and
     # building the sets reads them several times.
@@ -79,7 +84,7 @@ class CategoryData:
 
     @cached_property
     def chose_model(self) -> np.ndarray:
-        """Images the model was chosen on (`fit --auto`'s selection half)."""
+        """Images the model was chosen on (`fit --auto`'s validation images)."""
         return np.isin(self.image_ids, self.chose_model_ids)
 
     @cached_property
@@ -157,9 +162,9 @@ def _labelled_pool(data: CategoryData) -> tuple[np.ndarray, np.ndarray, np.ndarr
     index = np.flatnonzero(data.eligible)
     scores, labels = data.scores[index], data.labels[index]
     described = labelled_images(data, len(index))
-    if not (labels == 0).any() and len(data.held_out_normals):
-        n = len(data.held_out_normals)
-        scores = np.r_[scores, data.held_out_normals]
+    if not (labels == 0).any() and len(data.stand_in_normals):
+        n = len(data.stand_in_normals)
+        scores = np.r_[scores, data.stand_in_normals]
         labels = np.r_[labels, np.zeros(n, np.int64)]
         index = np.r_[index, np.full(n, -1)]
         described += f" + {n} normal images fit held out of the memory bank"

@@ -140,27 +140,36 @@ def describe_fit(category: str, fitted: Fitted, model_id: int) -> str:
         f"({v['n_normal']} normal, {v['n_anomalous']} defective)",
     ]
     if "auto" in v:
-        auto = v["auto"]
-        selection = auto["selection_auroc"]
-        tried = ", ".join(f"{k} {_fmt(a)}" for k, a in selection.items())
-        tied = sum(a == selection[auto["chosen"]] for a in selection.values()) > 1
-        how = "AUROC (a tie, broken by the larger margin)" if tied else "AUROC"
-        lines.append(
-            f"  --auto chose {auto['chosen']} by {how} on a selection half "
-            f"({auto['n_selection'][0]} normal, {auto['n_selection'][1]} defective): {tried}; "
-            f"the figure above is on the other half only"
-        )
-        by_kind = auto.get("report_auroc_by_kind", {})  # absent from models fitted before it
-        if len(by_kind) > 1:
-            weakest_first = sorted(by_kind.items(), key=lambda item: item[1])
-            lines.append(
-                "  on the other half by defect kind, weakest first: "
-                + ", ".join(f"{kind} {_fmt(a)}" for kind, a in weakest_first)
-            )
+        lines += _describe_auto(v["auto"])
     if fitted.skipped:
         first = next(iter(fitted.skipped.values()))
         lines.append(f"  skipped {len(fitted.skipped)} unreadable images, e.g. {first}")
     return "\n".join(lines)
+
+
+def _describe_auto(auto: dict[str, Any]) -> list[str]:
+    """How --auto chose, and how the figure above was made without judging the choice on the
+    images it was made on."""
+    selection = auto["selection_auroc"]
+    tried = ", ".join(f"{k} {_fmt(a)}" for k, a in selection.items())
+    tied = sum(a == selection[auto["chosen"]] for a in selection.values()) > 1
+    how = "AUROC (a tie, broken by the larger margin)" if tied else "AUROC"
+    n_normal, n_defect = auto["n_selection"]
+    folds = " and ".join(fold["chosen"] for fold in auto["folds"])
+    lines = [
+        f"  --auto chose {auto['chosen']} by {how} on every held-out image "
+        f"({n_normal} normal, {n_defect} defective, each normal left out in turn): {tried}",
+        "  the figure above is cross-fitted: the same choice made on one half of those images "
+        f"and scored on the other, both ways round (it chose {folds})",
+    ]
+    by_kind = auto["report_auroc_by_kind"]
+    if len(by_kind) > 1:
+        weakest_first = sorted(by_kind.items(), key=lambda item: item[1])
+        lines.append(
+            "  cross-fitted by defect kind, weakest first: "
+            + ", ".join(f"{kind} {_fmt(a)}" for kind, a in weakest_first)
+        )
+    return lines
 
 
 def _fmt(value: float | None) -> str:

@@ -189,9 +189,10 @@ def held_out_table(session: Session, model_ids: dict[str, int]) -> str:
 
 
 def _chosen(validation: dict) -> str:
-    """How --auto chose the model, when it did: its figures are on images not chosen on."""
+    """How --auto chose the model, when it did: its figures are cross-fitted, each half
+    scored by the choice made on the other."""
     auto = validation.get("auto")
-    return f", --auto: {auto['chosen']}, reported on the half not chosen on" if auto else ""
+    return f", --auto: {auto['chosen']}, cross-fitted" if auto else ""
 
 
 def _fmt(value: float | None) -> str:

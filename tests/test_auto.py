@@ -1,4 +1,4 @@
-"""`fit --auto`: chosen on a selection half, reported on a report half it never saw."""
+"""`fit --auto`: chosen on every validation image, its figure cross-fitted on two halves."""
 
 from __future__ import annotations
 
@@ -8,16 +8,18 @@ from sklearn.metrics import roc_auc_score
 
 from common.data.layouts import discover
 from common.engine.auto import (
+    CANDIDATES,
+    SCORERS,
     AutoFit,
-    NestedSplit,
+    Rows,
     calibrated,
     can_choose,
+    choose,
     fine,
-    fit_auto,
     nested_split,
     small,
 )
-from common.engine.fit import FitError
+from common.engine.fit import FitError, FitResult, fit_category
 from common.engine.patchcore import PatchCoreConfig
 from common.errors import PatchqError
 from tests.synthetic import make_seed_layout
@@ -26,36 +28,35 @@ BASE = PatchCoreConfig(image_size=64, coreset_ratio=0.25)
 
 
 def test_nested_split_halves_are_disjoint_seeded_and_complete() -> None:
-    split = nested_split(9, ["bad"] * 12, seed=3)
-    assert set(split.normal_selection).isdisjoint(split.normal_report)
-    assert set(split.defect_selection).isdisjoint(split.defect_report)
-    assert sorted([*split.normal_selection, *split.normal_report]) == list(range(9))
-    assert sorted([*split.defect_selection, *split.defect_report]) == list(range(12))
-    again = nested_split(9, ["bad"] * 12, seed=3)
-    np.testing.assert_array_equal(again.normal_report, split.normal_report)
-    np.testing.assert_array_equal(again.defect_report, split.defect_report)
+    a, b = nested_split(9, ["bad"] * 12, seed=3)
+    assert set(a.normal).isdisjoint(b.normal) and set(a.defect).isdisjoint(b.defect)
+    assert sorted([*a.normal, *b.normal]) == list(range(9))
+    assert sorted([*a.defect, *b.defect]) == list(range(12))
+    again = nested_split(9, ["bad"] * 12, seed=3)[1]
+    np.testing.assert_array_equal(again.normal, b.normal)
+    np.testing.assert_array_equal(again.defect, b.defect)
 
 
 def test_with_one_defect_kind_the_halves_are_the_shuffles_first_and_second_half() -> None:
-    # What they were before kinds were known: a flat train/bad keeps its --auto choice.
+    # What they were before kinds were known: a flat train/bad keeps its halves.
     rng = np.random.default_rng(5)
     rng.permutation(10)  # the normals' shuffle comes first
     defects = rng.permutation(7)
-    split = nested_split(10, ["bad"] * 7, seed=5)
-    np.testing.assert_array_equal(split.defect_selection, np.sort(defects[:4]))
-    np.testing.assert_array_equal(split.defect_report, np.sort(defects[4:]))
+    a, b = nested_split(10, ["bad"] * 7, seed=5)
+    np.testing.assert_array_equal(a.defect, np.sort(defects[:4]))
+    np.testing.assert_array_equal(b.defect, np.sort(defects[4:]))
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_nested_split_halves_every_defect_kind(seed: int) -> None:
     kinds = ["scratch"] * 4 + ["dent"] * 3 + ["spot"] * 5 + ["stain"] * 1 + ["crack"] * 3
-    split = nested_split(8, kinds, seed)
-    assert sorted([*split.defect_selection, *split.defect_report]) == list(range(len(kinds)))
-    assert len(split.defect_selection) - len(split.defect_report) in (0, 1)
+    a, b = nested_split(8, kinds, seed)
+    assert sorted([*a.defect, *b.defect]) == list(range(len(kinds)))
+    assert len(a.defect) - len(b.defect) in (0, 1)
     for kind in set(kinds):
         rows = {i for i, k in enumerate(kinds) if k == kind}
-        in_selection = len(rows & set(split.defect_selection))
-        assert in_selection in (len(rows) // 2, (len(rows) + 1) // 2), kind
+        in_first = len(rows & set(a.defect))
+        assert in_first in (len(rows) // 2, (len(rows) + 1) // 2), kind
 
 
 def test_fine_candidate_is_stride_4_one_step_larger_with_a_smaller_coreset() -> None:
@@ -81,7 +82,8 @@ def test_too_few_validation_images_is_a_clear_error() -> None:
 
 
 @pytest.fixture(scope="module")
-def chosen(tmp_path_factory: pytest.TempPathFactory) -> AutoFit:
+def fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, FitResult]:
+    """Every candidate fitted, as fit_auto fits them."""
     root = tmp_path_factory.mktemp("auto")
     make_seed_layout(root, "tex", n_good=20, n_bad=8, n_test=2, size=64)
     bad = root / "tex" / "train" / "bad"
@@ -91,60 +93,116 @@ def chosen(tmp_path_factory: pytest.TempPathFactory) -> AutoFit:
         path.rename(kind / path.name)
     records = discover(root)
     assert can_choose(records, 0.25, BASE.seed)
-    return fit_auto(records, BASE, holdout=0.25, device="cpu", progress=False)
+    return {
+        name: fit_category(records, candidate(BASE), 0.25, device="cpu", progress=False)
+        for name, candidate in CANDIDATES.items()
+    }
 
 
-def _split(chosen: AutoFit) -> NestedSplit:
+@pytest.fixture(scope="module")
+def chosen(fits: dict[str, FitResult]) -> AutoFit:
+    return choose(fits, BASE.seed + 1)
+
+
+def _halves(chosen: AutoFit) -> tuple[Rows, Rows]:
     parts = chosen.fit.parts
     return nested_split(len(parts["normal"]), chosen.fit.defect_kinds, BASE.seed + 1)
 
 
+def _every(chosen: AutoFit) -> Rows:
+    parts = chosen.fit.parts
+    return Rows(np.arange(len(parts["normal"])), np.arange(len(parts["anomalous"])))
+
+
+def _loo_figures(fits: dict[str, FitResult], key: str, rows: Rows) -> tuple[float, float]:
+    """Leave-one-out AUROC and margin of candidate x scorer ``key`` on ``rows``, written out:
+    each normal against every defect, both scored by the model calibrated on the *other*
+    normals."""
+    name, scorer = key.split()
+    fit = fits[name]
+    defects = fit.parts["anomalous"][rows.defect]
+    pairs, normals, gaps = [], [], []
+    for i, row in enumerate(rows.normal):
+        model = calibrated(fit, scorer, np.delete(rows.normal, i))
+        normal = model.combine(*fit.parts["normal"][[row]].T)[0]
+        scores = model.combine(*defects.T)
+        pairs += [1.0 if d > normal else 0.5 if d == normal else 0.0 for d in scores]
+        normals.append(normal)
+        gaps += [d - normal for d in scores]
+    return float(np.mean(pairs)), float(np.mean(gaps) / np.std(normals))
+
+
+def _best(fits: dict[str, FitResult], rows: Rows) -> str:
+    """The candidate x scorer --auto's rule picks on ``rows``: highest AUROC, then margin."""
+    keys = [f"{name} {scorer}" for name in fits for scorer in SCORERS]
+    figures = {key: _loo_figures(fits, key, rows) for key in keys}
+    return max(keys, key=lambda k: (*figures[k], -keys.index(k)))
+
+
 def test_each_half_holds_half_of_every_defect_kind(chosen: AutoFit) -> None:
-    rows, split = chosen.fit.row_paths["anomalous"], _split(chosen)
+    rows = chosen.fit.row_paths["anomalous"]
     assert chosen.fit.defect_kinds == tuple(path.parent.name for path in rows)
-    for half in (split.defect_selection, split.defect_report):
-        assert sorted(chosen.fit.defect_kinds[i] for i in half) == ["scratch"] * 2 + ["spot"] * 2
+    for half in _halves(chosen):
+        assert (
+            sorted(chosen.fit.defect_kinds[i] for i in half.defect)
+            == ["scratch"] * 2 + ["spot"] * 2
+        )
 
 
-def test_reported_figures_come_from_the_report_half_only(chosen: AutoFit) -> None:
-    auto, split = chosen.validation["auto"], _split(chosen)
-    assert auto["n_report"] == [len(split.normal_report), len(split.defect_report)]
-    assert chosen.validation["n_normal"] == len(split.normal_report)
-    assert chosen.validation["n_anomalous"] == len(split.defect_report)
-    # Recompute the reported AUROC from the report rows alone, scored by the model calibrated
-    # on the selection normals (the one that was chosen): it must match exactly.
-    model = calibrated(chosen.fit, chosen.model.config.scorer, split.normal_selection)
-    normal = model.combine(*chosen.fit.parts["normal"][split.normal_report].T)
-    defect = model.combine(*chosen.fit.parts["anomalous"][split.defect_report].T)
-    labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
-    assert chosen.validation["auroc"] == pytest.approx(roc_auc_score(labels, np.r_[normal, defect]))
-    kinds = np.array(chosen.fit.defect_kinds)[split.defect_report]
-    by_kind = auto["report_auroc_by_kind"]
-    assert set(by_kind) == {"scratch", "spot"}
-    for kind, auroc in by_kind.items():
-        ours = defect[kinds == kind]
-        labels = np.r_[np.zeros(len(normal)), np.ones(len(ours))]
-        assert auroc == pytest.approx(roc_auc_score(labels, np.r_[normal, ours])), kind
+def test_the_choice_is_made_on_every_validation_image_leave_one_out(
+    fits: dict[str, FitResult], chosen: AutoFit
+) -> None:
+    auto, every = chosen.validation["auto"], _every(chosen)
+    assert auto["n_selection"] == [len(every.normal), len(every.defect)]
+    for key in ("default fused", "small patch"):
+        auroc, margin = _loo_figures(fits, key, every)
+        assert auto["selection_auroc"][key] == pytest.approx(auroc)
+        assert auto["selection_margin"][key] == pytest.approx(margin)
+    assert chosen.chosen == auto["chosen"] == _best(fits, every)
+    assert chosen.fit is fits[chosen.chosen.split()[0]]
+    assert chosen.model.config.scorer == auto["chosen"].split()[1]
+
+
+def test_the_reported_figure_is_cross_fitted_on_the_two_halves(
+    fits: dict[str, FitResult], chosen: AutoFit
+) -> None:
+    # Each fold: the choice made on one half alone, its model calibrated on that half's
+    # normals, scored on the other half; the stored figure is the folds' mean.
+    auto, (a, b) = chosen.validation["auto"], _halves(chosen)
+    assert chosen.validation["n_normal"] == len(chosen.fit.parts["normal"])
+    assert chosen.validation["n_anomalous"] == len(chosen.fit.parts["anomalous"])
+    for fold, (choose_on, report_on) in zip(auto["folds"], [(a, b), (b, a)], strict=True):
+        assert fold["chosen"] == _best(fits, choose_on)
+        name, scorer = fold["chosen"].split()
+        fit = fits[name]
+        model = calibrated(fit, scorer, choose_on.normal)
+        normal = model.combine(*fit.parts["normal"][report_on.normal].T)
+        defect = model.combine(*fit.parts["anomalous"][report_on.defect].T)
+        labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
+        assert fold["auroc"] == pytest.approx(roc_auc_score(labels, np.r_[normal, defect]))
+        assert fold["n_report"] == [len(report_on.normal), len(report_on.defect)]
+        kinds = np.array(fit.defect_kinds)[report_on.defect]
+        for kind, auroc in fold["auroc_by_kind"].items():
+            ours = defect[kinds == kind]
+            labels = np.r_[np.zeros(len(normal)), np.ones(len(ours))]
+            assert auroc == pytest.approx(roc_auc_score(labels, np.r_[normal, ours])), kind
+    folds = auto["folds"]
+    assert chosen.validation["auroc"] == pytest.approx(np.mean([f["auroc"] for f in folds]))
+    assert set(auto["report_auroc_by_kind"]) == {"scratch", "spot"}
+    for kind, auroc in auto["report_auroc_by_kind"].items():
+        assert auroc == pytest.approx(np.mean([f["auroc_by_kind"][kind] for f in folds]))
 
 
 def test_the_stored_model_is_calibrated_on_every_held_out_normal(chosen: AutoFit) -> None:
-    auto, split, parts = chosen.validation["auto"], _split(chosen), chosen.fit.parts["normal"]
-    figures = {
-        key: (auroc, auto["selection_margin"][key])
-        for key, auroc in auto["selection_auroc"].items()
-    }
-    assert auto["chosen"] == max(figures, key=figures.get)  # ties on AUROC go by margin
-    assert chosen.model.config.scorer == auto["chosen"].split()[1]
+    auto, parts = chosen.validation["auto"], chosen.fit.parts["normal"]
     np.testing.assert_allclose(chosen.model.part_calibration, parts)
     # Each normal's stored score is the one the model calibrated on the others gives it.
     scorer, rows = chosen.model.config.scorer, np.arange(len(parts))
     for i in (0, len(parts) - 1):
         left_out = calibrated(chosen.fit, scorer, np.delete(rows, i)).combine(*parts[[i]].T)
         assert chosen.model.calibration[i] == pytest.approx(left_out[0])
-    # What aggregate may use as normal images: the report half's, not the selection's.
-    np.testing.assert_allclose(
-        auto["report_normal_scores"], chosen.model.calibration[split.normal_report]
-    )
+    # Every held-out normal chose the model: none may stand in for a run's normal images.
+    assert "report_normal_scores" not in auto
 
 
 def test_candidates_are_every_configuration_with_every_scorer(chosen: AutoFit) -> None:
@@ -153,35 +211,11 @@ def test_candidates_are_every_configuration_with_every_scorer(chosen: AutoFit) -
     }  # fmt: skip
 
 
-def test_the_selection_half_is_stored_as_absolute_paths(chosen: AutoFit) -> None:
+def test_every_validation_image_is_stored_as_an_absolute_path(chosen: AutoFit) -> None:
     auto, rows = chosen.validation["auto"], chosen.fit.row_paths
-    split = _split(chosen)
-    selection = {str(rows["normal"][i].absolute()) for i in split.normal_selection}
-    selection |= {str(rows["anomalous"][i].absolute()) for i in split.defect_selection}
-    report = {str(rows["normal"][i].absolute()) for i in split.normal_report}
-    report |= {str(rows["anomalous"][i].absolute()) for i in split.defect_report}
-    assert set(auto["selection_paths"]) == selection
-    assert selection.isdisjoint(report) and len(selection) == sum(auto["n_selection"])
-
-
-def test_selection_auroc_is_leave_one_out_pairwise(chosen: AutoFit) -> None:
-    # Each selection normal is compared with every selection defect, both scored by the model
-    # calibrated on the other selection normals (the fused scorer: s* ignores calibration).
-    fit, split = chosen.fit, _split(chosen)
-    rows, key = split.normal_selection, f"{chosen.chosen.split()[0]} fused"
-    defects = fit.parts["anomalous"][split.defect_selection]
-    pairs, normals, gaps = [], [], []
-    for i, row in enumerate(rows):
-        model = calibrated(fit, "fused", np.delete(rows, i))
-        normal = model.combine(*fit.parts["normal"][[row]].T)[0]
-        scores = model.combine(*defects.T)
-        pairs += [1.0 if d > normal else 0.5 if d == normal else 0.0 for d in scores]
-        normals.append(normal)
-        gaps += [d - normal for d in scores]
-    auto = chosen.validation["auto"]
-    assert auto["selection_auroc"][key] == pytest.approx(np.mean(pairs))
-    # The tie-break: the mean gap in units of the left-out normals' spread.
-    assert auto["selection_margin"][key] == pytest.approx(np.mean(gaps) / np.std(normals))
+    every = {str(path.absolute()) for path in [*rows["normal"], *rows["anomalous"]]}
+    assert auto["selection_paths"] == sorted(every)
+    assert len(every) == sum(auto["n_selection"])
 
 
 def test_fit_command_takes_the_small_candidates_settings() -> None:
@@ -205,7 +239,9 @@ def _printout(chosen: str, selection: dict[str, float], **auto: object) -> str:
     """What fit prints for a model --auto chose (the record fields given, figures made up)."""
     from producer.fitting import Fitted, describe_fit
 
-    auto |= {"chosen": chosen, "selection_auroc": selection, "n_selection": [4, 9]}
+    auto = {"report_auroc_by_kind": {"bad": 0.9}} | auto
+    folds = [{"chosen": chosen}, {"chosen": "default fused"}]
+    auto |= {"chosen": chosen, "selection_auroc": selection, "n_selection": [4, 9], "folds": folds}
     validation = {"auroc": 0.9, "average_precision": 0.9, "n_normal": 4, "n_anomalous": 9}
     fitted = Fitted(b"", validation | {"auto": auto}, 10, f"--auto: {chosen}", {})
     return describe_fit("tex", fitted, 1)
@@ -217,7 +253,13 @@ def test_fit_printout_says_when_a_tie_was_broken_by_margin() -> None:
     assert "tie" not in _printout("fine patch", {"default patch": 0.9, "fine patch": 1.0})
 
 
-def test_fit_printout_lists_the_report_half_by_defect_kind_weakest_first() -> None:
+def test_fit_printout_says_what_each_fold_chose() -> None:
+    text = _printout("fine patch", {"fine patch": 1.0})
+    assert "on every held-out image (4 normal, 9 defective" in text
+    assert "both ways round (it chose fine patch and default fused)" in text
+
+
+def test_fit_printout_lists_the_cross_fitted_figure_by_defect_kind_weakest_first() -> None:
     def printout(by_kind: dict[str, float]) -> str:
         return _printout("small fused", {"small fused": 0.9}, report_auroc_by_kind=by_kind)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.synthetic import make_mvtec_layout, make_seed_layout
+from tests.synthetic import DEFECT_KINDS, make_mvtec_layout, make_seed_layout
 
 ROOT = Path(__file__).parents[1]
 SHARED_REDIS = "redis://127.0.0.1:6379/14"  # reachable; nothing is enqueued on it
@@ -125,20 +125,26 @@ def test_critical_parts_ensemble_fits_scores_aggregates_and_reports(tmp_path: Pa
 
 
 def test_aggregate_leaves_out_the_images_auto_chose_the_model_on(tmp_path: Path) -> None:
-    # Enough held-out normals and labelled defects for --auto's default; its selection half
-    # (stored with the model) is scored by the run but must not count in the run's figures.
+    # Enough held-out normals and labelled defects for --auto's default, which chooses on every
+    # one of them (stored with the model): a run that scores them must not count them, while
+    # another lot's labelled images, which the choice never saw, count in full.
     make_mvtec_layout(tmp_path / "data", "tex", n_train=16, n_test_good=6, n_per_defect=4)
-    run = patchq(tmp_path, "run", "data", "--out", "out", *MODEL_FLAGS)
+    run = patchq(tmp_path, "run", "data", "--run", "fit-lot", "--out", "out", *MODEL_FLAGS)
     assert run.returncode == 0, run.stderr
     assert "--auto chose" in run.stdout
     with sqlite3.connect(tmp_path / "patchq.db") as db:
         (validation,) = db.execute("SELECT validation FROM models").fetchone()
         selection = json.loads(validation)["auto"]["selection_paths"]
         test_images = {path for (path,) in db.execute("SELECT path FROM images WHERE split='test'")}
-    chosen_on = len(test_images.intersection(selection))
-    assert chosen_on > 0 and set(selection) - test_images  # some held-out train/good too
+    assert test_images <= set(selection) and set(selection) - test_images  # held-out good too
     left_out = re.search(r"(\d+) left out: `fit --auto` chose the model on them", run.stdout)
-    assert left_out and int(left_out.group(1)) == chosen_on
-    # youden's pool: the labelled test images the choice never saw, split in two halves.
+    assert left_out and int(left_out.group(1)) == len(test_images)
+    make_mvtec_layout(tmp_path / "lot2", "tex", n_train=2, n_test_good=5, n_per_defect=3)
+    run = patchq(tmp_path, "run", "lot2", "--run", "lot-2", "--out", "out2", *MODEL_FLAGS)
+    assert run.returncode == 0, run.stderr
+    assert "left out: `fit --auto`" not in run.stdout
+    with sqlite3.connect(tmp_path / "patchq.db") as db:
+        assert db.execute("SELECT count(*) FROM models").fetchone() == (1,)  # the same model
+    # youden's pool: every labelled test image of the new lot.
     pool = re.search(r"= (\d+) labelled images of the run", run.stdout)
-    assert pool and int(pool.group(1)) == len(test_images) - chosen_on
+    assert pool and int(pool.group(1)) == 5 + 3 * len(DEFECT_KINDS)

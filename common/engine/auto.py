@@ -1,32 +1,31 @@
-"""`patchq fit --auto`: choose a model by held-out validation, report it on other images.
+"""`patchq fit --auto`: choose a model by held-out validation, report the choice cross-fitted.
 
 A category with labelled defects can tell which model suits it: plain PatchCore (s*) where
 defects are local, the fused score where whole-image changes matter, stride-4 features where
 defects are a few pixels wide, a larger input with mirrored edges where they are smaller still
-or touch the edge. Choosing on the same images the figure is reported on would make
-that figure optimistic (the best of several noisy estimates), so the choice is nested:
+or touch the edge. Choosing on the same images the figure is reported on would make that
+figure optimistic (the best of several noisy estimates), so the figure is cross-fitted:
 
 1. every candidate configuration is fitted on the same bank/held-out split (one seed);
-2. the held-out normals and the labelled defects are split, seeded, into a SELECTION half and a
-   REPORT half, each defect kind halved on its own; the fused score's part calibration uses the
-   selection normals only;
-3. each candidate x scorer is scored on the selection half, each selection normal against
-   every selection defect by the model calibrated on the other normals (leave-one-out); the
-   highest AUROC wins (ties go to the larger margin, then to the earlier, cheaper candidate);
-4. the winner's figures are computed on the report half, which played no part in the choice,
-   overall and per defect kind;
-5. the winner is then calibrated on every held-out normal, as a model chosen by cross-validation
-   is refitted on all its data: the stored model's tails rest on twice the normals the reported
-   figure's did, so that figure is, if anything, conservative. (Calibrated on the selection
-   half alone, the stored model scored elpv poly's test set 0.844 instead of 0.860, and one
-   synthetic draw's global defects 0.875 instead of 0.990: 2 tail excesses, a needlessly thin
-   tail.)
+2. each candidate x scorer is scored on *every* held-out normal and labelled defect, each
+   normal against every defect by the model calibrated on the other normals (leave-one-out);
+   the highest AUROC wins (ties go to the larger margin, then to the earlier, cheaper
+   candidate), and the winner is calibrated on every held-out normal;
+3. the figure reported is that procedure's, cross-fitted: the validation images are split,
+   seeded, into two halves (each defect kind halved on its own), the same choice is made on
+   one half and its model, calibrated on that half's normals, is scored on the other, both
+   ways round; the two folds' AUROC / AP, overall and per defect kind, are averaged. No image
+   is scored by a model chosen or calibrated on it, and each fold's choice rests on half the
+   images the stored model's did, so the figure is, if anything, conservative.
 
-The selection half's paths are stored with the choice (``selection_paths``): a run that scores
-those images later must not count them either (`patchq aggregate` leaves them out), and the
-report half's normal scores (``report_normal_scores``, each left out of the stored model's
-calibration in turn, see `held_out_scores`) are what aggregate's figures may use as normal
-images, not the selection normals the model was chosen on.
+Choosing on one half and reporting on the other (what --auto did before) left the choice to
+2 labelled images per kind and 4 normals on tests/bench: a coin toss between candidates
+(stripes' tiny defects found on 14 of 30 selection halves). Chosen on every validation image,
+--auto took the candidate that suits each texture on every draw measured (docs/accuracy.md).
+
+Every validation image's path is stored with the choice (``selection_paths``): a run that
+scores those images later must not count them (`patchq aggregate` leaves them out), and none
+of the held-out normals may stand in for a run's normal images, since all of them chose it.
 
 Scorers are compared from one fit per configuration: the raw parts of every validation image
 are kept (FitResult.parts), so patch and fused cost nothing extra.
@@ -35,7 +34,7 @@ are kept (FitResult.parts), so patch and fused cost nothing extra.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,17 +122,15 @@ class AutoFit:
 
 
 @dataclass(frozen=True)
-class NestedSplit:
-    """Indices into a fit's validation normals / defects: selection half and report half."""
+class Rows:
+    """Indices into a fit's validation normals and defects: what one choice is made on."""
 
-    normal_selection: np.ndarray
-    normal_report: np.ndarray
-    defect_selection: np.ndarray
-    defect_report: np.ndarray
+    normal: np.ndarray
+    defect: np.ndarray
 
 
 def can_choose(records: Sequence[ImageRecord], holdout: float, seed: int) -> bool:
-    """Whether the validation images suffice for a nested choice (both halves get
+    """Whether the validation images suffice for a cross-fitted choice (both halves get
     MIN_PER_HALF normals and defects): where they do not, --auto's default is off."""
     good = [r for r in records if r.split == "train" and r.label == 0]
     n_normal = len(split_holdout(good, holdout, seed)[1])
@@ -142,15 +139,14 @@ def can_choose(records: Sequence[ImageRecord], holdout: float, seed: int) -> boo
     return min(n_normal, n_defect) >= 2 * MIN_PER_HALF
 
 
-def nested_split(n_normal: int, defect_kinds: Sequence[str], seed: int) -> NestedSplit:
-    """Seeded halves of the validation normals and defects; the selection half gets the odd
-    one out. Both halves need a few of each, or neither figure means anything.
+def nested_split(n_normal: int, defect_kinds: Sequence[str], seed: int) -> tuple[Rows, Rows]:
+    """Seeded halves of the validation normals and defects; the first half gets the odd one
+    out. Both halves need a few of each, or neither fold's figure means anything.
 
-    Each defect kind is halved on its own (its odd one out going to the selection and report
+    Each defect kind is halved on its own (its odd one out going to the first and second
     halves in turn), so that neither half misses a kind by chance: with 4 labelled images of
-    each of 9 kinds, an unstratified half held 0-4 of a kind, and the choice or the reported
-    figure could leave a kind out. With one kind (a flat train/bad) the halves are what they
-    were before kinds were known, so such a category's choice does not change."""
+    each of 9 kinds, an unstratified half held 0-4 of a kind, and a fold's choice or figure
+    could leave a kind out."""
     n_defect = len(defect_kinds)
     if min(n_normal, n_defect) < 2 * MIN_PER_HALF:
         raise FitError(
@@ -160,21 +156,19 @@ def nested_split(n_normal: int, defect_kinds: Sequence[str], seed: int) -> Neste
     rng = np.random.default_rng(seed)
     normals, defects = rng.permutation(n_normal), rng.permutation(n_defect)
     kinds = np.asarray(defect_kinds)[defects]
-    selection: list[int] = []
-    report: list[int] = []
-    odd_to_selection = True
+    first: list[int] = []
+    second: list[int] = []
+    odd_to_first = True
     for kind in sorted(set(kinds)):
         members = defects[kinds == kind]  # in shuffled order
-        half = (len(members) + odd_to_selection) // 2
-        selection += members[:half].tolist()
-        report += members[half:].tolist()
-        odd_to_selection ^= len(members) % 2 == 1
+        half = (len(members) + odd_to_first) // 2
+        first += members[:half].tolist()
+        second += members[half:].tolist()
+        odd_to_first ^= len(members) % 2 == 1
     half_n = (n_normal + 1) // 2
-    return NestedSplit(
-        np.sort(normals[:half_n]),
-        np.sort(normals[half_n:]),
-        np.sort(np.asarray(selection, dtype=int)),
-        np.sort(np.asarray(report, dtype=int)),
+    return (
+        Rows(np.sort(normals[:half_n]), np.sort(np.asarray(first, dtype=int))),
+        Rows(np.sort(normals[half_n:]), np.sort(np.asarray(second, dtype=int))),
     )
 
 
@@ -186,7 +180,7 @@ def fit_auto(
     batch_size: int = 32,
     progress: bool = True,
 ) -> AutoFit:
-    """Fit every candidate, choose on the selection half, report on the report half."""
+    """Fit every candidate, choose on every validation image, report the choice cross-fitted."""
     fits = {
         name: fit_category(records, candidate(base), holdout, device, batch_size, progress)
         for name, candidate in CANDIDATES.items()
@@ -195,51 +189,83 @@ def fit_auto(
 
 
 def choose(fits: dict[str, FitResult], seed: int) -> AutoFit:
-    """Pick among fitted candidates (same split, in preference order) by selection AUROC."""
+    """Pick among fitted candidates (same split, in preference order) by leave-one-out AUROC
+    on every validation image; ``seed`` draws the halves the reported figure is cross-fitted on."""
     first = next(iter(fits.values()))
-    split = nested_split(len(first.parts["normal"]), first.defect_kinds, seed)
-    selection: dict[str, float] = {}
-    margins: dict[str, float] = {}
-    for name, fit in fits.items():
-        for scorer in SCORERS:
-            key = f"{name} {scorer}"
-            selection[key], margins[key] = _selection_figures(fit, scorer, split)
-    order = list(selection)
-    chosen = max(order, key=lambda k: (selection[k], margins[k], -order.index(k)))
+    every = Rows(np.arange(len(first.parts["normal"])), np.arange(len(first.parts["anomalous"])))
+    chosen, selection, margins = _pick(fits, every)
     fit, scorer = fits[chosen.split()[0]], chosen.split()[1]
-    selected = _tails_from(fit, scorer, split.normal_selection)  # the model that was chosen
-    normal = combine_parts(selected, fit.parts["normal"][split.normal_report])
-    defect = combine_parts(selected, fit.parts["anomalous"][split.defect_report])
-    model = calibrated(fit, scorer, np.arange(len(fit.parts["normal"])))
-    validation = validation_metrics(normal, defect, model.calibration)
-    by_kind = _auroc_by_kind(normal, defect, np.asarray(fit.defect_kinds)[split.defect_report])
+    model = calibrated(fit, scorer, every.normal)
+    a, b = nested_split(len(every.normal), first.defect_kinds, seed)
+    folds = [_fold(fits, a, b), _fold(fits, b, a)]
+    validation = validation_metrics(np.empty(0), np.empty(0), model.calibration)
     validation |= {
+        "n_normal": len(every.normal),
+        "n_anomalous": len(every.defect),
+        "auroc": _mean(fold["auroc"] for fold in folds),
+        "average_precision": _mean(fold["average_precision"] for fold in folds),
         "bank_size": fit.validation["bank_size"],
         "bank_images": fit.validation["bank_images"],
         "auto": {
             "chosen": chosen,
             "selection_auroc": selection,
             "selection_margin": margins,
-            "report_auroc": validation["auroc"],
+            "n_selection": [len(every.normal), len(every.defect)],
+            # Each half scored by the candidate the same procedure chose on the other half.
+            "folds": folds,
             # One pooled figure hides a kind the model misses among kinds it finds.
-            "report_auroc_by_kind": by_kind,
-            "n_selection": [len(split.normal_selection), len(split.defect_selection)],
-            "n_report": [len(split.normal_report), len(split.defect_report)],
-            "selection_paths": selection_paths(fit, split),
-            # The held-out normals that did not choose the model, as the stored model scores
-            # each when calibrated on the others: what may stand in for normal images when a
-            # run has none labelled.
-            "report_normal_scores": model.calibration[split.normal_report].tolist(),
+            "report_auroc_by_kind": {
+                kind: _mean(fold["auroc_by_kind"][kind] for fold in folds)
+                for kind in folds[0]["auroc_by_kind"]
+            },
+            # Every validation image chose the model: a run that scores them later must not
+            # count them (`patchq aggregate` leaves them out).
+            "selection_paths": selection_paths(fit),
         },
     }  # fmt: skip
     return AutoFit(chosen, fit, model, validation)
 
 
-def selection_paths(fit: FitResult, split: NestedSplit) -> list[str]:
-    """The images the choice (and the fused calibration) was made on, as sorted absolute paths."""
-    rows = fit.row_paths
-    chosen_on = [rows["normal"][i] for i in split.normal_selection]
-    chosen_on += [rows["anomalous"][i] for i in split.defect_selection]
+def _pick(fits: dict[str, FitResult], rows: Rows) -> tuple[str, dict[str, float], dict[str, float]]:
+    """The best candidate x scorer on ``rows`` by leave-one-out AUROC (ties: the larger
+    margin, then the earlier, cheaper candidate), and every one's AUROC and margin."""
+    selection: dict[str, float] = {}
+    margins: dict[str, float] = {}
+    for name, fit in fits.items():
+        for scorer in SCORERS:
+            key = f"{name} {scorer}"
+            selection[key], margins[key] = _selection_figures(fit, scorer, rows)
+    order = list(selection)
+    chosen = max(order, key=lambda k: (selection[k], margins[k], -order.index(k)))
+    return chosen, selection, margins
+
+
+def _fold(fits: dict[str, FitResult], choose_on: Rows, report_on: Rows) -> dict[str, Any]:
+    """One fold of the cross-fitted figure: the candidate chosen on ``choose_on`` (calibrated
+    on its normals), scored on ``report_on``, which played no part in that choice."""
+    chosen = _pick(fits, choose_on)[0]
+    fit, scorer = fits[chosen.split()[0]], chosen.split()[1]
+    model = _tails_from(fit, scorer, choose_on.normal)
+    normal = combine_parts(model, fit.parts["normal"][report_on.normal])
+    defect = combine_parts(model, fit.parts["anomalous"][report_on.defect])
+    metrics = validation_metrics(normal, defect, np.empty(0))
+    kinds = np.asarray(fit.defect_kinds)[report_on.defect]
+    return {
+        "chosen": chosen,
+        "auroc": metrics["auroc"],
+        "average_precision": metrics["average_precision"],
+        "auroc_by_kind": _auroc_by_kind(normal, defect, kinds),
+        "n_report": [len(normal), len(defect)],
+    }
+
+
+def _mean(values: Iterable[float]) -> float:
+    return float(np.mean(list(values)))
+
+
+def selection_paths(fit: FitResult) -> list[str]:
+    """The images the choice was made on, every validation image, as sorted absolute paths."""
+    chosen_on = [*fit.row_paths["normal"], *fit.row_paths["anomalous"]]
     return sorted(str(path.absolute()) for path in chosen_on)  # as runs register them
 
 
@@ -265,27 +291,26 @@ def _tails_from(fit: FitResult, scorer: str, normal_rows: np.ndarray) -> PatchCo
     )
 
 
-def _selection_figures(fit: FitResult, scorer: str, split: NestedSplit) -> tuple[float, float]:
-    """Leave-one-out AUROC on the selection half and, for ties, the margin: each selection
-    normal against every selection defect, both scored by the model calibrated on the *other*
-    selection normals.
+def _selection_figures(fit: FitResult, scorer: str, rows: Rows) -> tuple[float, float]:
+    """Leave-one-out AUROC on ``rows`` and, for ties, the margin: each normal against every
+    defect, both scored by the model calibrated on the *other* normals.
 
     Scored in-sample, a normal never falls beyond the tails fitted to it (demo poly: 0.94 on
     the calibration normals, 0.67 on new ones), and the choice would favour whichever candidate
     overfits its few normals most. Scoring only the normal left out, and the defects by the
-    model calibrated on every normal, compared scores of two models: with 4 selection normals
-    a fused score's left-out normal met tails fitted to 3, the defects tails fitted to 4, and
-    --auto chose plain s* on a draw of stripes whose whole-image defects only the fused score
-    sees (global AUROC 0.58 vs 1.00 for the default).
+    model calibrated on every normal, compared scores of two models: with 4 normals a fused
+    score's left-out normal met tails fitted to 3, the defects tails fitted to 4, and --auto
+    chose plain s* on a draw of stripes whose whole-image defects only the fused score sees
+    (global AUROC 0.58 vs 1.00 for the default).
 
     The margin is the mean of (defect - normal) over those pairs in units of the normals' own
-    spread, so it compares scorers of different units. With 2-4 defects a selection half often
-    separates perfectly under several candidates; the AUROC tie then went to the cheapest, on
-    the grain benchmark the default's s*, which ranked its 2 selection speckles first by chance
-    and new ones at chance (0.50) where the stride-4 candidates found them (0.82-0.99)."""
-    selection = fit.parts["normal"][split.normal_selection]
-    defects = fit.parts["anomalous"][split.defect_selection]
-    model = _tails_from(fit, scorer, split.normal_selection)
+    spread, so it compares scorers of different units. With 2-4 defects per kind the images
+    often separate perfectly under several candidates; the AUROC tie then went to the
+    cheapest, on the grain benchmark the default's s*, which ranked its 2 speckles first by
+    chance and new ones at chance (0.50) where the stride-4 candidates found them (0.82-0.99)."""
+    selection = fit.parts["normal"][rows.normal]
+    defects = fit.parts["anomalous"][rows.defect]
+    model = _tails_from(fit, scorer, rows.normal)
     normals, gaps = [], []
     for i, others in enumerate(left_out(model, selection)):
         normal = combine_parts(others, selection[i : i + 1])[0]

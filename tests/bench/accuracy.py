@@ -173,36 +173,23 @@ def bench_config(
     return ConfigRun(fit, parts, 1000 * per_image)
 
 
-def auto_column(runs: dict[str, ConfigRun], seed: int = 1) -> dict[str, np.ndarray]:
+def auto_column(runs: dict[str, ConfigRun]) -> dict[str, np.ndarray]:
     """--auto's choice among the fitted candidates, made on their validation images (train/bad
-    defects + held-out normals, selection half: ``seed`` draws it), scored on the test images."""
+    defects + held-out normals), scored on the test images."""
     candidates = {name: runs[name].fit for name in CANDIDATES}
-    chosen = choose(candidates, seed=seed)
+    chosen = choose(candidates, seed=1)
     record = chosen.validation["auto"]
     figures = {
         key: f"{auroc:.3f} (margin {record['selection_margin'][key]:.1f})"
         for key, auroc in record["selection_auroc"].items()
     }
-    print(f"  --auto (split seed {seed}) chose {chosen.chosen}: selection AUROC {figures}")
+    folds = " and ".join(fold["chosen"] for fold in record["folds"])
+    print(
+        f"  --auto chose {chosen.chosen}: selection AUROC {figures}; cross-fitted validation "
+        f"AUROC {chosen.validation['auroc']:.3f} (the folds chose {folds})"
+    )
     test_parts = runs[chosen.chosen.split()[0]].parts
     return {kind: chosen.model.combine(*parts.T) for kind, parts in test_parts.items()}
-
-
-def auto_spread(
-    texture: str, runs: dict[str, ConfigRun], kinds: tuple[str, ...], seeds: int
-) -> str:
-    """--auto's test figures per family over ``seeds`` selection/report splits of the same
-    validation images: one split's choice rests on a few images per kind, so one column of
-    the table says little about how often --auto finds a family."""
-    by_family: dict[str, list[float]] = {}
-    for seed in range(1, seeds + 1):
-        for family, auroc in _family_aurocs(auto_column(runs, seed), kinds).items():
-            by_family.setdefault(family, []).append(auroc)
-    return "\n".join(
-        f"  {texture} --auto over {seeds} split seeds, {family}: mean {np.mean(v):.3f}, "
-        f"min {min(v):.3f}, >= 0.90 on {sum(a >= 0.9 for a in v)} of {seeds}"
-        for family, v in by_family.items()
-    )
 
 
 def main() -> None:
@@ -217,12 +204,6 @@ def main() -> None:
     )
     parser.add_argument("--holdout", type=float, default=0.25)
     parser.add_argument("--draw", type=int, default=0, help="another set of synthetic seeds")
-    parser.add_argument(
-        "--split-seeds",
-        type=int,
-        default=1,
-        help="also print --auto's test figures over this many selection/report splits",
-    )
     parser.add_argument(
         "--configs", default="default,border-mean,fine,small", help=", ".join(CONFIGS)
     )
@@ -271,8 +252,6 @@ def bench_texture(
         )
     if set(CANDIDATES) <= set(runs) and any(r.label == 1 for r in train):
         columns["auto"] = auto_column(runs)
-        if args.split_seeds > 1:
-            print(auto_spread(texture, runs, kinds, args.split_seeds))
     return columns
 
 
