@@ -98,9 +98,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--auto",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="choose the configuration and scorer by held-out validation, report on other "
-        "images (default: on where the category has at least 4 held-out normals and 4 "
-        "labelled defects; docs/accuracy.md)",
+        help="choose the configuration and scorer on every held-out normal and labelled "
+        "defect, and report that choice cross-fitted: made on one half, scored on the other "
+        "(default: on where the category has at least 4 held-out normals and 4 labelled "
+        "defects; docs/accuracy.md)",
     )
     group.add_argument(
         "--ensemble-member",

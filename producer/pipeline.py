@@ -31,6 +31,7 @@ from common.store.database import (
 )
 from common.store.schema import Model
 from common.store.workers import process_name
+from producer.answer_keys import AnswerKey
 from producer.fitting import FitPlan, fit_and_store
 from producer.progress import describe_progress, failure_examples, wait_for_run
 from producer.submission import Submission, broker_app, enqueue_pending, find_images, register_run
@@ -103,12 +104,15 @@ def run_pipeline(
     split: str = "all",
     policy: str | None = None,
     out_dir: Path | None = None,
+    answer_keys: Sequence[Path] = (),
 ) -> PipelineResult:
-    """fit (categories without a model) -> submit -> score -> aggregate, on `settings`.
+    """fit (categories without a model) -> submit -> score -> [record answer keys] ->
+    aggregate, on `settings`.
 
     Without a broker the batches are scored in this process; with one they are enqueued
     for `patchq worker` processes and this waits, following progress in the database.
     """
+    keys = [AnswerKey.read(source) for source in answer_keys]  # a wrong file fails now
     with open_database(settings.database_url) as (engine, sessions):
         records = discover(data, categories or None)
         print(summarize(records))
@@ -124,6 +128,8 @@ def run_pipeline(
         with sessions() as session:
             progress = run_progress(session, submission.run_id)
             print(describe_progress(progress, failure_examples(session, submission.run_id)))
+        for key in keys:
+            key.record(sessions, submission.run_id)
         aggregate(engine, submission.run_id, policy, out_dir)
     return PipelineResult(submission.run_id, submission.run_name, model_ids, progress, timings)
 

@@ -47,6 +47,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "memory-bank images never do)",
     )
     group.add_argument("--policy", help=f"threshold policy: {POLICY_HELP}")
+    group.add_argument(
+        "--labels",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="answer key for images fit never sees (a seed layout's test/): a .csv/.txt manifest "
+        "of paths with a label column (0/1 or good/bad); its labels are recorded as verdicts "
+        "before aggregating (repeatable)",
+    )
     group.add_argument("--out", type=Path, help="folder for predictions and the summary")
     group.add_argument("--refit", action="store_true", help="fit new models even where one exists")
 
@@ -74,4 +83,5 @@ def run_from_args(data: Path, args: argparse.Namespace, settings: Settings) -> N
         split=args.split,
         policy=args.policy,
         out_dir=args.out,
+        answer_keys=args.labels or (),
     )

@@ -100,6 +100,19 @@ def test_submit_without_broker_and_unknown_run_are_one_line(workdir: Path) -> No
     assert "run 'no-such-run' is not in the database" in line
 
 
+def test_a_missing_or_folder_answer_key_is_one_line_before_anything_is_scored(
+    tmp_path: Path,
+) -> None:
+    make_seed_layout(tmp_path / "data", "tex", n_good=4, n_bad=2, n_test=2, size=64)
+    (tmp_path / "folder").mkdir()
+    args = ["run", "data", "--run", "never", *MODEL_FLAGS]
+    line = _one_line_error(patchq(tmp_path, *args, "--labels", "no-such.csv"))
+    assert "no-such.csv: not found" in line
+    line = _one_line_error(patchq(tmp_path, *args, "--labels", "folder"))
+    assert "folder: --labels needs a .csv/.txt manifest" in line
+    assert not (tmp_path / "patchq.db").exists()  # nothing fitted, registered or scored
+
+
 def test_unreachable_broker_is_one_line(workdir: Path) -> None:
     down = {"PATCHQ_BROKER_URL": "redis://127.0.0.1:1/0"}
     for args in (["submit", "data", "--category", "tex"], ["run", "data", *MODEL_FLAGS]):
@@ -148,3 +161,31 @@ def test_aggregate_leaves_out_the_images_auto_chose_the_model_on(tmp_path: Path)
     # youden's pool: every labelled test image of the new lot.
     pool = re.search(r"= (\d+) labelled images of the run", run.stdout)
     assert pool and int(pool.group(1)) == 5 + 3 * len(DEFECT_KINDS)
+
+
+def test_an_answer_key_labels_the_test_images_once_and_they_count(tmp_path: Path) -> None:
+    # A seed layout's test/ is unlabelled on disk, so fit never validates on it; an answer key
+    # for it is recorded as verdicts, once however often the run is continued, and its images
+    # then count in the run's figures.
+    make_seed_layout(tmp_path / "data", "tex", n_good=10, n_bad=4, n_test=8, size=64)
+    rows = [f"data/tex/test/{i:03d}.png,{i % 2}" for i in range(7)] + ["data/tex/test/007.png,"]
+    (tmp_path / "answers.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    args = ["run", "data", "--run", "lot", "--labels", "answers.csv", "--out", "out"]
+    run = patchq(tmp_path, *args, *MODEL_FLAGS)
+    assert run.returncode == 0, run.stderr
+    assert "answer key answers.csv: 7 new labels of 7 recorded as verdicts" in run.stdout
+    assert "labels from review: 7" in run.stdout
+    pool = re.search(r"= (\d+) labelled images of the run", run.stdout)
+    assert pool and int(pool.group(1)) == 4 + 7  # train/bad and the answered test images
+    with sqlite3.connect(tmp_path / "patchq.db") as db:
+        verdicts = dict(
+            db.execute(
+                "SELECT i.path, r.verdict FROM reviews r JOIN images i ON i.id = r.image_id"
+            ).fetchall()
+        )
+    assert {Path(p).name: v for p, v in verdicts.items()} == {
+        f"{i:03d}.png": "defect" if i % 2 else "normal" for i in range(7)
+    }
+    again = patchq(tmp_path, *args, *MODEL_FLAGS)
+    assert again.returncode == 0, again.stderr
+    assert "answer key answers.csv: 0 new labels of 7 recorded" in again.stdout

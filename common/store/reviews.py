@@ -6,12 +6,17 @@ transaction.
 
 from __future__ import annotations
 
-from sqlalchemy import Select, func, select
+from collections.abc import Mapping
+
+from sqlalchemy import Select, func, insert, select
 from sqlalchemy.orm import Session
 
 from common.errors import PatchqError
 from common.store.review_schema import VERDICTS, Review
 from common.store.schema import Image
+
+_VERDICT_OF = {0: "normal", 1: "defect"}  # a known label as the verdict a reviewer would give
+_PATHS_PER_QUERY = 500  # well inside both dialects' parameter limits
 
 
 class ReviewError(PatchqError):
@@ -46,3 +51,30 @@ def latest_verdicts(session: Session, run_id: int, category: str | None = None) 
     if category is not None:
         query = query.join(Image, Image.id == Review.image_id).where(Image.category == category)
     return {image_id: verdict for image_id, verdict in session.execute(query)}
+
+
+def record_known_labels(
+    session: Session, run_id: int, labels: Mapping[str, int], reviewer: str
+) -> int:
+    """Record labels known from elsewhere (absolute image path -> 0 normal / 1 defect, e.g. an
+    inspection lab's answer key) as ``reviewer``'s verdicts on the run's images, once each: an
+    image that already has a verdict by ``reviewer`` keeps it, so recording the same answers
+    again adds nothing. Paths not in the run are ignored. Returns how many were recorded."""
+    paths = list(labels)
+    rows = []
+    for start in range(0, len(paths), _PATHS_PER_QUERY):
+        chunk = paths[start : start + _PATHS_PER_QUERY]
+        known = select(Review.image_id).where(Review.run_id == run_id, Review.reviewer == reviewer)
+        found = session.execute(
+            select(Image.id, Image.path).where(
+                Image.run_id == run_id, Image.path.in_(chunk), Image.id.not_in(known)
+            )
+        )
+        rows += [
+            {"run_id": run_id, "image_id": image_id, "verdict": _VERDICT_OF[labels[path]],
+             "reviewer": reviewer}
+            for image_id, path in found
+        ]  # fmt: skip
+    if rows:
+        session.execute(insert(Review), rows)
+    return len(rows)
