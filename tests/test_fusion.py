@@ -7,6 +7,7 @@ import pytest
 from scipy.stats import chi2
 
 from common.engine.normalise import TailModel, fuse_tail
+from common.engine.patchcore import PatchCoreConfig
 from common.errors import PatchqError
 
 NORMALS = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
@@ -18,11 +19,30 @@ def test_below_the_median_the_tail_is_empirical_and_never_zero() -> None:
     np.testing.assert_allclose(np.exp(tail.log_p(np.array([2.0, 0.0]))), [0.9, 1.0])
 
 
-def test_above_the_median_the_tail_is_exponential_with_the_mean_excess() -> None:
+def test_above_the_median_the_tail_is_exponential_with_the_normals_spread() -> None:
     tail = TailModel.from_scores(NORMALS)
-    assert tail.threshold == 5.0 and tail.mean_excess == pytest.approx(2.5)  # mean of 1..4
+    assert tail.threshold == 5.0 and tail.scale == pytest.approx(np.std(NORMALS, ddof=1))
     p_at_u = 6 / 10
-    np.testing.assert_allclose(np.exp(tail.log_p(np.array([10.0]))), p_at_u * np.exp(-5 / 2.5))
+    expected = p_at_u * np.exp(-5 / np.std(NORMALS, ddof=1))
+    np.testing.assert_allclose(np.exp(tail.log_p(np.array([10.0]))), expected)
+
+
+def test_models_saved_before_keep_the_mean_excess_scale() -> None:
+    tail = TailModel.from_scores(NORMALS, "mean-excess")
+    assert tail.scale == pytest.approx(2.5)  # the mean of the excesses 1..4 over the median
+    np.testing.assert_allclose(np.exp(tail.log_p(np.array([10.0]))), 6 / 10 * np.exp(-5 / 2.5))
+    assert PatchCoreConfig.from_dict({"fusion": "min-p"}).tail_scale == "mean-excess"
+    assert PatchCoreConfig().tail_scale == "std"
+    with pytest.raises(PatchqError, match="tail scale must be one of std, mean-excess"):
+        PatchCoreConfig(tail_scale="iqr")
+
+
+def test_a_thin_upper_half_does_not_make_a_thin_tail() -> None:
+    # Four upper normals close together: their mean excess is small, the spread of all is not.
+    normals = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 4.1, 4.2, 4.3, 4.4])
+    new = TailModel.from_scores(normals).log_p(np.array([6.0]))[0]
+    before = TailModel.from_scores(normals, "mean-excess").log_p(np.array([6.0]))[0]
+    assert before < -8 and new > -2  # a new normal at 6 was a one-in-5,000 event; now 1 in 6
 
 
 def test_scores_beyond_every_normal_keep_their_order() -> None:
@@ -34,7 +54,7 @@ def test_scores_beyond_every_normal_keep_their_order() -> None:
 
 def test_identical_normals_still_give_a_usable_tail() -> None:
     tail = TailModel.from_scores(np.full(5, 3.0))
-    assert tail.mean_excess > 0
+    assert tail.scale > 0
     assert tail.log_p(np.array([4.0]))[0] < tail.log_p(np.array([3.0]))[0]
 
 

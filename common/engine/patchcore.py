@@ -30,7 +30,14 @@ from common.engine.features import BORDERS, REFLECT_PAD, PatchFeatureExtractor
 from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
 from common.engine.memory_bank import MemoryBank
 from common.engine.normalise import FUSIONS as Z_FUSIONS
-from common.engine.normalise import TAIL_FUSIONS, Normaliser, TailModel, fuse, fuse_tail
+from common.engine.normalise import (
+    TAIL_FUSIONS,
+    TAIL_SCALES,
+    Normaliser,
+    TailModel,
+    fuse,
+    fuse_tail,
+)
 from common.engine.tiling import tiled_features
 from common.errors import PatchqError
 
@@ -68,6 +75,8 @@ class PatchCoreConfig:
     # How the 3x3 patch average treats the image edge (common/engine/features.py).
     border: str = "zeros"
     fusion: str = "min-p"
+    # The tail probabilities' scale (common/engine/normalise.py TailModel).
+    tail_scale: str = "std"
 
     def __post_init__(self) -> None:
         spec = backbone_spec(self.backbone)
@@ -88,6 +97,10 @@ class PatchCoreConfig:
             )
         if self.fusion not in FUSIONS:
             raise PatchqError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.tail_scale not in TAIL_SCALES:
+            raise PatchqError(
+                f"tail scale must be one of {', '.join(TAIL_SCALES)}, got {self.tail_scale!r}"
+            )
         if self.border not in BORDERS:
             raise PatchqError(f"border must be one of {', '.join(BORDERS)}, got {self.border!r}")
         if self.border == "reflect" and REFLECT_PAD % min(spec.strides[n] for n in self.layers):
@@ -132,6 +145,8 @@ class PatchCoreConfig:
         # Before artifact version 4: border averages of real neighbours, z-score max fusion.
         values.setdefault("border", "mean")
         values.setdefault("fusion", "max")
+        # Before tail scales were named: the mean excess over the median.
+        values.setdefault("tail_scale", "mean-excess")
         return cls(**values)  # type: ignore[arg-type]
 
 
@@ -324,7 +339,8 @@ class PatchCore:
 
     def part_log_p(self, *scores: np.ndarray) -> np.ndarray:
         """(parts, B) log tail probabilities of each raw part under the held-out normals."""
-        return self._per_part(lambda normals: TailModel.from_scores(normals).log_p, scores)
+        scale = self.config.tail_scale
+        return self._per_part(lambda normals: TailModel.from_scores(normals, scale).log_p, scores)
 
     def _per_part(
         self,
