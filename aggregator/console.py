@@ -20,7 +20,10 @@ def describe_category(result: CategoryResult) -> str:
         f"   evaluation (figures below from):   {row['evaluation_set']}",
     ]
     if data.n_review_labels:
-        lines.append(f"   labels from review: {data.n_review_labels} (`patchq review` verdicts)")
+        lines.append(
+            f"   labels from verdicts: {data.n_review_labels} "
+            "(`patchq review`, `patchq run --labels` answer keys)"
+        )
     if result.choice.note:
         lines.append(f"   note: {result.choice.note}")
     if data.n_failed or data.n_pending:

@@ -15,8 +15,8 @@ from common.engine.auto import (
     calibrated,
     can_choose,
     choose,
+    cross_fit_halves,
     fine,
-    nested_split,
     small,
 )
 from common.engine.fit import FitError, FitResult, fit_category
@@ -27,12 +27,12 @@ from tests.synthetic import make_seed_layout
 BASE = PatchCoreConfig(image_size=64, coreset_ratio=0.25)
 
 
-def test_nested_split_halves_are_disjoint_seeded_and_complete() -> None:
-    a, b = nested_split(9, ["bad"] * 12, seed=3)
+def test_the_halves_are_disjoint_seeded_and_complete() -> None:
+    a, b = cross_fit_halves(9, ["bad"] * 12, seed=3)
     assert set(a.normal).isdisjoint(b.normal) and set(a.defect).isdisjoint(b.defect)
     assert sorted([*a.normal, *b.normal]) == list(range(9))
     assert sorted([*a.defect, *b.defect]) == list(range(12))
-    again = nested_split(9, ["bad"] * 12, seed=3)[1]
+    again = cross_fit_halves(9, ["bad"] * 12, seed=3)[1]
     np.testing.assert_array_equal(again.normal, b.normal)
     np.testing.assert_array_equal(again.defect, b.defect)
 
@@ -42,15 +42,15 @@ def test_with_one_defect_kind_the_halves_are_the_shuffles_first_and_second_half(
     rng = np.random.default_rng(5)
     rng.permutation(10)  # the normals' shuffle comes first
     defects = rng.permutation(7)
-    a, b = nested_split(10, ["bad"] * 7, seed=5)
+    a, b = cross_fit_halves(10, ["bad"] * 7, seed=5)
     np.testing.assert_array_equal(a.defect, np.sort(defects[:4]))
     np.testing.assert_array_equal(b.defect, np.sort(defects[4:]))
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_nested_split_halves_every_defect_kind(seed: int) -> None:
+def test_the_halves_split_every_defect_kind(seed: int) -> None:
     kinds = ["scratch"] * 4 + ["dent"] * 3 + ["spot"] * 5 + ["stain"] * 1 + ["crack"] * 3
-    a, b = nested_split(8, kinds, seed)
+    a, b = cross_fit_halves(8, kinds, seed)
     assert sorted([*a.defect, *b.defect]) == list(range(len(kinds)))
     assert len(a.defect) - len(b.defect) in (0, 1)
     for kind in set(kinds):
@@ -78,7 +78,7 @@ def test_small_candidate_is_stride_8_alone_larger_with_mirrored_edges_and_the_sa
 
 def test_too_few_validation_images_is_a_clear_error() -> None:
     with pytest.raises(FitError, match="--auto needs at least 4"):
-        nested_split(3, ["bad"] * 10, seed=0)
+        cross_fit_halves(3, ["bad"] * 10, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def chosen(fits: dict[str, FitResult]) -> AutoFit:
 
 def _halves(chosen: AutoFit) -> tuple[Rows, Rows]:
     parts = chosen.fit.parts
-    return nested_split(len(parts["normal"]), chosen.fit.defect_kinds, BASE.seed + 1)
+    return cross_fit_halves(len(parts["normal"]), chosen.fit.defect_kinds, BASE.seed + 1)
 
 
 def _every(chosen: AutoFit) -> Rows:

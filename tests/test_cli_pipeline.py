@@ -174,7 +174,7 @@ def test_an_answer_key_labels_the_test_images_once_and_they_count(tmp_path: Path
     run = patchq(tmp_path, *args, *MODEL_FLAGS)
     assert run.returncode == 0, run.stderr
     assert "answer key answers.csv: 7 new labels of 7 recorded as verdicts" in run.stdout
-    assert "labels from review: 7" in run.stdout
+    assert "labels from verdicts: 7" in run.stdout
     pool = re.search(r"= (\d+) labelled images of the run", run.stdout)
     assert pool and int(pool.group(1)) == 4 + 7  # train/bad and the answered test images
     with sqlite3.connect(tmp_path / "patchq.db") as db:

@@ -24,6 +24,9 @@ Exemplars (common/engine/global_scorer.py) were added to version 4 without a ver
 model without them scores exactly as before, so every older version-4 file reads unchanged. The
 cost: a patchq from before them reads an updated model but ignores its exemplars (it scores the
 whole-image parts as the model before the update did), so upgrade workers before `fit --update`.
+The config's ``tail_scale`` came the same way: a version-4 config without it keeps the
+mean-excess tails (PatchCoreConfig.from_dict) and scores as before, while a patchq from before
+it refuses a config that has it ("unknown model settings"), so upgrade workers before fitting.
 
 The three global arrays come together or not at all; a model without them scores with the
 patch scorer only. The two pixel arrays need the global ones. Version 2 (no pixel part) is

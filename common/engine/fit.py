@@ -64,7 +64,7 @@ class FitResult:
     # choice made on some rows (--auto) must keep out of later evaluations.
     row_paths: dict[str, tuple[Path, ...]] = field(default_factory=dict)
     # The defect kind (ImageRecord.defect_type) of each "anomalous" row: --auto gives every
-    # kind its share of the half it chooses on and of the half it reports on.
+    # kind its share of each half its figure is cross-fitted on.
     defect_kinds: tuple[str, ...] = ()
 
 
