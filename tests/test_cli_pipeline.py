@@ -189,3 +189,12 @@ def test_an_answer_key_labels_the_test_images_once_and_they_count(tmp_path: Path
     again = patchq(tmp_path, *args, *MODEL_FLAGS)
     assert again.returncode == 0, again.stderr
     assert "answer key answers.csv: 0 new labels of 7 recorded" in again.stdout
+
+
+def test_the_demo_judges_its_models_on_test_cells_by_their_answer_key(tmp_path: Path) -> None:
+    args = ["demo", "--root", "demo", "--limit", "40", "--category", "mono", "--out", "out"]
+    run = patchq(tmp_path, *args, *MODEL_FLAGS)
+    assert run.returncode == 0, run.stderr
+    key = re.search(r"answer key demo/mono/test_labels.csv: (\d+) new labels of (\d+)", run.stdout)
+    assert key and int(key.group(1)) == int(key.group(2)) > 0
+    assert f"labels from verdicts: {key.group(1)}" in run.stdout

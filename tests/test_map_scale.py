@@ -90,7 +90,8 @@ def test_score_name_follows_the_models_scorer(scorer: str, neighbors: int, expec
 
 
 def test_real_run_maps_normal_cool_and_defects_warm(tmp_path: Path) -> None:
-    """On a real fitted run: test/good maps mostly below the top of normal, defects above it."""
+    """On a real fitted run: test/good maps below the hottest colour, defects above the top of
+    normal."""
     dataset = build_dataset(tmp_path / "data")
     engine = make_engine(f"sqlite:///{tmp_path / 'patchq.db'}")
     run_id = populate(engine, dataset)
@@ -108,7 +109,10 @@ def test_real_run_maps_normal_cool_and_defects_warm(tmp_path: Path) -> None:
     peaks = tex.patch_maps.reshape(len(labels), -1).max(axis=1)
     test_good = peaks[(labels == 0) & (splits == "test")]
     defects = peaks[labels == 1]
-    assert (test_good <= scale.normal_top).mean() >= 0.5
+    # No normal map saturates, and most defects sit in the warm half. (Not "most normals below
+    # the top of normal": with 3 held-out normals a new one exceeds their p99 with chance 1/4,
+    # and 4 or more of 6 did so on one machine's arithmetic.)
+    assert test_good.max() < scale.hottest
     assert np.median(defects) > scale.normal_top
     result = evaluate_category(data, parse_policy("youden"))
     by_path = {str(r.path): m for r, m in zip(tex.records, tex.patch_maps, strict=True)}
