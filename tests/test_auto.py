@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -191,6 +193,22 @@ def test_the_reported_figure_is_cross_fitted_on_the_two_halves(
     assert set(auto["report_auroc_by_kind"]) == {"scratch", "spot"}
     for kind, auroc in auto["report_auroc_by_kind"].items():
         assert auroc == pytest.approx(np.mean([f["auroc_by_kind"][kind] for f in folds]))
+
+
+def test_a_defect_kind_of_one_image_is_reported_by_the_fold_that_scored_it(
+    fits: dict[str, FitResult],
+) -> None:
+    # Relabel one defect as a kind of its own: it lies in one half, so one fold reports it.
+    def one_crack(fit: FitResult) -> FitResult:
+        return dataclasses.replace(fit, defect_kinds=("crack", *fit.defect_kinds[1:]))
+
+    chosen = choose({name: one_crack(fit) for name, fit in fits.items()}, BASE.seed + 1)
+    folds = chosen.validation["auto"]["folds"]
+    with_crack = [fold for fold in folds if "crack" in fold["auroc_by_kind"]]
+    assert len(with_crack) == 1
+    by_kind = chosen.validation["auto"]["report_auroc_by_kind"]
+    assert by_kind["crack"] == with_crack[0]["auroc_by_kind"]["crack"]
+    assert set(by_kind) == {"crack", "scratch", "spot"}
 
 
 def test_the_stored_model_is_calibrated_on_every_held_out_normal(chosen: AutoFit) -> None:

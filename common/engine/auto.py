@@ -215,10 +215,7 @@ def choose(fits: dict[str, FitResult], seed: int) -> AutoFit:
             # Each half scored by the candidate the same procedure chose on the other half.
             "folds": folds,
             # One pooled figure hides a kind the model misses among kinds it finds.
-            "report_auroc_by_kind": {
-                kind: _mean(fold["auroc_by_kind"][kind] for fold in folds)
-                for kind in folds[0]["auroc_by_kind"]
-            },
+            "report_auroc_by_kind": _mean_by_kind(folds),
             # Every validation image chose the model: a run that scores them later must not
             # count them (`patchq aggregate` leaves them out).
             "selection_paths": selection_paths(fit),
@@ -257,6 +254,16 @@ def _fold(fits: dict[str, FitResult], choose_on: Rows, report_on: Rows) -> dict[
         "average_precision": metrics["average_precision"],
         "auroc_by_kind": _auroc_by_kind(normal, defect, kinds),
         "n_report": [len(normal), len(defect)],
+    }
+
+
+def _mean_by_kind(folds: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Each defect kind's AUROC averaged over the folds that scored it: a kind of one image
+    lies in one half, so only the fold reporting on that half has it."""
+    kinds = sorted({kind for fold in folds for kind in fold["auroc_by_kind"]})
+    return {
+        kind: _mean(fold["auroc_by_kind"][kind] for fold in folds if kind in fold["auroc_by_kind"])
+        for kind in kinds
     }
 
 
