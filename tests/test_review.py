@@ -30,7 +30,7 @@ from aggregator.aggregate import aggregate_run
 from common.engine.artifact import load_artifact
 from common.store.database import load_model_bytes, make_engine
 from common.store.review_schema import Review
-from common.store.reviews import ReviewError, add_verdict, latest_verdicts
+from common.store.reviews import ReviewError, add_verdict, latest_verdicts, record_known_labels
 from common.store.schema import Image, Model, Run
 from producer.cli import main
 from producer.fit_update import reviewed_images
@@ -379,6 +379,34 @@ def test_verdicts_keep_history_and_the_latest_wins(engine: Engine) -> None:
             add_verdict(session, run_ids[1], image.id, "normal", "bob")
         with pytest.raises(ReviewError, match="verdict must be one of"):
             add_verdict(session, run_ids[0], image.id, "skip", "bob")
+
+
+def test_known_labels_are_recorded_once_per_reviewer_on_both_dialects(engine: Engine) -> None:
+    with Session(engine) as session, session.begin():
+        run = Run(name="lot", source="/data", batch_size=8)
+        model = Model(
+            category="c", backbone="b", content_hash="0" * 64, artifact=b"x", config={},
+            validation=None, bank_size=1,
+        )  # fmt: skip
+        session.add_all([run, model])
+        session.flush()
+        for i in range(3):
+            session.add(Image(run_id=run.id, category="c", path=f"/d/{i}.png", model_id=model.id))
+        session.flush()
+        labels = {"/d/0.png": 1, "/d/1.png": 0, "/elsewhere.png": 1}
+        assert record_known_labels(session, run.id, labels, "answer key a.csv") == 2
+        assert record_known_labels(session, run.id, labels, "answer key a.csv") == 0  # once
+        add_verdict(session, run.id, _image_id(session, "/d/0.png"), "normal", "alice")
+        assert record_known_labels(session, run.id, {"/d/0.png": 1}, "answer key b.csv") == 1
+        verdicts = latest_verdicts(session, run.id)
+        assert verdicts == {
+            _image_id(session, "/d/0.png"): "defect",  # b.csv's verdict came last
+            _image_id(session, "/d/1.png"): "normal",
+        }
+
+
+def _image_id(session: Session, path: str) -> int:
+    return session.scalar(select(Image.id).where(Image.path == path))
 
 
 def test_fit_update_without_reviewed_normals_is_one_line(served: Served, capsys) -> None:
