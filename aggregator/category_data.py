@@ -18,11 +18,11 @@ from aggregator.metrics import check_scores
 from aggregator.pixel_metrics import PixelMetrics, pixel_metrics
 from common.engine.model_file import ModelReference, read_model_reference
 from common.engine.normalise import TAIL_FUSIONS
-from common.store.database import decode_array, run_progress
+from common.store.database import QUERY_CHUNK, decode_array, image_ids_by_path, run_progress
+from common.store.review_schema import VERDICT_LABELS
 from common.store.reviews import latest_verdicts
 from common.store.schema import Image, Model, Score
 
-QUERY_CHUNK = 500  # ids per IN (...) list, well inside both dialects' parameter limits
 READ_CHUNK_ROWS = 100_000  # rows per fetch when streaming a category's scores
 
 
@@ -108,13 +108,7 @@ def _stand_in_normals(calibration: np.ndarray, auto: dict[str, Any]) -> np.ndarr
 def _chose_model_ids(session: Session, run_id: int, paths: Sequence[str]) -> np.ndarray:
     """Ids of this run's images among `paths`, the images `fit --auto` chose the model on
     (matched by absolute path, as both fit and runs record them)."""
-    ids: list[int] = []
-    for start in range(0, len(paths), QUERY_CHUNK):
-        chunk = paths[start : start + QUERY_CHUNK]
-        ids += session.scalars(
-            select(Image.id).where(Image.run_id == run_id, Image.path.in_(chunk))
-        ).all()
-    return np.asarray(sorted(ids), np.int64)
+    return np.asarray(sorted(image_ids_by_path(session, run_id, paths).values()), np.int64)
 
 
 def score_name(model: ModelReference) -> str:
@@ -173,9 +167,6 @@ def image_files(session: Session, ids: Sequence[int]) -> dict[int, ImageFiles]:
     return files
 
 
-_VERDICT_LABELS = {"normal": 0, "defect": 1}
-
-
 def _with_verdicts(
     ids: np.ndarray, labels: np.ndarray, verdicts: dict[int, str]
 ) -> tuple[np.ndarray, int]:
@@ -184,7 +175,7 @@ def _with_verdicts(
     if not verdicts:
         return labels, 0
     reviewed = np.fromiter(verdicts, np.int64, count=len(verdicts))
-    values = np.array([_VERDICT_LABELS.get(v, -1) for v in verdicts.values()], np.int64)
+    values = np.array([VERDICT_LABELS.get(v, -1) for v in verdicts.values()], np.int64)
     at = np.minimum(np.searchsorted(ids, reviewed), max(len(ids) - 1, 0))
     scored = (ids[at] == reviewed) if len(ids) else np.zeros(len(reviewed), bool)
     at, values = at[scored], values[scored]

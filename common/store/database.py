@@ -100,6 +100,9 @@ def decode_array(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(data, dtype=_ARRAY_DTYPE).reshape(shape).astype(np.float32)
 
 
+QUERY_CHUNK = 500  # values per IN (...) list, well inside both dialects' parameter limits
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url`, tuned per dialect and checked to connect, else DatabaseError.
 
@@ -382,6 +385,17 @@ def count_images(session: Session, run_id: int, status: str) -> int:
     return session.scalar(
         select(func.count()).where(Image.run_id == run_id, Image.status == status)
     )
+
+
+def image_ids_by_path(session: Session, run_id: int, paths: Sequence[str]) -> dict[str, int]:
+    """The run's image id of each of ``paths`` that it holds (absolute paths, as runs register
+    them), queried QUERY_CHUNK at a time."""
+    found: dict[str, int] = {}
+    for start in range(0, len(paths), QUERY_CHUNK):
+        chunk = paths[start : start + QUERY_CHUNK]
+        query = select(Image.path, Image.id).where(Image.run_id == run_id, Image.path.in_(chunk))
+        found |= dict(session.execute(query).tuples().all())
+    return found
 
 
 def images_by_id(session: Session, ids: Sequence[int]) -> list[Image]:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from common.store.schema import Base, UtcDateTime, utcnow
 
 VERDICTS = ("defect", "normal")  # normal = a false alarm when the image was flagged
+VERDICT_LABELS = {"defect": 1, "normal": 0}  # a verdict as the label it gives an image
 
 
 class Review(Base):

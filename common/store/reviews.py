@@ -12,11 +12,9 @@ from sqlalchemy import Select, func, insert, select
 from sqlalchemy.orm import Session
 
 from common.errors import PatchqError
-from common.store.review_schema import VERDICTS, Review
+from common.store.database import image_ids_by_path
+from common.store.review_schema import VERDICT_LABELS, VERDICTS, Review
 from common.store.schema import Image
-
-_VERDICT_OF = {0: "normal", 1: "defect"}  # a known label as the verdict a reviewer would give
-_PATHS_PER_QUERY = 500  # well inside both dialects' parameter limits
 
 
 class ReviewError(PatchqError):
@@ -60,21 +58,19 @@ def record_known_labels(
     inspection lab's answer key) as ``reviewer``'s verdicts on the run's images, once each: an
     image that already has a verdict by ``reviewer`` keeps it, so recording the same answers
     again adds nothing. Paths not in the run are ignored. Returns how many were recorded."""
-    paths = list(labels)
-    rows = []
-    for start in range(0, len(paths), _PATHS_PER_QUERY):
-        chunk = paths[start : start + _PATHS_PER_QUERY]
-        known = select(Review.image_id).where(Review.run_id == run_id, Review.reviewer == reviewer)
-        found = session.execute(
-            select(Image.id, Image.path).where(
-                Image.run_id == run_id, Image.path.in_(chunk), Image.id.not_in(known)
-            )
+    ids = image_ids_by_path(session, run_id, list(labels))
+    done = set(
+        session.scalars(
+            select(Review.image_id).where(Review.run_id == run_id, Review.reviewer == reviewer)
         )
-        rows += [
-            {"run_id": run_id, "image_id": image_id, "verdict": _VERDICT_OF[labels[path]],
-             "reviewer": reviewer}
-            for image_id, path in found
-        ]  # fmt: skip
+    )
+    verdict_of = {label: verdict for verdict, label in VERDICT_LABELS.items()}
+    rows = [
+        {"run_id": run_id, "image_id": image_id, "verdict": verdict_of[labels[path]],
+         "reviewer": reviewer}
+        for path, image_id in ids.items()
+        if image_id not in done
+    ]  # fmt: skip
     if rows:
         session.execute(insert(Review), rows)
     return len(rows)
