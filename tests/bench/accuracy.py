@@ -27,6 +27,7 @@ import argparse
 import csv
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,9 +177,9 @@ def bench_config(
     return ConfigRun(fit, parts, 1000 * per_image)
 
 
-def auto_column(runs: dict[str, ConfigRun]) -> dict[str, np.ndarray]:
+def auto_column(runs: dict[str, ConfigRun]) -> tuple[str, dict[str, np.ndarray]]:
     """--auto's choice among the fitted candidates, made on their validation images (train/bad
-    defects + held-out normals), scored on the test images."""
+    defects + held-out normals), and its scores of the test images."""
     candidates = {name: runs[name].fit for name in CANDIDATES}
     chosen = choose(candidates, seed=1)
     record = chosen.validation["auto"]
@@ -192,7 +193,9 @@ def auto_column(runs: dict[str, ConfigRun]) -> dict[str, np.ndarray]:
         f"AUROC {chosen.validation['auroc']:.3f} (the folds chose {folds})"
     )
     test_parts = runs[chosen.chosen.split()[0]].parts
-    return {kind: chosen.model.combine(*parts.T) for kind, parts in test_parts.items()}
+    return chosen.chosen, {
+        kind: chosen.model.combine(*parts.T) for kind, parts in test_parts.items()
+    }
 
 
 def main() -> None:
@@ -224,12 +227,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # texture -> column -> family -> one test AUROC per draw
     families: dict[str, dict[str, dict[str, list[float]]]] = {}
+    choices: dict[str, Counter[str]] = {}  # texture -> what --auto chose, how often
     for draw in args.draw:
         for texture in args.textures.split(","):
             if texture in ELPV and draw != args.draw[0]:
                 continue  # the elpv demo set is the same on every draw
             with tempfile.TemporaryDirectory() as folder:
-                columns, kinds = bench_draw(texture, draw, Path(folder), args)
+                columns, kinds, chosen = bench_draw(texture, draw, Path(folder), args)
+            choices.setdefault(texture, Counter()).update([chosen] if chosen else [])
             print(f"\n{texture}, draw {draw}\n\n" + _table(columns, kinds))
             for name, scores in columns.items():
                 by_family = families.setdefault(texture, {}).setdefault(name, {})
@@ -238,6 +243,9 @@ def main() -> None:
     if len(args.draw) > 1:
         for texture, columns in families.items():
             print(f"\n{texture}, draws {args.draw[0]}-{args.draw[-1]}\n\n" + _summary(columns))
+            if choices[texture]:
+                tally = ", ".join(f"{n} on {k}" for n, k in choices[texture].most_common())
+                print(f"--auto chose {tally}")
 
 
 def _draws(text: str) -> range:
@@ -248,9 +256,9 @@ def _draws(text: str) -> range:
 
 def bench_draw(
     texture: str, draw: int, folder: Path, args: argparse.Namespace
-) -> tuple[dict[str, dict[str, np.ndarray]], tuple[str, ...]]:
+) -> tuple[dict[str, dict[str, np.ndarray]], tuple[str, ...], str | None]:
     """One texture's images (synthetic ones written under ``folder``) benched: every column's
-    test scores per kind, and the kinds."""
+    test scores per kind, the kinds, and --auto's choice where it chose."""
     if texture in ELPV:
         train, test = elpv_set(args.elpv, texture, args.elpv_train)
         kinds: tuple[str, ...] = ("defect",)
@@ -260,7 +268,8 @@ def bench_draw(
             folder, texture, size, args.train, args.normals, args.per_kind, args.labelled, draw
         )
         kinds = TEXTURES[texture][2]
-    return bench_texture(texture, kinds, args, train, test), kinds
+    columns, chosen = bench_texture(texture, kinds, args, train, test)
+    return columns, kinds, chosen
 
 
 def bench_texture(
@@ -269,8 +278,9 @@ def bench_texture(
     args: argparse.Namespace,
     train: list[ImageRecord],
     test: dict[str, list[ImageRecord]],
-) -> dict[str, dict[str, np.ndarray]]:
-    """column -> kind -> test scores, for every configuration x method, and --auto."""
+) -> tuple[dict[str, dict[str, np.ndarray]], str | None]:
+    """column -> kind -> test scores, for every configuration x method, and --auto; and what
+    --auto chose (None where it could not choose)."""
     columns: dict[str, dict[str, np.ndarray]] = {}
     runs: dict[str, ConfigRun] = {}
     for name in args.configs.split(","):
@@ -283,9 +293,10 @@ def bench_texture(
             f"scoring CPU {run.ms_per_image:.0f} ms/image\n" + _table(columns, kinds),
             flush=True,
         )
-    if set(CANDIDATES) <= set(runs) and any(r.label == 1 for r in train):
-        columns["auto"] = auto_column(runs)
-    return columns
+    if not (set(CANDIDATES) <= set(runs) and any(r.label == 1 for r in train)):
+        return columns, None
+    chosen, columns["auto"] = auto_column(runs)
+    return columns, chosen
 
 
 def _table(columns: dict[str, dict[str, np.ndarray]], kinds: tuple[str, ...]) -> str:
