@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import tempfile
 import time
 from collections import Counter
@@ -40,7 +41,7 @@ from common.data.layouts import ImageRecord, discover
 from common.engine.auto import CANDIDATES, choose, fine, small
 from common.engine.fit import FitResult, fit_category, score_records
 from common.engine.normalise import fuse, fuse_tail
-from common.engine.patchcore import PatchCore, PatchCoreConfig
+from common.engine.patchcore import PRECISIONS, PatchCore, PatchCoreConfig, use_bfloat16
 from producer.demo_data import write_elpv_demo
 from tests.bench.generators import (
     FAMILY,
@@ -221,6 +222,13 @@ def main() -> None:
     )
     parser.add_argument("--textures", default="stripes,grain", help=", ".join(TEXTURES))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="backbone arithmetic for every configuration (default auto, what fit uses: "
+        "bfloat16 on CPUs with AVX512-BF16/AMX); float32 gives the same figures on every machine",
+    )
     parser.add_argument("--elpv", type=Path, default=Path("demo-data-full"), help="demo folder")
     parser.add_argument("--elpv-train", type=int, help="cap on elpv train/good cells (seeded)")
     args = parser.parse_args()
@@ -285,11 +293,12 @@ def bench_texture(
     runs: dict[str, ConfigRun] = {}
     for name in args.configs.split(","):
         start = time.perf_counter()
-        run = runs[name] = bench_config(CONFIGS[name], train, test, args.holdout)
+        config = dataclasses.replace(CONFIGS[name], precision=args.precision)
+        run = runs[name] = bench_config(config, train, test, args.holdout)
         per_kind = {k: method_scores(run.fit.model, p) for k, p in run.parts.items()}
         columns |= {f"{name} {m}": {k: s[m] for k, s in per_kind.items()} for m in METHODS}
         print(
-            f"{texture} {name}: {time.perf_counter() - start:.0f} s, "
+            f"{texture} {name} ({_arithmetic(config)}): {time.perf_counter() - start:.0f} s, "
             f"scoring CPU {run.ms_per_image:.0f} ms/image\n" + _table(columns, kinds),
             flush=True,
         )
@@ -297,6 +306,12 @@ def bench_texture(
         return columns, None
     chosen, columns["auto"] = auto_column(runs)
     return columns, chosen
+
+
+def _arithmetic(config: PatchCoreConfig) -> str:
+    """What the backbone computes in on this machine: the same seeds give other banks, and so
+    other figures, in bfloat16 than in float32 (docs/accuracy.md)."""
+    return "bfloat16" if use_bfloat16(config.precision, torch.device("cpu")) else "float32"
 
 
 def _table(columns: dict[str, dict[str, np.ndarray]], kinds: tuple[str, ...]) -> str:
