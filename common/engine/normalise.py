@@ -78,8 +78,8 @@ class TailModel:
     tail, a new normal beyond them scored as a one-in-ten-thousand event, and under min-p that
     one part's chance outlier outranked defects another part found (stripes draw 4: `small`
     fused tiny 0.766 while its s* alone scored 0.969). The standard deviation uses all n.
-    Measured on 14 draws of tests/bench (docs/accuracy.md): --auto's tiny defects 0.907 ->
-    0.945 and 0.920 -> 0.940, whole-image defects level, elpv within 0.006.
+    Measured on 14 draws of tests/bench in float32 (docs/accuracy.md): --auto's tiny defects
+    0.907 -> 0.945 and 0.920 -> 0.940, whole-image defects level, elpv within 0.006.
     """
 
     normals: np.ndarray  # sorted held-out normal scores
