@@ -257,8 +257,10 @@ def main() -> None:
 
 
 def _draws(text: str) -> range:
-    """ "N" or "FIRST-LAST" (inclusive) as a range of draws."""
+    """A draw "N", or the draws "FIRST-LAST" (inclusive)."""
     first, _, last = text.partition("-")
+    if not (first.isdigit() and (last or first).isdigit()) or int(last or first) < int(first):
+        raise argparse.ArgumentTypeError(f"N or FIRST-LAST (e.g. 0-29), got {text!r}")
     return range(int(first), int(last or first) + 1)
 
 
