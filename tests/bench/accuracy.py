@@ -259,9 +259,10 @@ def main() -> None:
 def _draws(text: str) -> range:
     """A draw "N", or the draws "FIRST-LAST" (inclusive)."""
     first, _, last = text.partition("-")
-    if not (first.isdigit() and (last or first).isdigit()) or int(last or first) < int(first):
+    last = last or first
+    if not (first.isdigit() and last.isdigit()) or int(last) < int(first):
         raise argparse.ArgumentTypeError(f"N or FIRST-LAST (e.g. 0-29), got {text!r}")
-    return range(int(first), int(last or first) + 1)
+    return range(int(first), int(last) + 1)
 
 
 def bench_draw(
@@ -316,9 +317,14 @@ def _arithmetic(config: PatchCoreConfig) -> str:
     return "bfloat16" if use_bfloat16(config.precision, torch.device("cpu")) else "float32"
 
 
+def _header(first: str, names: list[str]) -> list[str]:
+    """A markdown table's header and rule: ``first`` over the row labels, then one per column."""
+    return ["| " + " | ".join([first, *names]) + " |", "|---" * (len(names) + 1) + "|"]
+
+
 def _table(columns: dict[str, dict[str, np.ndarray]], kinds: tuple[str, ...]) -> str:
     names = list(columns)
-    lines = ["| defect kind | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines = _header("defect kind", names)
     for kind in kinds:
         row = [_auroc(columns[n]["good"], columns[n][kind]) for n in names]
         lines.append(
@@ -340,7 +346,7 @@ def _summary(columns: dict[str, dict[str, list[float]]]) -> str:
     """Per family (rows) and column: mean test AUROC over the draws, the lowest, and on how
     many draws it reached the family's target."""
     names = list(columns)
-    lines = ["| family | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines = _header("family", names)
     for family in next(iter(columns.values())):
         target = TARGETS.get(family)
         cells = []
