@@ -14,13 +14,13 @@ from common.engine.auto import (
     SCORERS,
     AutoFit,
     Rows,
-    calibrated,
     can_choose,
     choose,
     cross_fit_halves,
     fine,
     small,
 )
+from common.engine.calibration import calibrated
 from common.engine.fit import FitError, FitResult, fit_category
 from common.engine.patchcore import PatchCoreConfig
 from common.errors import PatchqError
@@ -125,7 +125,7 @@ def _loo_figures(fits: dict[str, FitResult], key: str, rows: Rows) -> tuple[floa
     defects = fit.parts["anomalous"][rows.defect]
     pairs, normals, gaps = [], [], []
     for i, row in enumerate(rows.normal):
-        model = calibrated(fit, scorer, np.delete(rows.normal, i))
+        model = calibrated(fit.model, scorer, fit.parts["normal"][np.delete(rows.normal, i)])
         normal = model.combine(*fit.parts["normal"][[row]].T)[0]
         scores = model.combine(*defects.T)
         pairs += [1.0 if d > normal else 0.5 if d == normal else 0.0 for d in scores]
@@ -177,7 +177,7 @@ def test_the_reported_figure_is_cross_fitted_on_the_two_halves(
         assert fold["chosen"] == _best(fits, choose_on)
         name, scorer = fold["chosen"].split()
         fit = fits[name]
-        model = calibrated(fit, scorer, choose_on.normal)
+        model = calibrated(fit.model, scorer, fit.parts["normal"][choose_on.normal])
         normal = model.combine(*fit.parts["normal"][report_on.normal].T)
         defect = model.combine(*fit.parts["anomalous"][report_on.defect].T)
         labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
@@ -217,7 +217,8 @@ def test_the_stored_model_is_calibrated_on_every_held_out_normal(chosen: AutoFit
     # Each normal's stored score is the one the model calibrated on the others gives it.
     scorer, rows = chosen.model.config.scorer, np.arange(len(parts))
     for i in (0, len(parts) - 1):
-        left_out = calibrated(chosen.fit, scorer, np.delete(rows, i)).combine(*parts[[i]].T)
+        normals = chosen.fit.parts["normal"][np.delete(rows, i)]
+        left_out = calibrated(chosen.fit.model, scorer, normals).combine(*parts[[i]].T)
         assert chosen.model.calibration[i] == pytest.approx(left_out[0])
     # Every held-out normal chose the model: none may stand in for a run's normal images.
     assert "report_normal_scores" not in auto

@@ -14,7 +14,8 @@ from sklearn.metrics import roc_auc_score
 from common.data.layouts import ImageRecord
 from common.engine.artifact import ArtifactError, load_artifact, read_artifact, save_artifact
 from common.engine.bank_update import update_features, update_model
-from common.engine.fit import FitResult, fit_category, held_out_scores, score_records
+from common.engine.calibration import held_out_scores
+from common.engine.fit import FitResult, fit_category, score_records
 from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
 from common.engine.normalise import Normaliser
 from common.engine.patchcore import PatchCoreConfig

@@ -43,16 +43,8 @@ from typing import Any
 import numpy as np
 
 from common.data.layouts import ImageRecord
-from common.engine.fit import (
-    FitError,
-    FitResult,
-    combine_parts,
-    fit_category,
-    held_out_scores,
-    left_out,
-    split_holdout,
-    validation_metrics,
-)
+from common.engine.calibration import calibrated, combine_parts, left_out, with_tails
+from common.engine.fit import FitError, FitResult, fit_category, split_holdout, validation_metrics
 from common.engine.patchcore import PatchCore, PatchCoreConfig
 
 
@@ -197,7 +189,7 @@ def choose(fits: dict[str, FitResult], seed: int) -> AutoFit:
     every = Rows(np.arange(len(first.parts["normal"])), np.arange(len(first.parts["anomalous"])))
     chosen, selection, margins = _pick(fits, every)
     fit, scorer = fits[chosen.split()[0]], chosen.split()[1]
-    model = calibrated(fit, scorer, every.normal)
+    model = calibrated(fit.model, scorer, fit.parts["normal"][every.normal])
     a, b = cross_fit_halves(len(every.normal), first.defect_kinds, seed)
     folds = [_fold(fits, a, b), _fold(fits, b, a)]
     # The stored model's normal-score quantiles; the figures are the folds'.
@@ -245,7 +237,7 @@ def _fold(fits: dict[str, FitResult], choose_on: Rows, report_on: Rows) -> dict[
     on its normals), scored on ``report_on``, which played no part in that choice."""
     chosen = _pick(fits, choose_on)[0]
     fit, scorer = fits[chosen.split()[0]], chosen.split()[1]
-    model = _tails_from(fit, scorer, choose_on.normal)
+    model = with_tails(fit.model, scorer, fit.parts["normal"][choose_on.normal])
     normal = combine_parts(model, fit.parts["normal"][report_on.normal])
     defect = combine_parts(model, fit.parts["anomalous"][report_on.defect])
     metrics = validation_metrics(normal, defect, np.empty(0))
@@ -279,28 +271,6 @@ def selection_paths(fit: FitResult) -> list[str]:
     return sorted(str(path.absolute()) for path in chosen_on)  # as runs register them
 
 
-def calibrated(fit: FitResult, scorer: str, normal_rows: np.ndarray) -> PatchCore:
-    """The fit's model scoring with ``scorer``, calibrated on the given validation normals only
-    (so that other images do not shape its scale), their scores left out in turn."""
-    model = _tails_from(fit, scorer, normal_rows)
-    return model.with_calibration(held_out_scores(model, fit.parts["normal"][normal_rows]))
-
-
-def _tails_from(fit: FitResult, scorer: str, normal_rows: np.ndarray) -> PatchCore:
-    """The fit's model scoring with ``scorer``, its part tails fitted to the given normals
-    (no calibration scores: a leave-one-out model only scores)."""
-    model = fit.model
-    return PatchCore(
-        dataclasses.replace(model.config, scorer=scorer),
-        model.extractor,
-        model.bank,
-        np.empty(0, np.float32),
-        model.global_scorer,
-        fit.parts["normal"][normal_rows] if model.global_scorer is not None else None,
-        model.pixel_scorer,
-    )
-
-
 def _selection_figures(fit: FitResult, scorer: str, rows: Rows) -> tuple[float, float]:
     """Leave-one-out AUROC on ``rows`` and, for ties, the margin: each normal against every
     defect, both scored by the model calibrated on the *other* normals.
@@ -320,7 +290,7 @@ def _selection_figures(fit: FitResult, scorer: str, rows: Rows) -> tuple[float, 
     chance and new ones at chance (0.50) where the stride-4 candidates found them (0.82-0.99)."""
     selection = fit.parts["normal"][rows.normal]
     defects = fit.parts["anomalous"][rows.defect]
-    model = _tails_from(fit, scorer, rows.normal)
+    model = with_tails(fit.model, scorer, selection)
     normals, gaps = [], []
     for i, others in enumerate(left_out(model, selection)):
         normal = combine_parts(others, selection[i : i + 1])[0]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from common.data.batches import iter_batches
 from common.data.layouts import ImageRecord
+from common.engine.calibration import calibrated, combine_parts
 from common.engine.coreset import ApproximateGreedyCoresetSampler, RandomSubsampler
 from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
 from common.engine.memory_bank import MemoryBank
@@ -135,24 +136,15 @@ def fit_category(
     timings["validation_s"] = time.perf_counter() - start
 
     n_calibration = _count_ok(held_out, skipped)
-    model = PatchCore(
-        config,
-        extractor,
-        bank,
-        np.empty(0, np.float32),
-        global_scorer,
-        normal_parts[:n_calibration] if global_scorer is not None else None,
-        pixel_scorer,
-    )
-    calibration = held_out_scores(model, normal_parts[:n_calibration])
-    normal_scores = np.r_[calibration, combine_parts(model, normal_parts[n_calibration:])]
+    model = calibrated(probe, config.scorer, normal_parts[:n_calibration])
+    normal_scores = np.r_[model.calibration, combine_parts(model, normal_parts[n_calibration:])]
     anomalous_scores = combine_parts(model, anomalous_parts)
-    validation = validation_metrics(normal_scores, anomalous_scores, calibration)
+    validation = validation_metrics(normal_scores, anomalous_scores, model.calibration)
     validation["bank_size"] = bank.size
     validation["bank_images"] = len(bank_records) - sum(r.path in skipped for r in bank_records)
     return FitResult(
         category=category,
-        model=model.with_calibration(calibration),
+        model=model,
         validation=validation,
         bank_paths=frozenset(r.path for r in bank_records),
         validation_paths=frozenset(r.path for r in normals + anomalous),
@@ -166,37 +158,6 @@ def fit_category(
         },
         defect_kinds=tuple(r.defect_type or "bad" for r in anomalous if r.path not in skipped),
     )
-
-
-def combine_parts(model: PatchCore, parts: np.ndarray) -> np.ndarray:
-    """The model's image scores from raw (n, parts) [s*, global(, pixel)] part scores."""
-    global_scores = parts[:, 1] if model.global_scorer is not None else None
-    pixel_scores = parts[:, 2] if model.pixel_scorer is not None else None
-    return model.combine(parts[:, 0], global_scores, pixel_scores)
-
-
-def held_out_scores(model: PatchCore, parts: np.ndarray) -> np.ndarray:
-    """Image scores of the held-out normals whose raw ``parts`` calibrate ``model``, each
-    scored by the model calibrated on the *other* normals (leave-one-out).
-
-    A fused score turns each part into a tail probability fitted to these very normals; scored
-    by its own tails, a normal never falls beyond them, so it scores lower than any new normal
-    would (demo poly: AUROC 0.94 against its calibration normals, 0.67 against new ones).
-    Thresholds, validation figures and the normals aggregate stands in for a run need what a
-    new normal scores. The raw parts themselves (s*, global, pixel) are not fitted to these
-    normals, so plain scorers score them as they are; so does a lone normal (no others).
-    """
-    if model.config.scorer in ("patch", "global") or len(parts) < 2:
-        return combine_parts(model, parts)
-    scores = [combine_parts(m, parts[i : i + 1]) for i, m in enumerate(left_out(model, parts))]
-    return np.concatenate(scores)
-
-
-def left_out(model: PatchCore, parts: np.ndarray) -> Iterator[PatchCore]:
-    """For each held-out normal i of the raw ``parts`` calibrating ``model``, the model whose
-    part tails are fitted to the other normals only."""
-    for i in range(len(parts)):
-        yield model.with_calibration(model.calibration, np.delete(parts, i, axis=0))
 
 
 def _single_category(records: Sequence[ImageRecord]) -> str:
