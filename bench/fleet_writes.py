@@ -31,12 +31,10 @@ import redis
 from sqlalchemy import create_engine, text
 
 from bench.scale_tools import throwaway_database
+from common.store.connection import make_engine, make_session_factory, open_database
 from common.store.database import (
     ImageRow,
     create_run,
-    make_engine,
-    make_session_factory,
-    open_database,
     pending_image_ids,
     register_images,
     store_model,

@@ -30,7 +30,8 @@ from sqlalchemy import func, select
 from common.engine.artifact import load_artifact
 from common.engine.bank_update import image_scores
 from common.store.aggregate_schema import Prediction
-from common.store.database import load_model_bytes, open_database, resolve_run
+from common.store.connection import open_database
+from common.store.database import load_model_bytes, resolve_run
 from common.store.reviews import add_verdict
 from common.store.schema import Image, Model
 from producer.cli import main as patchq

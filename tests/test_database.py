@@ -14,26 +14,22 @@ from sqlalchemy import Engine, event, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.store.connection import MIGRATIONS_DIR, DatabaseError, init_db, make_engine, schema_head
 from common.store.database import (
-    MIGRATIONS_DIR,
-    DatabaseError,
     ImageRow,
     ScoreRow,
     create_run,
     decode_array,
     encode_array,
     images_by_id,
-    init_db,
     latest_model_id,
     load_model_bytes,
-    make_engine,
     mark_failed,
     model_content_hash,
     pending_image_ids,
     register_images,
     run_id_by_name,
     run_progress,
-    schema_head,
     store_model,
     upsert_scores,
 )

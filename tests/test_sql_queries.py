@@ -16,11 +16,11 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
+from common.store.connection import make_session_factory
 from common.store.database import (
     ImageRow,
     ScoreRow,
     create_run,
-    make_session_factory,
     mark_failed,
     pending_image_ids,
     register_images,
