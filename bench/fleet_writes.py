@@ -37,10 +37,10 @@ from common.store.database import (
     create_run,
     pending_image_ids,
     register_images,
-    store_model,
     upsert_scores,
 )
 from common.store.leases import Lease, claim_batch
+from common.store.model_rows import store_model
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -30,12 +30,12 @@ from common.store.database import (
     ImageRow,
     count_images,
     create_run,
-    latest_model_id,
     pending_id_batches,
     register_images,
     retry_failed,
     run_id_by_name,
 )
+from common.store.model_rows import latest_model_id
 from common.store.schema import Model
 
 if TYPE_CHECKING:

@@ -22,16 +22,18 @@ from common.store.database import (
     decode_array,
     encode_array,
     images_by_id,
-    latest_model_id,
-    load_model_bytes,
     mark_failed,
-    model_content_hash,
     pending_image_ids,
     register_images,
     run_id_by_name,
     run_progress,
-    store_model,
     upsert_scores,
+)
+from common.store.model_rows import (
+    latest_model_id,
+    load_model_bytes,
+    model_content_hash,
+    store_model,
 )
 from common.store.schema import Base, Image, Score
 

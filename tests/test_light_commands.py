@@ -17,7 +17,7 @@ import pytest
 
 from common.data.layouts import iter_archive
 from common.store.connection import make_engine, open_database
-from common.store.database import store_model
+from common.store.model_rows import store_model
 from producer.submission import register_run
 from tests.aggregate_data import build_dataset, populate
 

@@ -22,9 +22,9 @@ from common.store.database import (
     pending_id_batches,
     pending_image_ids,
     run_progress,
-    store_model,
     upsert_scores,
 )
+from common.store.model_rows import store_model
 from common.store.schema import Image, Score
 from producer import submission
 from producer.submission import register_run

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from aggregator.aggregate import aggregate_run
 from common.engine.artifact import load_artifact
 from common.store.connection import make_engine
-from common.store.database import load_model_bytes
+from common.store.model_rows import load_model_bytes
 from common.store.review_schema import Review
 from common.store.reviews import ReviewError, add_verdict, latest_verdicts, record_known_labels
 from common.store.schema import Image, Model, Run

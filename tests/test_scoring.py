@@ -25,8 +25,8 @@ from common.store.database import (
     pending_image_ids,
     register_images,
     retry_failed,
-    store_model,
 )
+from common.store.model_rows import store_model
 from common.store.schema import Image, Score
 from tests.synthetic import make_seed_layout
 

@@ -24,9 +24,9 @@ from common.store.database import (
     mark_failed,
     pending_image_ids,
     register_images,
-    store_model,
     upsert_scores,
 )
+from common.store.model_rows import store_model
 from common.store.reviews import add_verdict
 
 QUERIES_FILE = Path(__file__).parents[1] / "docs" / "queries.sql"
