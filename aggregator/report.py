@@ -21,7 +21,8 @@ from aggregator.category_data import image_files, load_patch_maps
 from aggregator.console import SUMMARY_COLUMNS
 from aggregator.evaluation import CategoryResult
 from aggregator.exports import PREDICTIONS_FILE, SUMMARY_FILE, category_dir
-from common.store.database import decode_array, resolve_run
+from common.store.database import decode_array
+from common.store.run_rows import resolve_run
 from common.store.schema import Score
 
 INDEX_FILE = "index.html"

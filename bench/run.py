@@ -36,8 +36,9 @@ from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor
 from common.scoring import TIMING_KEYS, ModelProvider, score_batch
 from common.store.connection import open_database
-from common.store.database import ImageRow, create_run, register_images
+from common.store.database import ImageRow, register_images
 from common.store.model_rows import store_model
+from common.store.run_rows import create_run
 from common.store.schema import Image, Score
 from producer.demo_data import write_elpv_demo
 

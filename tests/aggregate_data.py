@@ -21,8 +21,9 @@ from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
 from common.engine.patchcore import PatchCore, PatchCoreConfig
 from common.store.connection import init_db
-from common.store.database import ImageRow, create_run, register_images, upsert_scores
+from common.store.database import ImageRow, register_images, upsert_scores
 from common.store.model_rows import store_model
+from common.store.run_rows import create_run
 from common.store.schema import Image
 from tests.synthetic import make_mvtec_layout, make_seed_layout
 

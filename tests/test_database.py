@@ -18,15 +18,12 @@ from common.store.connection import MIGRATIONS_DIR, DatabaseError, init_db, make
 from common.store.database import (
     ImageRow,
     ScoreRow,
-    create_run,
     decode_array,
     encode_array,
     images_by_id,
     mark_failed,
     pending_image_ids,
     register_images,
-    run_id_by_name,
-    run_progress,
     upsert_scores,
 )
 from common.store.model_rows import (
@@ -35,6 +32,7 @@ from common.store.model_rows import (
     model_content_hash,
     store_model,
 )
+from common.store.run_rows import create_run, run_id_by_name, run_progress
 from common.store.schema import Base, Image, Score
 
 # What this transaction has written to scores so far (PostgreSQL's own counters).

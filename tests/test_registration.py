@@ -16,15 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from common.data.layouts import LayoutError, iter_archive
 from common.store import database
-from common.store.database import (
-    CategoryProgress,
-    mark_failed,
-    pending_id_batches,
-    pending_image_ids,
-    run_progress,
-    upsert_scores,
-)
+from common.store.database import mark_failed, pending_id_batches, pending_image_ids, upsert_scores
 from common.store.model_rows import store_model
+from common.store.run_rows import CategoryProgress, run_progress
 from common.store.schema import Image, Score
 from producer import submission
 from producer.submission import register_run

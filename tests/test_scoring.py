@@ -20,13 +20,13 @@ from common.pipelined import PipelinedScorer, score_pipelined
 from common.scoring import ModelProvider, score_batch
 from common.store.database import (
     ImageRow,
-    create_run,
     decode_array,
     pending_image_ids,
     register_images,
     retry_failed,
 )
 from common.store.model_rows import store_model
+from common.store.run_rows import create_run
 from common.store.schema import Image, Score
 from tests.synthetic import make_seed_layout
 

@@ -20,7 +20,6 @@ from common.store.connection import make_session_factory
 from common.store.database import (
     ImageRow,
     ScoreRow,
-    create_run,
     mark_failed,
     pending_image_ids,
     register_images,
@@ -28,6 +27,7 @@ from common.store.database import (
 )
 from common.store.model_rows import store_model
 from common.store.reviews import add_verdict
+from common.store.run_rows import create_run
 
 QUERIES_FILE = Path(__file__).parents[1] / "docs" / "queries.sql"
 _NAME_MARKER = re.compile(r"-- name: (\w+)")
