@@ -32,7 +32,8 @@ from sqlalchemy import create_engine, text
 
 from bench.scale_tools import throwaway_database
 from common.store.connection import make_engine, make_session_factory, open_database
-from common.store.database import ImageRow, pending_image_ids, register_images, upsert_scores
+from common.store.database import upsert_scores
+from common.store.image_rows import ImageRow, pending_image_ids, register_images
 from common.store.leases import Lease, claim_batch
 from common.store.model_rows import store_model
 from common.store.run_rows import create_run

@@ -52,7 +52,7 @@ from common.engine.patchcore import PatchCore, PatchCoreConfig
 from common.scoring import TIMING_KEYS, ModelProvider, score_batch
 from common.settings import Settings
 from common.store.connection import open_database
-from common.store.database import pending_image_ids
+from common.store.image_rows import pending_image_ids
 from common.store.model_rows import store_model
 from common.store.run_rows import run_progress
 from common.store.schema import Image, Run

@@ -39,7 +39,8 @@ from common.engine.artifact import artifact_hash
 from common.engine.ensemble import Ensemble, load_model
 from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore
-from common.store.database import ScoreRow, mark_failed, upsert_scores
+from common.store.database import ScoreRow, upsert_scores
+from common.store.image_rows import mark_failed
 from common.store.leases import Lease, claim_batch
 from common.store.model_rows import load_model_bytes, model_content_hash
 from common.store.schema import Image

@@ -23,7 +23,7 @@ from common.pipelined import PipelinedScorer, score_pipelined
 from common.scoring import TIMING_KEYS, ModelProvider
 from common.settings import Settings
 from common.store.connection import open_database
-from common.store.database import pending_image_ids
+from common.store.image_rows import pending_image_ids
 from common.store.model_rows import latest_model_id
 from common.store.run_rows import CategoryProgress, run_progress
 from common.store.schema import Model

@@ -26,7 +26,7 @@ from common.data.layouts import (
 )
 from common.errors import PatchqError
 from common.settings import Settings, mask_url
-from common.store.database import (
+from common.store.image_rows import (
     ImageRow,
     count_images,
     pending_id_batches,

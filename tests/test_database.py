@@ -15,16 +15,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.store.connection import MIGRATIONS_DIR, DatabaseError, init_db, make_engine, schema_head
-from common.store.database import (
+from common.store.database import ScoreRow, decode_array, encode_array, upsert_scores
+from common.store.image_rows import (
     ImageRow,
-    ScoreRow,
-    decode_array,
-    encode_array,
     images_by_id,
     mark_failed,
     pending_image_ids,
     register_images,
-    upsert_scores,
 )
 from common.store.model_rows import (
     latest_model_id,

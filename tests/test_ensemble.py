@@ -26,7 +26,7 @@ from common.engine.fit import score_records
 from common.engine.normalise import Normaliser
 from common.engine.patchcore import PatchCore, PatchCoreConfig
 from common.scoring import ModelProvider, score_batch
-from common.store.database import ImageRow, pending_image_ids, register_images
+from common.store.image_rows import ImageRow, pending_image_ids, register_images
 from common.store.model_rows import store_model
 from common.store.run_rows import create_run
 from common.store.schema import Score

@@ -17,14 +17,8 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from common.store.connection import make_session_factory
-from common.store.database import (
-    ImageRow,
-    ScoreRow,
-    mark_failed,
-    pending_image_ids,
-    register_images,
-    upsert_scores,
-)
+from common.store.database import ScoreRow, upsert_scores
+from common.store.image_rows import ImageRow, mark_failed, pending_image_ids, register_images
 from common.store.model_rows import store_model
 from common.store.reviews import add_verdict
 from common.store.run_rows import create_run

@@ -41,7 +41,7 @@ from common.errors import PatchqError
 from common.pipelined import PipelinedScorer
 from common.scoring import ModelProvider
 from common.store.connection import DatabaseError, make_engine, make_session_factory
-from common.store.database import mark_failed
+from common.store.image_rows import mark_failed
 from common.store.leases import Lease
 from common.store.workers import process_name
 from worker.app import app, settings
