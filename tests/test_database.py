@@ -15,7 +15,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.store.connection import MIGRATIONS_DIR, DatabaseError, init_db, make_engine, schema_head
-from common.store.database import ScoreRow, decode_array, encode_array, upsert_scores
 from common.store.image_rows import (
     ImageRow,
     images_by_id,
@@ -31,6 +30,7 @@ from common.store.model_rows import (
 )
 from common.store.run_rows import create_run, run_id_by_name, run_progress
 from common.store.schema import Base, Image, Score
+from common.store.score_rows import ScoreRow, decode_array, encode_array, upsert_scores
 
 # What this transaction has written to scores so far (PostgreSQL's own counters).
 ROW_WRITES = "SELECT n_tup_ins + n_tup_upd FROM pg_stat_xact_user_tables WHERE relname = 'scores'"

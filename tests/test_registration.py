@@ -16,11 +16,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from common.data.layouts import LayoutError, iter_archive
 from common.store import image_rows
-from common.store.database import upsert_scores
 from common.store.image_rows import mark_failed, pending_id_batches, pending_image_ids
 from common.store.model_rows import store_model
 from common.store.run_rows import CategoryProgress, run_progress
 from common.store.schema import Image, Score
+from common.store.score_rows import upsert_scores
 from producer import submission
 from producer.submission import register_run
 

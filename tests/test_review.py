@@ -425,7 +425,7 @@ def test_fit_update_without_reviewed_normals_is_one_line(served: Served, capsys)
 def test_page_queries_on_both_dialects(engine: Engine) -> None:
     """Sorting, filters and counts of the page, on SQLite and PostgreSQL alike."""
     from common.store.aggregate_schema import Prediction, Threshold
-    from common.store.database import upsert_scores
+    from common.store.score_rows import upsert_scores
     from review.queries import Filters, image_page, run_categories
 
     with Session(engine) as session, session.begin():

@@ -1,7 +1,7 @@
 """Reading and writing verdicts: append a row per decision, read the latest row per image.
 
-Like common.store.database, these take a Session and never commit; the caller owns the
-transaction.
+Like the other statement modules of common.store, these take a Session and never commit; the
+caller owns the transaction.
 """
 
 from __future__ import annotations

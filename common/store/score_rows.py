@@ -1,9 +1,9 @@
-"""The few statements patchq runs on its results database.
+"""The scores table: a batch's results, one row per image however often the batch is delivered,
+and the float16 format its patch maps and embeddings are stored in.
 
-Repository functions take a Session and never commit: the caller owns the transaction
-(`with session_factory.begin() as session: ...`), so e.g. a batch's scores and its failures
-land together or not at all. Writes are idempotent multi-row upserts on both SQLite and
-PostgreSQL, because Celery delivers a batch at least once.
+Celery delivers a batch at least once, so the write is an upsert keyed by (run, image) on both
+dialects, and it marks those images done in the caller's transaction, so a batch's scores and its
+failures land together or not at all.
 """
 
 from __future__ import annotations
