@@ -19,7 +19,7 @@ from aggregator.evaluation import AggregateError, CategoryResult, evaluate_categ
 from aggregator.exports import write_category_csv, write_summary_csv
 from common.store.aggregate_schema import Metric, Prediction, Threshold
 from common.store.bulk import append_rows
-from common.store.database import resolve_run
+from common.store.run_rows import resolve_run
 
 DEFAULT_REPORTS_DIR = Path("patchq-reports")
 

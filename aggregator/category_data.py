@@ -18,10 +18,13 @@ from aggregator.metrics import check_scores
 from aggregator.pixel_metrics import PixelMetrics, pixel_metrics
 from common.engine.model_file import ModelReference, read_model_reference
 from common.engine.normalise import TAIL_FUSIONS
-from common.store.database import QUERY_CHUNK, decode_array, image_ids_by_path, run_progress
+from common.store.connection import QUERY_CHUNK
+from common.store.image_rows import image_ids_by_path
 from common.store.review_schema import VERDICT_LABELS
 from common.store.reviews import latest_verdicts
+from common.store.run_rows import run_progress
 from common.store.schema import Image, Model, Score
+from common.store.score_rows import decode_array
 
 READ_CHUNK_ROWS = 100_000  # rows per fetch when streaming a category's scores
 

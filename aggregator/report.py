@@ -21,8 +21,9 @@ from aggregator.category_data import image_files, load_patch_maps
 from aggregator.console import SUMMARY_COLUMNS
 from aggregator.evaluation import CategoryResult
 from aggregator.exports import PREDICTIONS_FILE, SUMMARY_FILE, category_dir
-from common.store.database import decode_array, resolve_run
+from common.store.run_rows import resolve_run
 from common.store.schema import Score
+from common.store.score_rows import decode_array
 
 INDEX_FILE = "index.html"
 PCA_MAX_POINTS = 2000  # a scatter of more points says nothing more and slows the page

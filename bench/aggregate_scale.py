@@ -36,7 +36,9 @@ from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
 from common.engine.patchcore import PatchCoreConfig
 from common.data.layouts import discover
-from common.store.database import create_run, open_database, store_model
+from common.store.connection import open_database
+from common.store.model_rows import store_model
+from common.store.run_rows import create_run
 from tests.synthetic import make_seed_layout
 make_seed_layout(Path({root!r}), {category!r}, n_good=12, n_bad=4, n_test=2)
 config = PatchCoreConfig(image_size=64, coreset_ratio=0.25)

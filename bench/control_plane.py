@@ -36,7 +36,8 @@ CATEGORY = "cam"
 RUN = "bench"
 # A model row so that submit finds the category's model; nothing here loads the artifact.
 STORE_MODEL = """
-from common.store.database import open_database, store_model
+from common.store.connection import open_database
+from common.store.model_rows import store_model
 with open_database({url!r}) as (_, sessions), sessions.begin() as session:
     store_model(session, {category!r}, b"x", "0" * 64, "none", {{}}, None, 1)
 """

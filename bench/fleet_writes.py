@@ -31,18 +31,12 @@ import redis
 from sqlalchemy import create_engine, text
 
 from bench.scale_tools import throwaway_database
-from common.store.database import (
-    ImageRow,
-    create_run,
-    make_engine,
-    make_session_factory,
-    open_database,
-    pending_image_ids,
-    register_images,
-    store_model,
-    upsert_scores,
-)
+from common.store.connection import make_engine, make_session_factory, open_database
+from common.store.image_rows import ImageRow, pending_image_ids, register_images
 from common.store.leases import Lease, claim_batch
+from common.store.model_rows import store_model
+from common.store.run_rows import create_run
+from common.store.score_rows import upsert_scores
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

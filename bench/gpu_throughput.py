@@ -27,7 +27,7 @@ from bench.worker_bench import fit_and_store
 from common.engine.patchcore import PatchCoreConfig
 from common.scoring import TIMING_KEYS, ModelProvider
 from common.settings import Settings
-from common.store.database import open_database
+from common.store.connection import open_database
 from producer.pipeline import score_in_process
 from producer.submission import register_run
 

@@ -30,8 +30,10 @@ from sqlalchemy import func, select
 from common.engine.artifact import load_artifact
 from common.engine.bank_update import image_scores
 from common.store.aggregate_schema import Prediction
-from common.store.database import load_model_bytes, open_database, resolve_run
+from common.store.connection import open_database
+from common.store.model_rows import load_model_bytes
 from common.store.reviews import add_verdict
+from common.store.run_rows import resolve_run
 from common.store.schema import Image, Model
 from producer.cli import main as patchq
 from producer.demo_data import write_elpv_demo

@@ -35,13 +35,10 @@ from common.engine.fit import fit_category
 from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor
 from common.scoring import TIMING_KEYS, ModelProvider, score_batch
-from common.store.database import (
-    ImageRow,
-    create_run,
-    open_database,
-    register_images,
-    store_model,
-)
+from common.store.connection import open_database
+from common.store.image_rows import ImageRow, register_images
+from common.store.model_rows import store_model
+from common.store.run_rows import create_run
 from common.store.schema import Image, Score
 from producer.demo_data import write_elpv_demo
 

@@ -51,7 +51,10 @@ from common.engine.fit import fit_category
 from common.engine.patchcore import PatchCore, PatchCoreConfig
 from common.scoring import TIMING_KEYS, ModelProvider, score_batch
 from common.settings import Settings
-from common.store.database import open_database, pending_image_ids, run_progress, store_model
+from common.store.connection import open_database
+from common.store.image_rows import pending_image_ids
+from common.store.model_rows import store_model
+from common.store.run_rows import run_progress
 from common.store.schema import Image, Run
 from producer.pipeline import score_in_process
 from producer.submission import Submission, broker_app, enqueue_pending, find_images, register_run

@@ -39,15 +39,11 @@ from common.engine.artifact import artifact_hash
 from common.engine.ensemble import Ensemble, load_model
 from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore
-from common.store.database import (
-    ScoreRow,
-    load_model_bytes,
-    mark_failed,
-    model_content_hash,
-    upsert_scores,
-)
+from common.store.image_rows import mark_failed
 from common.store.leases import Lease, claim_batch
+from common.store.model_rows import load_model_bytes, model_content_hash
 from common.store.schema import Image
+from common.store.score_rows import ScoreRow, upsert_scores
 
 DEFAULT_CACHED_MODELS = 3
 # Decoding threads per batch: one per core, so the feed of one worker grows with the host's

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aggregator.policy_names import DEFAULT_LABELLED_POLICY, DEFAULT_UNLABELLED_POLICY, POLICY_HELP
 from common.settings import Settings
-from common.store.database import open_database
+from common.store.connection import open_database
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

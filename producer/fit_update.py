@@ -28,14 +28,10 @@ from common.engine.fit import split_holdout
 from common.engine.patchcore import PatchCore, resolve_device
 from common.errors import PatchqError
 from common.settings import Settings
-from common.store.database import (
-    latest_model_id,
-    load_model_bytes,
-    open_database,
-    resolve_run,
-    store_model,
-)
+from common.store.connection import open_database
+from common.store.model_rows import latest_model_id, load_model_bytes, store_model
 from common.store.reviews import latest_verdicts
+from common.store.run_rows import resolve_run
 from common.store.schema import Image, Model, Score
 from producer.fit_command import holdout_from_args
 from review.queries import category_threshold

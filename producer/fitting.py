@@ -19,7 +19,8 @@ from common.engine.ensemble import fit_ensemble, save_ensemble
 from common.engine.fit import DEFAULT_HOLDOUT, fit_category
 from common.engine.patchcore import PatchCoreConfig
 from common.settings import Settings
-from common.store.database import open_database, store_model
+from common.store.connection import open_database
+from common.store.model_rows import store_model
 from producer.fit_command import FitCommandError, config_from_args, holdout_from_args
 
 

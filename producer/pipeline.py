@@ -22,13 +22,10 @@ from common.data.layouts import ImageRecord, discover, summarize
 from common.pipelined import PipelinedScorer, score_pipelined
 from common.scoring import TIMING_KEYS, ModelProvider
 from common.settings import Settings
-from common.store.database import (
-    CategoryProgress,
-    latest_model_id,
-    open_database,
-    pending_image_ids,
-    run_progress,
-)
+from common.store.connection import open_database
+from common.store.image_rows import pending_image_ids
+from common.store.model_rows import latest_model_id
+from common.store.run_rows import CategoryProgress, run_progress
 from common.store.schema import Model
 from common.store.workers import process_name
 from producer.answer_keys import AnswerKey

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
-from common.store.database import CategoryProgress, run_progress
+from common.store.run_rows import CategoryProgress, run_progress
 from common.store.schema import Image
 from producer.submission import SubmitError
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from common.settings import Settings
-from common.store.database import open_database
+from common.store.connection import open_database
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

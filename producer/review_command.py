@@ -6,7 +6,8 @@ import argparse
 
 from common.errors import PatchqError
 from common.settings import Settings, parse_logins
-from common.store.database import open_database, resolve_run
+from common.store.connection import open_database
+from common.store.run_rows import resolve_run
 from producer.flower_command import add_listen_arguments
 
 

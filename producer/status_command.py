@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from common.settings import Settings
-from common.store.database import CategoryProgress, open_database, resolve_run, run_progress
+from common.store.connection import open_database
+from common.store.run_rows import CategoryProgress, resolve_run, run_progress
 from producer.fleet_status import fleet_report
 from producer.progress import describe_progress, failure_examples, wait_for_run
 

@@ -26,16 +26,15 @@ from common.data.layouts import (
 )
 from common.errors import PatchqError
 from common.settings import Settings, mask_url
-from common.store.database import (
+from common.store.image_rows import (
     ImageRow,
     count_images,
-    create_run,
-    latest_model_id,
     pending_id_batches,
     register_images,
     retry_failed,
-    run_id_by_name,
 )
+from common.store.model_rows import latest_model_id
+from common.store.run_rows import create_run, run_id_by_name
 from common.store.schema import Model
 
 if TYPE_CHECKING:

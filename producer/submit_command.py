@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from common.settings import Settings
-from common.store.database import open_database
+from common.store.connection import open_database
 from producer.submission import SPLITS, broker_app, enqueue_pending, find_images, register_run
 
 

@@ -23,7 +23,7 @@ import logging
 import os
 
 from common.settings import Settings
-from common.store.database import make_engine
+from common.store.connection import make_engine
 from producer.submission import broker_app
 
 SUPERVISED_POOL = "threads"

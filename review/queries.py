@@ -14,10 +14,10 @@ from sqlalchemy import Select, and_, false, func, select
 from sqlalchemy.orm import Session
 
 from common.store.aggregate_schema import Prediction, Threshold
-from common.store.database import decode_array
 from common.store.review_schema import Review
 from common.store.reviews import latest_review_ids
 from common.store.schema import Image, Model, Score
+from common.store.score_rows import decode_array
 
 PAGE_SIZE = 24
 SCALE_SAMPLE = 256  # images whose hottest patch sets a category's overlay colour scale

@@ -20,15 +20,12 @@ from common.data.layouts import ImageRecord, discover
 from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
 from common.engine.patchcore import PatchCore, PatchCoreConfig
-from common.store.database import (
-    ImageRow,
-    create_run,
-    init_db,
-    register_images,
-    store_model,
-    upsert_scores,
-)
+from common.store.connection import init_db
+from common.store.image_rows import ImageRow, register_images
+from common.store.model_rows import store_model
+from common.store.run_rows import create_run
 from common.store.schema import Image
+from common.store.score_rows import upsert_scores
 from tests.synthetic import make_mvtec_layout, make_seed_layout
 
 CONFIG = PatchCoreConfig(image_size=64, coreset_ratio=0.25)

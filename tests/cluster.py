@@ -36,13 +36,9 @@ from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
 from common.engine.patchcore import PatchCoreConfig
 from common.settings import Settings
-from common.store.database import (
-    init_db,
-    make_engine,
-    make_session_factory,
-    run_progress,
-    store_model,
-)
+from common.store.connection import init_db, make_engine, make_session_factory
+from common.store.model_rows import store_model
+from common.store.run_rows import run_progress
 from common.store.schema import Image, Score
 from producer.submission import broker_app, enqueue_pending, find_images, register_run
 from tests.synthetic import make_seed_layout

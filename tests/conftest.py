@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.store.database import init_db, make_engine, make_session_factory
+from common.store.connection import init_db, make_engine, make_session_factory
 
 pytest_plugins = ["tests.cluster"]  # real-process clusters: workers, private brokers and servers
 

@@ -13,7 +13,8 @@ from aggregator import category_data, exports
 from aggregator.aggregate import aggregate_run
 from common.store import bulk
 from common.store.aggregate_schema import Metric, Prediction, Threshold
-from common.store.database import UnknownRunError, make_engine
+from common.store.connection import make_engine
+from common.store.run_rows import UnknownRunError
 from common.store.schema import Score
 from producer.cli import main
 from tests.aggregate_data import build_dataset, populate

@@ -14,30 +14,23 @@ from sqlalchemy import Engine, event, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.store.database import (
-    MIGRATIONS_DIR,
-    DatabaseError,
+from common.store.connection import MIGRATIONS_DIR, DatabaseError, init_db, make_engine, schema_head
+from common.store.image_rows import (
     ImageRow,
-    ScoreRow,
-    create_run,
-    decode_array,
-    encode_array,
     images_by_id,
-    init_db,
-    latest_model_id,
-    load_model_bytes,
-    make_engine,
     mark_failed,
-    model_content_hash,
     pending_image_ids,
     register_images,
-    run_id_by_name,
-    run_progress,
-    schema_head,
-    store_model,
-    upsert_scores,
 )
+from common.store.model_rows import (
+    latest_model_id,
+    load_model_bytes,
+    model_content_hash,
+    store_model,
+)
+from common.store.run_rows import create_run, run_id_by_name, run_progress
 from common.store.schema import Base, Image, Score
+from common.store.score_rows import ScoreRow, decode_array, encode_array, upsert_scores
 
 # What this transaction has written to scores so far (PostgreSQL's own counters).
 ROW_WRITES = "SELECT n_tup_ins + n_tup_upd FROM pg_stat_xact_user_tables WHERE relname = 'scores'"

@@ -26,13 +26,9 @@ from common.engine.fit import score_records
 from common.engine.normalise import Normaliser
 from common.engine.patchcore import PatchCore, PatchCoreConfig
 from common.scoring import ModelProvider, score_batch
-from common.store.database import (
-    ImageRow,
-    create_run,
-    pending_image_ids,
-    register_images,
-    store_model,
-)
+from common.store.image_rows import ImageRow, pending_image_ids, register_images
+from common.store.model_rows import store_model
+from common.store.run_rows import create_run
 from common.store.schema import Score
 from producer.cli import main
 from tests.synthetic import make_seed_layout, make_texture, save

@@ -28,7 +28,7 @@ import redis
 from sqlalchemy import select
 
 from common.settings import Settings
-from common.store.database import init_db, make_engine
+from common.store.connection import init_db, make_engine
 from common.store.fleet_schema import Worker
 
 pytestmark = pytest.mark.integration

@@ -7,8 +7,8 @@ from datetime import timedelta
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.store.database import mark_failed
 from common.store.fleet_schema import Worker
+from common.store.image_rows import mark_failed
 from common.store.leases import (
     Lease,
     claim,

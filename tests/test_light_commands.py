@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from common.data.layouts import iter_archive
-from common.store.database import make_engine, open_database, store_model
+from common.store.connection import make_engine, open_database
+from common.store.model_rows import store_model
 from producer.submission import register_run
 from tests.aggregate_data import build_dataset, populate
 

@@ -15,7 +15,7 @@ from aggregator.thresholds import parse_policy
 from common.data.images import Preprocessing
 from common.engine.artifact import read_artifact
 from common.engine.model_file import ModelReference, held_out_patch_maxima
-from common.store.database import make_engine
+from common.store.connection import make_engine
 from tests.aggregate_data import build_dataset, populate
 
 MAXIMA = np.array([2.0, 2.5, 3.0, 3.5, 4.0])

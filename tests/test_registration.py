@@ -15,17 +15,12 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.data.layouts import LayoutError, iter_archive
-from common.store import database
-from common.store.database import (
-    CategoryProgress,
-    mark_failed,
-    pending_id_batches,
-    pending_image_ids,
-    run_progress,
-    store_model,
-    upsert_scores,
-)
+from common.store import image_rows
+from common.store.image_rows import mark_failed, pending_id_batches, pending_image_ids
+from common.store.model_rows import store_model
+from common.store.run_rows import CategoryProgress, run_progress
 from common.store.schema import Image, Score
+from common.store.score_rows import upsert_scores
 from producer import submission
 from producer.submission import register_run
 
@@ -33,7 +28,7 @@ from producer.submission import register_run
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(submission, "REGISTER_CHUNK_IMAGES", 3)
-    monkeypatch.setattr(database, "PENDING_PAGE_BATCHES", 2)
+    monkeypatch.setattr(image_rows, "PENDING_PAGE_BATCHES", 2)
 
 
 def _model(sessions: sessionmaker[Session], category: str = "c") -> int:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from aggregator.aggregate import aggregate_run
 from aggregator.report import write_report
 from common.store.aggregate_schema import Threshold
-from common.store.database import make_engine
+from common.store.connection import make_engine
 from producer.cli import main
 from tests.aggregate_data import build_dataset, populate
 

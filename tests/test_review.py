@@ -28,7 +28,8 @@ from sqlalchemy.orm import Session
 
 from aggregator.aggregate import aggregate_run
 from common.engine.artifact import load_artifact
-from common.store.database import load_model_bytes, make_engine
+from common.store.connection import make_engine
+from common.store.model_rows import load_model_bytes
 from common.store.review_schema import Review
 from common.store.reviews import ReviewError, add_verdict, latest_verdicts, record_known_labels
 from common.store.schema import Image, Model, Run
@@ -424,7 +425,7 @@ def test_fit_update_without_reviewed_normals_is_one_line(served: Served, capsys)
 def test_page_queries_on_both_dialects(engine: Engine) -> None:
     """Sorting, filters and counts of the page, on SQLite and PostgreSQL alike."""
     from common.store.aggregate_schema import Prediction, Threshold
-    from common.store.database import upsert_scores
+    from common.store.score_rows import upsert_scores
     from review.queries import Filters, image_page, run_categories
 
     with Session(engine) as session, session.begin():

@@ -17,7 +17,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from common.engine.artifact import load_artifact
-from common.store.database import load_model_bytes, make_engine
+from common.store.connection import make_engine
+from common.store.model_rows import load_model_bytes
 from common.store.reviews import add_verdict
 from common.store.schema import Image, Model, Run
 from producer.cli import main

@@ -18,16 +18,11 @@ from common.engine.fit import fit_category
 from common.engine.patchcore import PatchCore, PatchCoreConfig
 from common.pipelined import PipelinedScorer, score_pipelined
 from common.scoring import ModelProvider, score_batch
-from common.store.database import (
-    ImageRow,
-    create_run,
-    decode_array,
-    pending_image_ids,
-    register_images,
-    retry_failed,
-    store_model,
-)
+from common.store.image_rows import ImageRow, pending_image_ids, register_images, retry_failed
+from common.store.model_rows import store_model
+from common.store.run_rows import create_run
 from common.store.schema import Image, Score
+from common.store.score_rows import decode_array
 from tests.synthetic import make_seed_layout
 
 CONFIG = PatchCoreConfig(image_size=64, coreset_ratio=0.25)

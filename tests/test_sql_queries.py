@@ -1,7 +1,7 @@
 """The ready queries (docs/queries.sql, shown in docs/sql.md) answer right on SQLite and PostgreSQL.
 
-Rows are written with the same common.store.database functions the workers use, so a schema change
-that breaks a documented query fails here.
+Rows are written with the same common.store functions the workers use, so a schema change that
+breaks a documented query fails here.
 """
 
 from __future__ import annotations
@@ -16,18 +16,12 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from common.store.database import (
-    ImageRow,
-    ScoreRow,
-    create_run,
-    make_session_factory,
-    mark_failed,
-    pending_image_ids,
-    register_images,
-    store_model,
-    upsert_scores,
-)
+from common.store.connection import make_session_factory
+from common.store.image_rows import ImageRow, mark_failed, pending_image_ids, register_images
+from common.store.model_rows import store_model
 from common.store.reviews import add_verdict
+from common.store.run_rows import create_run
+from common.store.score_rows import ScoreRow, upsert_scores
 
 QUERIES_FILE = Path(__file__).parents[1] / "docs" / "queries.sql"
 _NAME_MARKER = re.compile(r"-- name: (\w+)")

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from common.settings import Settings
-from common.store.database import open_database
+from common.store.connection import open_database
 from common.store.workers import mark_died, process_name
 from producer.submission import broker_app
 from worker.sweeper import requeue_held

@@ -1,7 +1,7 @@
 """Reading and writing verdicts: append a row per decision, read the latest row per image.
 
-Like common.store.database, these take a Session and never commit; the caller owns the
-transaction.
+Like the other statement modules of common.store, these take a Session and never commit; the
+caller owns the transaction.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from sqlalchemy import Select, func, insert, select
 from sqlalchemy.orm import Session
 
 from common.errors import PatchqError
-from common.store.database import image_ids_by_path
+from common.store.image_rows import image_ids_by_path
 from common.store.review_schema import VERDICT_LABELS, VERDICTS, Review
 from common.store.schema import Image
 

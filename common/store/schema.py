@@ -139,8 +139,8 @@ class Score(Base):
     """The result for one image of a run; (run_id, image_id) makes redelivered writes idempotent.
 
     patch_map and embedding are little-endian float16 bytes, row-major (see
-    common.store.database.encode_array); category is copied from images so that "top anomalies of a
-    category in a run" is one range scan of the (run_id, category, score) index.
+    common.store.score_rows.encode_array); category is copied from images so that "top anomalies of
+    a category in a run" is one range scan of the (run_id, category, score) index.
     """
 
     __tablename__ = "scores"

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from common.store.database import insert_statement
+from common.store.connection import insert_statement
 from common.store.fleet_schema import Worker
 from common.store.schema import utcnow
 

@@ -1,6 +1,6 @@
 """Alembic environment: runs patchq's migrations on the connection the caller hands over.
 
-patchq has no alembic.ini; `common.store.database.init_db` builds the config and passes its
+patchq has no alembic.ini; `common.store.connection.init_db` builds the config and passes its
 connection in `config.attributes["connection"]`. To write the next revision, do the same with
 `alembic.command.revision(config, message=..., autogenerate=True, rev_id="0002")` against a
 database at head, then review the generated file.
