@@ -54,8 +54,9 @@ from common.settings import Settings
 from common.store.database import open_database, pending_image_ids, run_progress, store_model
 from common.store.schema import Image, Run
 from producer.pipeline import score_in_process
-from producer.submission import Submission, broker_app, enqueue_pending, find_images, register_run
+from producer.submission import Submission, enqueue_pending, find_images, register_run
 from tests.synthetic import make_seed_layout
+from worker.broker_check import broker_app
 
 ROOT = Path(__file__).parents[1]
 TIMING_LINE = re.compile(r"(\w+_s) ([0-9.]+)")
