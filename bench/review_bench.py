@@ -33,10 +33,10 @@ from common.store.aggregate_schema import Prediction
 from common.store.database import load_model_bytes, open_database, resolve_run
 from common.store.reviews import add_verdict
 from common.store.schema import Image, Model
+from common.store.threshold_queries import category_threshold
 from producer.cli import main as patchq
 from producer.demo_data import write_elpv_demo
 from producer.fit_update import reviewed_images
-from review.queries import category_threshold
 
 RUN = "review-bench"
 

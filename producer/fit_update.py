@@ -37,8 +37,8 @@ from common.store.database import (
 )
 from common.store.reviews import latest_verdicts
 from common.store.schema import Image, Model, Score
+from common.store.threshold_queries import category_threshold
 from producer.fit_command import holdout_from_args
-from review.queries import category_threshold
 
 NORMAL_QUANTILE = 0.99  # threshold when the run was not aggregated with this model
 

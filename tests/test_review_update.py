@@ -20,9 +20,9 @@ from common.engine.artifact import load_artifact
 from common.store.database import load_model_bytes, make_engine
 from common.store.reviews import add_verdict
 from common.store.schema import Image, Model, Run
+from common.store.threshold_queries import category_threshold
 from producer.cli import main
 from producer.fit_update import reviewed_images
-from review.queries import category_threshold
 from tests.synthetic import make_review_layout
 from tests.update_scores import update_scores
 
