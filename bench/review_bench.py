@@ -35,10 +35,10 @@ from common.store.model_rows import load_model_bytes
 from common.store.reviews import add_verdict
 from common.store.run_rows import resolve_run
 from common.store.schema import Image, Model
+from common.store.threshold_queries import category_threshold
 from producer.cli import main as patchq
 from producer.demo_data import write_elpv_demo
 from producer.fit_update import reviewed_images
-from review.queries import category_threshold
 
 RUN = "review-bench"
 

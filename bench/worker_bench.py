@@ -57,8 +57,9 @@ from common.store.model_rows import store_model
 from common.store.run_rows import run_progress
 from common.store.schema import Image, Run
 from producer.pipeline import score_in_process
-from producer.submission import Submission, broker_app, enqueue_pending, find_images, register_run
+from producer.submission import Submission, enqueue_pending, find_images, register_run
 from tests.synthetic import make_seed_layout
+from worker.broker_check import broker_app
 
 ROOT = Path(__file__).parents[1]
 TIMING_LINE = re.compile(r"(\w+_s) ([0-9.]+)")

@@ -13,8 +13,8 @@ import argparse
 from pathlib import Path
 
 from producer.demo_data import CATEGORIES, write_elpv_demo
-from producer.fit_command import add_model_arguments
-from producer.run_command import add_run_arguments, run_from_args, settings_from_args
+from producer.fit_command import add_model_arguments, settings_from_args
+from producer.run_command import add_run_arguments, run_from_args
 
 DEFAULT_ROOT = Path("demo-data")
 DEFAULT_LIMIT = 400

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common.data.layouts import discover, summarize
 from common.errors import PatchqError
@@ -12,6 +14,7 @@ from common.settings import Settings
 
 if TYPE_CHECKING:
     from common.engine.patchcore import PatchCoreConfig
+    from producer.fitting import FitPlan
 
 
 class FitCommandError(PatchqError):
@@ -128,6 +131,11 @@ def add_update_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--from-run", metavar="RUN", help="run (id or name) whose verdicts to use")
 
 
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings with the model flags' --device and --batch-size over PATCHQ_* (fit, run, demo)."""
+    return Settings.load({"device": args.device, "batch_size": args.batch_size})
+
+
 def config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
     from common.engine.patchcore import PatchCoreConfig
 
@@ -158,17 +166,66 @@ def holdout_from_args(args: argparse.Namespace) -> float:
     return DEFAULT_HOLDOUT if args.holdout is None else args.holdout
 
 
+def plan_from_args(args: argparse.Namespace) -> FitPlan:
+    """What the model flags ask to fit (fit, run, demo); bad --ensemble-member specs fail here,
+    before any fit."""
+    from producer.fitting import FitPlan  # here: --help must not load torch
+
+    config = config_from_args(args)
+    members = ensemble_members(config, args.ensemble_member or ())
+    return FitPlan(config, holdout_from_args(args), args.auto, members)
+
+
+def ensemble_members(config: PatchCoreConfig, specs: Sequence[str]) -> tuple[PatchCoreConfig, ...]:
+    """Member configs from LAYERS[@SIZE] specs, the other settings taken from ``config``; none
+    without specs (no ensemble)."""
+    if not specs:
+        return ()
+    members = []
+    for spec in specs:
+        layers, _, size = spec.partition("@")
+        try:
+            changes: dict[str, Any] = {"layers": tuple(filter(None, layers.split(",")))}
+            if size:
+                changes["image_size"] = int(size)
+        except ValueError:
+            raise FitCommandError(
+                f"ensemble member {spec!r} is not LAYERS[@SIZE], e.g. stage2,stage3@320"
+            ) from None
+        members.append(dataclasses.replace(config, **changes))
+    if len(members) < 2:
+        raise FitCommandError("an ensemble needs at least 2 --ensemble-member flags")
+    return tuple(members)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.update:
-        from producer.fit_update import run_update  # here: --help must not load torch
-
-        return run_update(args)
+        return update(args)
     if args.data is None:
         raise FitCommandError("fit needs --data ROOT (or --update CATEGORY --from-run RUN)")
-    settings = Settings.load({"device": args.device, "batch_size": args.batch_size})
+    settings = settings_from_args(args)
     records = discover(args.data, args.category)
     print(summarize(records))
-    from producer.fitting import FitPlan, fit_and_store  # here: --help must not load torch
+    from producer.fitting import fit_and_store  # here: --help must not load torch
 
-    fit_and_store(records, FitPlan.from_args(args), settings)
+    fit_and_store(records, plan_from_args(args), settings)
+    return 0
+
+
+def update(args: argparse.Namespace) -> int:
+    """`fit --update CATEGORY --from-run RUN`: teach the model the false alarms reviewed in RUN."""
+    if not args.from_run:
+        raise FitCommandError(
+            "--update needs --from-run RUN: the run whose review verdicts to learn"
+        )
+    settings = settings_from_args(args)
+    from producer.fit_update import run_update  # here: --help must not load torch
+
+    run_update(
+        category=args.update,
+        from_run=args.from_run,
+        holdout=holdout_from_args(args),
+        seed=args.seed,
+        settings=settings,
+    )
     return 0

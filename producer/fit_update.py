@@ -10,7 +10,6 @@ Before/after figures come from the run's labelled images that did not go into th
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,7 @@ from common.store.model_rows import latest_model_id, load_model_bytes, store_mod
 from common.store.reviews import latest_verdicts
 from common.store.run_rows import resolve_run
 from common.store.schema import Image, Model, Score
-from producer.fit_command import holdout_from_args
-from review.queries import category_threshold
+from common.store.threshold_queries import category_threshold
 
 NORMAL_QUANTILE = 0.99  # threshold when the run was not aggregated with this model
 
@@ -58,40 +56,40 @@ class Threshold:
     source: str
 
 
-def run_update(args: argparse.Namespace) -> int:
-    if not args.from_run:
-        raise UpdateError("--update needs --from-run RUN: the run whose review verdicts to learn")
-    settings = Settings.load({"device": args.device, "batch_size": args.batch_size})
+def run_update(
+    *, category: str, from_run: str, holdout: float, seed: int, settings: Settings
+) -> None:
+    """Add the patches of `from_run`'s images reviewed normal to `category`'s latest model,
+    holding `holdout` of them out (split by `seed`) for the before/after figures; store the
+    result as a new version unless it adds nothing."""
     device = resolve_device(settings.device)
     with open_database(settings.database_url) as (_, sessions):
         with sessions() as session:
-            run_id, run_name = resolve_run(session, args.from_run)
-            model_id = latest_model_id(session, args.update)
+            run_id, run_name = resolve_run(session, from_run)
+            model_id = latest_model_id(session, category)
             if model_id is None:
                 raise UpdateError(
-                    f"no model for category {args.update!r}; run `patchq fit --data ROOT "
-                    f"--category {args.update}` first"
+                    f"no model for category {category!r}; run `patchq fit --data ROOT "
+                    f"--category {category}` first"
                 )
-            data = _single_model_bytes(session, model_id, args.update)
-            holdout = holdout_from_args(args)
-            images = reviewed_images(session, run_id, args.update, holdout, args.seed)
+            data = _single_model_bytes(session, model_id, category)
+            images = reviewed_images(session, run_id, category, holdout, seed)
             model = load_artifact(data, str(device))
-            threshold = _threshold(session, run_id, args.update, model_id, images, model)
+            threshold = _threshold(session, run_id, category, model_id, images, model)
         features = update_features(model, _paths(images.update), settings.batch_size)
         if features.skipped:
             reason = next(iter(features.skipped.values()))
             print(f"  skipped {len(features.skipped)} unreadable images, e.g. {reason}")
         result = update_model(model, features, device.type)
-        print(describe_update(args.update, model_id, result, len(images.update)))
+        print(describe_update(category, model_id, result, len(images.update)))
         print(compare(model, result.model, images, threshold, settings.batch_size))
         if not result.changed:
             print("nothing to add: the model already covers these images; model unchanged")
-            return 0
+            return
         with sessions.begin() as session:
-            new_id = _store(session, args.update, model_id, result, run_id)
+            new_id = _store(session, category, model_id, result, run_id)
         kept = f"run {run_name or run_id} keeps model {model_id}"
-        print(f"stored as model {new_id}: new runs of {args.update} score with it ({kept})")
-    return 0
+        print(f"stored as model {new_id}: new runs of {category} score with it ({kept})")
 
 
 def _single_model_bytes(session: Session, model_id: int, category: str) -> bytes:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,26 +19,6 @@ from common.engine.patchcore import PatchCoreConfig
 from common.settings import Settings
 from common.store.connection import open_database
 from common.store.model_rows import store_model
-from producer.fit_command import FitCommandError, config_from_args, holdout_from_args
-
-
-def ensemble_members(config: PatchCoreConfig, specs: Sequence[str]) -> list[PatchCoreConfig]:
-    """Member configs from LAYERS[@SIZE] specs, the other settings taken from ``config``."""
-    members = []
-    for spec in specs:
-        layers, _, size = spec.partition("@")
-        try:
-            changes: dict[str, Any] = {"layers": tuple(filter(None, layers.split(",")))}
-            if size:
-                changes["image_size"] = int(size)
-        except ValueError:
-            raise FitCommandError(
-                f"ensemble member {spec!r} is not LAYERS[@SIZE], e.g. stage2,stage3@320"
-            ) from None
-        members.append(dataclasses.replace(config, **changes))
-    if len(members) < 2:
-        raise FitCommandError("an ensemble needs at least 2 --ensemble-member flags")
-    return members
 
 
 @dataclass(frozen=True)
@@ -50,14 +28,7 @@ class FitPlan:
     config: PatchCoreConfig
     holdout: float = DEFAULT_HOLDOUT
     auto: bool | None = None  # None: auto where a category has labelled defects
-    members: tuple[str, ...] = ()  # LAYERS[@SIZE] ensemble member specs
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> FitPlan:
-        members = tuple(args.ensemble_member or ())
-        if members:
-            ensemble_members(config_from_args(args), members)  # bad specs fail before any fit
-        return cls(config_from_args(args), holdout_from_args(args), args.auto, members)
+    members: tuple[PatchCoreConfig, ...] = ()  # an ensemble's member configs
 
 
 @dataclass(frozen=True)
@@ -88,12 +59,11 @@ def fit_model(records: Sequence[ImageRecord], plan: FitPlan, settings: Settings)
     category, config = records[0].category, plan.config
     device, batch = settings.device, settings.batch_size
     if plan.members:
-        members = ensemble_members(config, plan.members)
-        ensemble = fit_ensemble(records, members, plan.holdout, device, batch)
+        ensemble = fit_ensemble(records, plan.members, plan.holdout, device, batch)
         data = save_ensemble(ensemble.ensemble, category, ensemble.validation)
         size = sum(m.bank.size for m in ensemble.ensemble.members)
         skipped = {p: r for member in ensemble.members for p, r in member.skipped.items()}
-        summary = f"ensemble of {len(members)} members"
+        summary = f"ensemble of {len(plan.members)} members"
         return Fitted(data, ensemble.validation, size, summary, skipped)
     auto = plan.auto
     if auto is None:  # the default: choose wherever there are enough labelled images to

@@ -13,7 +13,7 @@ import os
 import sys
 
 from common.settings import Settings, mask_url
-from producer.submission import broker_app
+from worker.broker_check import broker_app
 
 DEFAULT_ADDRESS = "127.0.0.1"
 

@@ -31,7 +31,8 @@ from common.store.workers import process_name
 from producer.answer_keys import AnswerKey
 from producer.fitting import FitPlan, fit_and_store
 from producer.progress import describe_progress, failure_examples, wait_for_run
-from producer.submission import Submission, broker_app, enqueue_pending, find_images, register_run
+from producer.submission import Submission, enqueue_pending, find_images, register_run
+from worker.broker_check import broker_app
 
 if TYPE_CHECKING:
     from celery import Celery

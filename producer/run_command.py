@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aggregator.policy_names import POLICY_HELP
 from common.settings import Settings
-from producer.fit_command import add_model_arguments
+from producer.fit_command import add_model_arguments, plan_from_args, settings_from_args
 from producer.submission import SPLITS
 
 
@@ -65,20 +65,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings.load({"device": args.device, "batch_size": args.batch_size})
-
-
 def run_from_args(data: Path, args: argparse.Namespace, settings: Settings) -> None:
     """The whole pipeline on `data` as the run and model flags say (run and demo)."""
-    from producer.fitting import FitPlan  # here: --help must not load torch
-    from producer.pipeline import FitOptions, run_pipeline
+    from producer.pipeline import FitOptions, run_pipeline  # here: --help must not load torch
 
     run_pipeline(
         data,
         args.category,
         settings,
-        fit_options=FitOptions(FitPlan.from_args(args), refit=args.refit),
+        fit_options=FitOptions(plan_from_args(args), refit=args.refit),
         run_name=args.run_name,
         split=args.split,
         policy=args.policy,

@@ -25,7 +25,6 @@ from common.data.layouts import (
     list_categories,
 )
 from common.errors import PatchqError
-from common.settings import Settings, mask_url
 from common.store.image_rows import (
     ImageRow,
     count_images,
@@ -41,16 +40,11 @@ if TYPE_CHECKING:
     from celery import Celery
 
 SPLITS = ("test", "train", "all")
-BROKER_CHECK_TIMEOUT_S = 3.0
 REGISTER_CHUNK_IMAGES = 20_000  # images per registration transaction: a few MB of rows
 
 
 class SubmitError(PatchqError):
     """A run cannot be submitted as asked; the message names what is missing and the fix."""
-
-
-class BrokerError(PatchqError):
-    """The broker cannot be reached or is not configured."""
 
 
 @dataclass(frozen=True)
@@ -168,23 +162,6 @@ def _image_row(record: ImageRecord, model_id: int) -> ImageRow:
         defect_type=record.defect_type,
         mask_path=None if record.mask_path is None else str(record.mask_path.absolute()),
     )
-
-
-def broker_app(settings: Settings) -> Celery:
-    """The Celery app (as the workers build it) after checking the broker answers."""
-    from worker.config import make_app  # imported here: in-process runs never need Celery
-
-    app = make_app(settings)
-    try:
-        with app.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=1, timeout=BROKER_CHECK_TIMEOUT_S)
-    except Exception as error:  # kombu wraps every transport's own connection errors
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BrokerError(
-            f"cannot reach the broker at {mask_url(settings.broker_url or '')}: {reason}; "
-            "start Redis there or fix PATCHQ_BROKER_URL"
-        ) from None
-    return app
 
 
 def enqueue_pending(

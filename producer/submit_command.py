@@ -12,7 +12,8 @@ from pathlib import Path
 
 from common.settings import Settings
 from common.store.connection import open_database
-from producer.submission import SPLITS, broker_app, enqueue_pending, find_images, register_run
+from producer.submission import SPLITS, enqueue_pending, find_images, register_run
+from worker.broker_check import broker_app
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -24,7 +24,7 @@ import os
 
 from common.settings import Settings
 from common.store.connection import make_engine
-from producer.submission import broker_app
+from worker.broker_check import broker_app
 
 SUPERVISED_POOL = "threads"
 

@@ -13,11 +13,12 @@ import numpy as np
 from sqlalchemy import Select, and_, false, func, select
 from sqlalchemy.orm import Session
 
-from common.store.aggregate_schema import Prediction, Threshold
+from common.store.aggregate_schema import Prediction
 from common.store.review_schema import Review
 from common.store.reviews import latest_review_ids
 from common.store.schema import Image, Model, Score
 from common.store.score_rows import decode_array
+from common.store.threshold_queries import CategoryThreshold, category_threshold
 
 PAGE_SIZE = 24
 SCALE_SAMPLE = 256  # images whose hottest patch sets a category's overlay colour scale
@@ -33,23 +34,6 @@ class Filters:
     predicted: str | None = None  # one of PREDICTED
     reviewed: str | None = None  # one of REVIEWED
     defect_type: str | None = None
-
-
-@dataclass(frozen=True)
-class CategoryThreshold:
-    policy: str
-    value: float
-
-
-def category_threshold(session: Session, run_id: int, category: str) -> CategoryThreshold | None:
-    """The threshold `patchq aggregate` last chose for the category; None before any aggregate."""
-    row = session.execute(
-        select(Threshold.policy, Threshold.value)
-        .where(Threshold.run_id == run_id, Threshold.category == category)
-        .order_by(Threshold.created_at.desc())
-        .limit(1)
-    ).first()
-    return None if row is None else CategoryThreshold(row.policy, row.value)
 
 
 def run_categories(session: Session, run_id: int) -> list[dict[str, Any]]:

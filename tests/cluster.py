@@ -40,8 +40,9 @@ from common.store.connection import init_db, make_engine, make_session_factory
 from common.store.model_rows import store_model
 from common.store.run_rows import run_progress
 from common.store.schema import Image, Score
-from producer.submission import broker_app, enqueue_pending, find_images, register_run
+from producer.submission import enqueue_pending, find_images, register_run
 from tests.synthetic import make_seed_layout
+from worker.broker_check import broker_app
 
 ROOT = Path(__file__).parents[1]
 SHARED_REDIS = "redis://127.0.0.1:6379"

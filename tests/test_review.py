@@ -33,9 +33,9 @@ from common.store.model_rows import load_model_bytes
 from common.store.review_schema import Review
 from common.store.reviews import ReviewError, add_verdict, latest_verdicts, record_known_labels
 from common.store.schema import Image, Model, Run
+from common.store.threshold_queries import category_threshold
 from producer.cli import main
 from producer.fit_update import reviewed_images
-from review.queries import category_threshold
 from tests.synthetic import make_review_layout
 from tests.test_report import browser  # noqa: F401  (the headless Chromium fixture)
 from tests.update_scores import update_scores

@@ -21,9 +21,9 @@ from common.store.connection import make_engine
 from common.store.model_rows import load_model_bytes
 from common.store.reviews import add_verdict
 from common.store.schema import Image, Model, Run
+from common.store.threshold_queries import category_threshold
 from producer.cli import main
 from producer.fit_update import reviewed_images
-from review.queries import category_threshold
 from tests.synthetic import make_review_layout
 from tests.update_scores import update_scores
 

@@ -37,7 +37,7 @@ from types import FrameType
 from common.settings import Settings
 from common.store.connection import open_database
 from common.store.workers import mark_died, process_name
-from producer.submission import broker_app
+from worker.broker_check import broker_app
 from worker.sweeper import requeue_held
 
 log = logging.getLogger(__name__)
