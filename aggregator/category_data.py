@@ -102,8 +102,10 @@ def _stand_in_normals(calibration: np.ndarray, auto: dict[str, Any]) -> np.ndarr
     """Held-out normal scores that may stand in for a run's normal class: the model's
     calibration normals, but none of a model `fit --auto` chose (every held-out normal chose
     it, so they score in-sample), save the report half's that older --auto models stored
-    (chosen on one half, reported on the other)."""
-    if not auto:
+    (chosen on one half, reported on the other). A choice made without labels keeps them:
+    they were only the background its synthesised copies were ranked against, and a run
+    without labels has no other normals for its threshold."""
+    if not auto or auto.get("chosen_on") == "synthesised":
         return np.asarray(calibration, np.float64)
     return np.asarray(auto.get("report_normal_scores", []), np.float64)
 

@@ -101,10 +101,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--auto",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="choose the configuration and scorer on every held-out normal and labelled "
-        "defect, and report that choice cross-fitted: made on one half, scored on the other "
-        "(default: on where the category has at least 4 held-out normals and 4 labelled "
-        "defects; docs/accuracy.md)",
+        help="choose the model per category. With labelled defects: the configuration and "
+        "scorer with the best AUROC on every held-out normal and labelled defect, reported "
+        "cross-fitted (made on one half, scored on the other). Without: cosine neighbours "
+        "where the parts are aligned, else the stride-4 candidate where it ranks defects "
+        "synthesised on held-out normals better than the default (figures on synthesised "
+        "defects, never validation). Default: on where the category has 4 held-out normals "
+        "and 4 labelled defects, or 8 held-out normals; --no-auto fits the default model "
+        "(docs/accuracy.md)",
     )
     group.add_argument(
         "--ensemble-member",

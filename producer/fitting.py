@@ -15,6 +15,7 @@ from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.auto import can_choose, fit_auto
 from common.engine.ensemble import fit_ensemble, save_ensemble
 from common.engine.fit import DEFAULT_HOLDOUT, fit_category
+from common.engine.label_free import can_choose_label_free, fit_label_free
 from common.engine.patchcore import PatchCoreConfig
 from common.settings import Settings
 from common.store.connection import open_database
@@ -27,7 +28,7 @@ class FitPlan:
 
     config: PatchCoreConfig
     holdout: float = DEFAULT_HOLDOUT
-    auto: bool | None = None  # None: auto where a category has labelled defects
+    auto: bool | None = None  # None: auto where there are images enough to choose on
     members: tuple[PatchCoreConfig, ...] = ()  # an ensemble's member configs
 
 
@@ -65,13 +66,15 @@ def fit_model(records: Sequence[ImageRecord], plan: FitPlan, settings: Settings)
         skipped = {p: r for member in ensemble.members for p, r in member.skipped.items()}
         summary = f"ensemble of {len(plan.members)} members"
         return Fitted(data, ensemble.validation, size, summary, skipped)
+    labelled = can_choose(records, plan.holdout, config.seed)
     auto = plan.auto
-    if auto is None:  # the default: choose wherever there are enough labelled images to
-        auto = can_choose(records, plan.holdout, config.seed)
+    if auto is None:  # the default: choose wherever there are images enough to choose on
+        auto = labelled or can_choose_label_free(records, plan.holdout, config.seed)
     if auto:
-        chosen = fit_auto(records, config, plan.holdout, device, batch)
+        choose = fit_auto if labelled else fit_label_free
+        chosen = choose(records, config, plan.holdout, device, batch)
         data = save_artifact(chosen.model, category, chosen.validation)
-        summary = f"--auto: {chosen.chosen}"
+        summary = f"--auto: {chosen.chosen}" + ("" if labelled else ", no labelled defects")
         return Fitted(data, chosen.validation, chosen.model.bank.size, summary, chosen.fit.skipped)
     result = fit_category(records, config, plan.holdout, device, batch)
     data = save_artifact(result.model, category, result.validation)
@@ -110,7 +113,9 @@ def describe_fit(category: str, fitted: Fitted, model_id: int) -> str:
         f"AP {_fmt(v.get('average_precision'))}  "
         f"({v['n_normal']} normal, {v['n_anomalous']} defective)",
     ]
-    if "auto" in v:
+    if v.get("auto", {}).get("chosen_on") == "synthesised":
+        lines += _describe_label_free(v["auto"])
+    elif "auto" in v:
         lines += _describe_auto(v["auto"])
     if fitted.skipped:
         first = next(iter(fitted.skipped.values()))
@@ -140,6 +145,30 @@ def _describe_auto(auto: dict[str, Any]) -> list[str]:
             "  cross-fitted by defect kind, weakest first: "
             + ", ".join(f"{kind} {_fmt(a)}" for kind, a in weakest_first)
         )
+    return lines
+
+
+def _describe_label_free(auto: dict[str, Any]) -> list[str]:
+    """How --auto chose without labelled defects: what decided, and the candidates' figures on
+    synthesised defects, which are no validation of the model on real ones."""
+    share = auto["positional_share"]
+    figures = auto["synthesised_auroc"]
+    if auto["aligned"]:
+        why = f"its parts are aligned (position explains {share:.2f} of the feature variance)"
+    else:
+        local = ", ".join(f"{name} {_fmt(f['local'])}" for name, f in figures.items())
+        why = (
+            f"a texture (position explains {share:.2f} of the feature variance); "
+            f"synthesised local defects ranked: {local}"
+        )
+    lines = [
+        f"  --auto chose {auto['chosen']} without labelled defects: {why}",
+        f"  figures on {auto['n_synthesised']} synthesised defects pasted on copies of the "
+        "held-out normals (not a validation; label defects in `patchq review` to get one):",
+    ]
+    for name, by_kind in figures.items():
+        kinds = ", ".join(f"{kind} {_fmt(a)}" for kind, a in by_kind.items())
+        lines.append(f"    {name}: {kinds}")
     return lines
 
 

@@ -193,10 +193,14 @@ def held_out_table(session: Session, model_ids: dict[str, int]) -> str:
 
 
 def _chosen(validation: dict) -> str:
-    """How --auto chose the model, when it did: its figures are cross-fitted, each half
-    scored by the choice made on the other."""
+    """How --auto chose the model, when it did: with labels its figures are cross-fitted,
+    each half scored by the choice made on the other; without, it has no figures to show."""
     auto = validation.get("auto")
-    return f", --auto: {auto['chosen']}, cross-fitted" if auto else ""
+    if not auto:
+        return ""
+    if auto.get("chosen_on") == "synthesised":
+        return f", --auto: {auto['chosen']}, chosen without labels"
+    return f", --auto: {auto['chosen']}, cross-fitted"
 
 
 def _fmt(value: float | None) -> str:

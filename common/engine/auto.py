@@ -226,7 +226,7 @@ def _pick(fits: dict[str, FitResult], rows: Rows) -> tuple[str, dict[str, float]
     for name, fit in fits.items():
         for scorer in SCORERS:
             key = f"{name} {scorer}"
-            selection[key], margins[key] = _selection_figures(fit, scorer, rows)
+            selection[key], margins[key] = selection_figures(fit, scorer, rows)
     order = list(selection)
     chosen = max(order, key=lambda k: (selection[k], margins[k], -order.index(k)))
     return chosen, selection, margins
@@ -271,7 +271,7 @@ def selection_paths(fit: FitResult) -> list[str]:
     return sorted(str(path.absolute()) for path in chosen_on)  # as runs register them
 
 
-def _selection_figures(fit: FitResult, scorer: str, rows: Rows) -> tuple[float, float]:
+def selection_figures(fit: FitResult, scorer: str, rows: Rows) -> tuple[float, float]:
     """Leave-one-out AUROC on ``rows`` and, for ties, the margin: each normal against every
     defect, both scored by the model calibrated on the *other* normals.
 

@@ -32,6 +32,7 @@ from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import (
     PatchCore,
     PatchCoreConfig,
+    ScoreBatch,
     build_extractor,
     extract_patches,
     resolve_device,
@@ -231,18 +232,23 @@ def score_records(
     for chunk, decoded in iter_batches(paths, model.preprocessing, batch_size):
         skipped |= {chunk[i]: reason for i, reason in decoded.failures.items()}
         if decoded.ok:
-            result = model.score_tensors(decoded.tensor)
-            global_scores = result.global_scores
-            if global_scores is None:
-                global_scores = np.zeros_like(result.image_scores)
-            columns = [result.patch_scores, global_scores]
-            if result.pixel_scores is not None:
-                columns.append(result.pixel_scores)
-            parts.append(np.stack(columns, axis=1))
+            parts.append(raw_parts(model.score_tensors(decoded.tensor)))
         bar.update(len(chunk))
     bar.close()
     empty = np.empty((0, model.n_parts), np.float32)
     return (np.concatenate(parts) if parts else empty), skipped
+
+
+def raw_parts(result: ScoreBatch) -> np.ndarray:
+    """A scored batch's raw (B, parts) [s*, global(, pixel)] scores (global 0 when the model
+    has no global part)."""
+    global_scores = result.global_scores
+    if global_scores is None:
+        global_scores = np.zeros_like(result.image_scores)
+    columns = [result.patch_scores, global_scores]
+    if result.pixel_scores is not None:
+        columns.append(result.pixel_scores)
+    return np.stack(columns, axis=1)
 
 
 def validation_metrics(

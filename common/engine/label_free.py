@@ -1,0 +1,193 @@
+"""`patchq fit --auto` without labelled defects: choose the model on the normals alone.
+
+Most categories start with good images only. No single configuration suits them all: cosine
+neighbours (normalised patch features) found the real defects of aligned solar cells best
+(elpv poly 0.889 vs L2's 0.865 in this module's probe, docs/accuracy.md) and hurt a fine
+texture's small defects, where the stride-4 candidate (`fine`) found what the default missed
+(speckle 0.98 vs 0.58). Two label-free signals decide, each where it was measured to be right:
+
+1. **Alignment**, from the good images' patch features alone: the share of their variance
+   that the grid position explains (``positional_share``). Parts photographed in place (solar
+   cells with their busbars and edges) have features that depend on where they are; a texture
+   looks alike everywhere. An aligned category gets cosine neighbours at the base scale.
+   Synthesised defects are no guide there: on polycrystalline cells every synthesised kind
+   favoured `fine` and L2, while the real defects favoured cosine (issue 23's probes).
+2. **Synthesised defects** (common/engine/defect_synthesis.py) pasted onto copies of the
+   held-out normals: on a texture, small spots and thin scratches ranked the candidates as the
+   real small defects did, so a texture gets `fine` where its leave-one-out AUROC on the
+   synthesised local kinds beats the base's by ``MARGIN``, else the base (a close call keeps
+   the default).
+
+Nothing synthesised enters a bank or a calibration. The model records what chose it (the
+alignment share, the synthesised kinds and every candidate's figures on them) as figures on
+synthesised defects, never as validation: a category without labelled defects has no
+validation AUROC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common.data.images import ImageLoadError, load_rgb
+from common.data.layouts import ImageRecord
+from common.engine.auto import AutoFit, Rows, fine, selection_figures
+from common.engine.defect_synthesis import FAMILY, KINDS, synthesise_set
+from common.engine.fit import FitResult, fit_category, raw_parts, split_holdout
+from common.engine.patchcore import PatchCore, PatchCoreConfig, extract_patches
+
+# Held-out normals below which the choice is not made (20% of 40 good images): fewer leave
+# too few backgrounds for the synthesised copies to be ranked against.
+MIN_NORMALS = 8
+# Share of the patch features' variance explained by the grid position above which a category
+# counts as aligned. Measured on the base (default) features' central region: elpv mono 0.59,
+# poly ..., the synthetic textures ... (docs/accuracy.md).
+ALIGNED_SHARE = 0.35
+# How much better `fine` must rank the synthesised local defects than the base to be chosen.
+MARGIN = 0.02
+# Synthesised copies per kind: at least this many images per kind, whatever the holdout.
+MIN_PER_KIND = 16
+# Good images whose features measure the alignment (more only sharpen an already clear share).
+ALIGNMENT_IMAGES = 64
+
+
+def cosine(config: PatchCoreConfig) -> PatchCoreConfig:
+    """The base configuration with cosine neighbours: normalised patch features."""
+    return dataclasses.replace(config, distance="cosine")
+
+
+def can_choose_label_free(records: Sequence[ImageRecord], holdout: float, seed: int) -> bool:
+    """Whether there are enough held-out normals (``MIN_NORMALS``) to choose without labels."""
+    good = [r for r in records if r.split == "train" and r.label == 0]
+    return len(split_holdout(good, holdout, seed)[1]) >= MIN_NORMALS
+
+
+def fit_label_free(
+    records: Sequence[ImageRecord],
+    base: PatchCoreConfig,
+    holdout: float,
+    device: str = "auto",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> AutoFit:
+    """Fit the base, measure its alignment, and choose as the module docstring says."""
+    good = [r for r in records if r.split == "train" and r.label == 0]
+    fits = {"default": fit_category(records, base, holdout, device, batch_size, progress)}
+    share = positional_share(fits["default"].model, _images(good[:ALIGNMENT_IMAGES]), batch_size)
+    if share >= ALIGNED_SHARE:
+        fits["cosine"] = fit_category(records, cosine(base), holdout, device, batch_size, progress)
+    else:
+        fits["fine"] = fit_category(records, fine(base), holdout, device, batch_size, progress)
+    held_out = _images(split_holdout(good, holdout, base.seed)[1])
+    copies = math.ceil(MIN_PER_KIND / max(len(held_out), 1))
+    synthetic, kinds, _ = synthesise_set(held_out, KINDS, copies, base.seed + 1)
+    figures = {
+        name: synthesised_figures(fit, base.scorer, synthetic, kinds, batch_size)
+        for name, fit in fits.items()
+    }
+    chosen = _choose(share, figures)
+    fit = fits[chosen]
+    record = {
+        "chosen": f"{chosen} {base.scorer}",
+        "chosen_on": "synthesised",
+        "positional_share": share,
+        "aligned": share >= ALIGNED_SHARE,
+        "synthesised_kinds": {kind: FAMILY[kind] for kind in KINDS},
+        "n_synthesised": len(synthetic),
+        "synthesised_auroc": figures,
+        "selection_paths": sorted(str(p.absolute()) for p in fit.row_paths["normal"]),
+    }
+    return AutoFit(record["chosen"], fit, fit.model, fit.validation | {"auto": record})
+
+
+def _choose(share: float, figures: dict[str, dict[str, float]]) -> str:
+    """Cosine for an aligned category; `fine` for a texture where it ranks the synthesised
+    local defects better than the base by MARGIN; else the base."""
+    if share >= ALIGNED_SHARE:
+        return "cosine"
+    gain = figures["fine"]["local"] - figures["default"]["local"]
+    return "fine" if gain >= MARGIN else "default"
+
+
+def positional_share(model: PatchCore, images: Sequence[np.ndarray], batch_size: int) -> float:
+    """The share of the patch features' variance that the grid position explains, over the
+    central two thirds of the grid (the outer cells' features are shaped by the backbone's
+    zero padding in every category), corrected for the noise of a per-position mean over few
+    images: (between-position variance - within / (n - 1)) / total variance."""
+    features = _features(model, images, batch_size)
+    n, h, w, _ = features.shape
+    if n < 2:
+        return 0.0
+    mh, mw = max(1, h // 6), max(1, w // 6)
+    central = features[:, mh : h - mh, mw : w - mw].astype(np.float64)
+    per_position = central.mean(axis=0)
+    overall = per_position.mean(axis=(0, 1))
+    total = float(((central - overall) ** 2).sum(axis=-1).mean())
+    between = float(((per_position - overall) ** 2).sum(axis=-1).mean())
+    within = float(((central - per_position) ** 2).sum(axis=-1).mean())
+    return max(0.0, between - within / (n - 1)) / max(total, 1e-12)
+
+
+def synthesised_figures(
+    fit: FitResult,
+    scorer: str,
+    synthetic: Sequence[np.ndarray],
+    kinds: Sequence[str],
+    batch_size: int,
+) -> dict[str, float]:
+    """Leave-one-out AUROC of the fit's model (with ``scorer``) on the synthesised images
+    against its held-out normals: per kind, and the mean per family ("local", "whole-image")."""
+    parts = score_images(fit.model, synthetic, batch_size)
+    with_synthetic = dataclasses.replace(
+        fit, parts=fit.parts | {"anomalous": parts}, defect_kinds=tuple(kinds)
+    )
+    normal_rows = np.arange(len(fit.parts["normal"]))
+    kind_array = np.asarray(kinds)
+    by_kind = {
+        kind: selection_figures(
+            with_synthetic, scorer, Rows(normal_rows, np.flatnonzero(kind_array == kind))
+        )[0]
+        for kind in dict.fromkeys(kinds)
+    }
+    families: dict[str, list[float]] = {}
+    for kind, auroc in by_kind.items():
+        families.setdefault(FAMILY[kind], []).append(auroc)
+    return by_kind | {family: float(np.mean(values)) for family, values in families.items()}
+
+
+def score_images(model: PatchCore, images: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+    """Raw (n, model.n_parts) [s*, global(, pixel)] scores of in-memory uint8 RGB images."""
+    rows = []
+    for start in range(0, len(images), batch_size):
+        result = model.score_tensors(_tensor(model, images[start : start + batch_size]))
+        rows.append(raw_parts(result))
+    return np.concatenate(rows)
+
+
+def _features(model: PatchCore, images: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        tensor = _tensor(model, images[start : start + batch_size])
+        chunks.append(extract_patches(model.extractor, model.config, tensor))
+    return np.concatenate(chunks)
+
+
+def _tensor(model: PatchCore, images: Sequence[np.ndarray]) -> torch.Tensor:
+    return torch.stack([model.preprocessing.to_tensor(Image.fromarray(i)) for i in images])
+
+
+def _images(records: Sequence[ImageRecord]) -> list[np.ndarray]:
+    """The readable images among ``records`` as uint8 RGB arrays (the fit already reported
+    the unreadable ones)."""
+    images = []
+    for record in records:
+        try:
+            images.append(np.asarray(load_rgb(record.path)))
+        except ImageLoadError:
+            continue
+    return images
