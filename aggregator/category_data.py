@@ -95,7 +95,27 @@ def load_category(session: Session, run_id: int, category: str) -> CategoryData:
         n_review_labels=n_reviewed,
         chose_model_ids=_chose_model_ids(session, run_id, auto.get("selection_paths", [])),
         stand_in_normals=_stand_in_normals(reference.calibration, auto),
+        model_choice=model_choice(auto),
     )
+
+
+def model_choice(auto: dict[str, Any]) -> str:
+    """How `fit --auto` chose the model, and on which labels, for the report."""
+    if not auto:
+        return ""
+    if auto.get("chosen_on") == "synthesised":
+        return (
+            f"--auto chose {auto['chosen']} without labelled defects (on the normals' alignment "
+            "and defects synthesised on them, which are no validation)"
+        )
+    sources = auto.get("labelled_defects")
+    labels = (
+        f" on {sources['folder']} labelled defects from the data folder and {sources['review']} "
+        "marked defect in review"
+        if sources
+        else " on the labelled defects of its data folder"
+    )
+    return f"--auto chose {auto['chosen']}{labels}"
 
 
 def _stand_in_normals(calibration: np.ndarray, auto: dict[str, Any]) -> np.ndarray:

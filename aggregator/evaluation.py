@@ -74,6 +74,7 @@ class CategoryData:
     # held-out normal scores that may stand in for a run's normal class in metrics: nothing
     # was chosen or fitted on them (for an --auto model, not its calibration normals)
     stand_in_normals: np.ndarray = field(default_factory=lambda: np.empty(0))
+    model_choice: str = ""  # how `fit --auto` chose the model, in words ("" without --auto)
 
     # Masks over the category's images, computed once: a category may have millions, and
     # building the sets reads them several times.

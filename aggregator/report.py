@@ -156,6 +156,8 @@ def _category_section(session: Session, result: CategoryResult, out: Path) -> st
         f"{html.escape(row['calibration_set'])}<br><b>evaluation</b> (figures from): "
         f"{html.escape(row['evaluation_set'])}</p>",
     ]
+    if data.model_choice:
+        parts.append(f"<p>model: {html.escape(data.model_choice)}</p>")
     if result.choice.note:
         parts.append(f'<p class="note">{html.escape(result.choice.note)}</p>')
     if data.n_failed or data.n_pending:

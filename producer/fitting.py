@@ -20,6 +20,10 @@ from common.engine.patchcore import PatchCoreConfig
 from common.settings import Settings
 from common.store.connection import open_database
 from common.store.model_rows import store_model
+from common.store.reviews import reviewed_defect_paths
+
+# The defect kind of an image a reviewer marked defect: --auto halves it like any kind.
+REVIEWED = "reviewed"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,18 @@ def fit_and_store(
         }  # fmt: skip
 
 
+def with_reviewed_defects(
+    records: Sequence[ImageRecord], reviewed: Sequence[str]
+) -> list[ImageRecord]:
+    """``records`` with the readable images reviewers marked defect as labelled defects (kind
+    ``REVIEWED``), each replacing the record the layout gave it: a train/good image marked
+    defect leaves the bank, an unlabelled test image becomes labelled."""
+    category = records[0].category
+    marked = {Path(p).absolute() for p in reviewed if Path(p).is_file()}
+    kept = [r for r in records if r.path.absolute() not in marked]
+    return kept + [ImageRecord(p, category, "train", 1, REVIEWED) for p in sorted(marked)]
+
+
 def fit_model(records: Sequence[ImageRecord], plan: FitPlan, settings: Settings) -> Fitted:
     """Fit one category as the plan says: an ensemble, --auto's choice or the one config."""
     category, config = records[0].category, plan.config
@@ -73,6 +89,8 @@ def fit_model(records: Sequence[ImageRecord], plan: FitPlan, settings: Settings)
     if auto:
         choose = fit_auto if labelled else fit_label_free
         chosen = choose(records, config, plan.holdout, device, batch)
+        if labelled:  # what a run's report says chose the model
+            chosen.validation["auto"]["labelled_defects"] = _label_sources(records)
         data = save_artifact(chosen.model, category, chosen.validation)
         summary = f"--auto: {chosen.chosen}" + ("" if labelled else ", no labelled defects")
         return Fitted(data, chosen.validation, chosen.model.bank.size, summary, chosen.fit.skipped)
@@ -88,6 +106,12 @@ def _fit_one(
     """Fit one category's model, store it, print what a quality engineer needs; its id."""
     category, config = records[0].category, plan.config
     print(f"\nfitting {category} ({config.backbone}, {config.image_size} px)")
+    with Session(engine) as session:
+        reviewed = reviewed_defect_paths(session, category)
+    records = with_reviewed_defects(records, reviewed)
+    n_reviewed = sum(r.defect_type == REVIEWED for r in records)
+    if n_reviewed:
+        print(f"{n_reviewed} images marked defect in `patchq review` join the labelled defects")
     fitted = fit_model(records, plan, settings)
     with Session(engine) as session, session.begin():
         model_id = store_model(
@@ -138,6 +162,12 @@ def _describe_auto(auto: dict[str, Any]) -> list[str]:
         "  the figure above is cross-fitted: the same choice made on one half of those images "
         f"and scored on the other, both ways round (it chose {folds})",
     ]
+    sources = auto.get("labelled_defects")
+    if sources:
+        lines.append(
+            f"  its labelled defects: {sources['folder']} from the data folder, "
+            f"{sources['review']} marked defect in `patchq review`"
+        )
     by_kind = auto["report_auroc_by_kind"]
     if len(by_kind) > 1:
         weakest_first = sorted(by_kind.items(), key=lambda item: item[1])
@@ -146,6 +176,13 @@ def _describe_auto(auto: dict[str, Any]) -> list[str]:
             + ", ".join(f"{kind} {_fmt(a)}" for kind, a in weakest_first)
         )
     return lines
+
+
+def _label_sources(records: Sequence[ImageRecord]) -> dict[str, int]:
+    """How many labelled defects came from the data folder and how many from review."""
+    defects = [r for r in records if r.label == 1]
+    from_review = sum(r.defect_type == REVIEWED for r in defects)
+    return {"folder": len(defects) - from_review, "review": from_review}
 
 
 def _describe_label_free(auto: dict[str, Any]) -> list[str]:

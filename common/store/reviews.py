@@ -74,3 +74,21 @@ def record_known_labels(
     if rows:
         session.execute(insert(Review), rows)
     return len(rows)
+
+
+def reviewed_defect_paths(session: Session, category: str) -> list[str]:
+    """Paths of the category's images whose latest verdict, over every run that scored them,
+    is "defect": labelled defects for the category's next `fit --auto`."""
+    latest = (
+        select(func.max(Review.id))
+        .join(Image, Image.id == Review.image_id)
+        .where(Image.category == category)
+        .group_by(Image.path)
+    )
+    query = (
+        select(Image.path)
+        .join(Review, Review.image_id == Image.id)
+        .where(Review.id.in_(latest), Review.verdict == "defect")
+        .order_by(Image.path)
+    )
+    return list(session.scalars(query))
