@@ -25,7 +25,8 @@ from pathlib import Path
 
 from bench.worker_bench import fit_and_store
 from common.engine.patchcore import PatchCoreConfig
-from common.scoring import TIMING_KEYS, ModelProvider
+from common.scoring.model_cache import ModelProvider
+from common.scoring.stages import TIMING_KEYS
 from common.settings import Settings
 from common.store.database import open_database
 from producer.pipeline import score_in_process

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from common.engine.patchcore import PatchCore, ScoreBatch
-from common.scoring import ModelProvider
+from common.scoring.model_cache import ModelProvider
 
 
 class NoOpModel:

@@ -34,7 +34,9 @@ from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
 from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor
-from common.scoring import TIMING_KEYS, ModelProvider, score_batch
+from common.scoring.batch import score_batch
+from common.scoring.model_cache import ModelProvider
+from common.scoring.stages import TIMING_KEYS
 from common.store.database import (
     ImageRow,
     create_run,

@@ -49,7 +49,9 @@ from common.data.layouts import ImageRecord, discover
 from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
 from common.engine.patchcore import PatchCore, PatchCoreConfig
-from common.scoring import TIMING_KEYS, ModelProvider, score_batch
+from common.scoring.batch import score_batch
+from common.scoring.model_cache import ModelProvider
+from common.scoring.stages import TIMING_KEYS
 from common.settings import Settings
 from common.store.database import open_database, pending_image_ids, run_progress, store_model
 from common.store.schema import Image, Run

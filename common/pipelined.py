@@ -25,7 +25,10 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.scoring import BatchOutcome, Isolation, ModelProvider, score_batch
+from common.scoring.batch import score_batch
+from common.scoring.isolation import Isolation
+from common.scoring.model_cache import ModelProvider
+from common.scoring.stages import BatchOutcome
 from common.store.leases import Lease
 
 

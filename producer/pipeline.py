@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from common.data.layouts import ImageRecord, discover, summarize
 from common.pipelined import PipelinedScorer, score_pipelined
-from common.scoring import TIMING_KEYS, ModelProvider
+from common.scoring.model_cache import ModelProvider
+from common.scoring.stages import TIMING_KEYS
 from common.settings import Settings
 from common.store.database import (
     CategoryProgress,

@@ -25,7 +25,8 @@ from common.engine.ensemble import (
 from common.engine.fit import score_records
 from common.engine.normalise import Normaliser
 from common.engine.patchcore import PatchCore, PatchCoreConfig
-from common.scoring import ModelProvider, score_batch
+from common.scoring.batch import score_batch
+from common.scoring.model_cache import ModelProvider
 from common.store.database import (
     ImageRow,
     create_run,

@@ -17,7 +17,8 @@ from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
 from common.engine.patchcore import PatchCore, PatchCoreConfig
 from common.pipelined import PipelinedScorer, score_pipelined
-from common.scoring import ModelProvider, score_batch
+from common.scoring.batch import score_batch
+from common.scoring.model_cache import ModelProvider
 from common.store.database import (
     ImageRow,
     create_run,

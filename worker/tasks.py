@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import PatchqError
 from common.pipelined import PipelinedScorer
-from common.scoring import ModelProvider
+from common.scoring.model_cache import ModelProvider
 from common.store.database import DatabaseError, make_engine, make_session_factory, mark_failed
 from common.store.leases import Lease
 from common.store.workers import process_name
