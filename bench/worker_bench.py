@@ -50,6 +50,7 @@ from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
 from common.engine.patchcore import PatchCore, PatchCoreConfig
 from common.scoring.batch import score_batch
+from common.scoring.context import ScoringContext
 from common.scoring.model_cache import ModelProvider
 from common.scoring.stages import TIMING_KEYS
 from common.settings import Settings
@@ -178,10 +179,11 @@ def _score_serial(
     """The run's batches one after the other with `score_batch` (no overlap): the baseline."""
     with sessions() as session:
         ids = pending_image_ids(session, run_id)
+    context = ScoringContext(sessions, provider, "serial", max_deliveries=2)
     totals = dict.fromkeys(TIMING_KEYS, 0.0)
     for start in range(0, len(ids), settings.batch_size):
         batch = ids[start : start + settings.batch_size]
-        outcome = score_batch(sessions, run_id, batch, provider, "serial", 2)
+        outcome = score_batch(context, run_id, batch)
         for key, seconds in outcome.timings.items():
             totals[key] += seconds
     return totals

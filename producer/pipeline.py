@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from common.data.layouts import ImageRecord, discover, summarize
 from common.pipelined import PipelinedScorer, score_pipelined
+from common.scoring.context import ScoringContext
 from common.scoring.model_cache import ModelProvider
 from common.scoring.stages import TIMING_KEYS
 from common.settings import Settings
@@ -56,14 +57,14 @@ def score_in_process(
         ids = pending_image_ids(session, run_id)
     if provider is None:
         provider = ModelProvider(sessions, settings.model_cache_dir, settings.device)
-    worker = process_name(f"inprocess@{socket.gethostname()}", os.getpid())
-    scorer = PipelinedScorer(
+    context = ScoringContext(
         sessions,
         provider,
-        worker,
-        settings.max_redeliveries + 1,
+        process_name(f"inprocess@{socket.gethostname()}", os.getpid()),
+        max_deliveries=settings.max_redeliveries + 1,
         pin_memory=settings.device.startswith("cuda"),
     )
+    scorer = PipelinedScorer(context)
     batches = [
         ids[start : start + settings.batch_size]
         for start in range(0, len(ids), settings.batch_size)

@@ -13,18 +13,16 @@ at least once, so the function is written to be run again on the same batch:
 3. one transaction writes every score, patch map and embedding of the batch together with
    the decode failures, as idempotent upserts keyed by (run, image).
 
-Models come from a `ModelProvider` (common.scoring.model_cache).
+What one scoring process shares between its batches (the database, the models, its name and
+limits) comes in a `ScoringContext` (common.scoring.context).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 
-from sqlalchemy.orm import Session, sessionmaker
-
+from common.scoring.context import ScoringContext
 from common.scoring.isolation import Isolation
-from common.scoring.model_cache import ModelProvider
 from common.scoring.stages import (
     BatchOutcome,
     claim_images,
@@ -32,48 +30,29 @@ from common.scoring.stages import (
     infer_groups,
     write_batch,
 )
-from common.store.leases import Lease
 
 
-def score_batch(
-    session_factory: sessionmaker[Session],
-    run_id: int,
-    image_ids: Sequence[int],
-    model_provider: ModelProvider,
-    worker_name: str,
-    max_deliveries: int | None = None,
-    lease: Lease | None = None,
-    device: AbstractContextManager[object] | None = None,
-    pin_memory: bool = False,
-    isolation: Isolation | None = None,
-) -> BatchOutcome:
+def score_batch(context: ScoringContext, run_id: int, image_ids: Sequence[int]) -> BatchOutcome:
     """Score the pending images of `image_ids` (of run `run_id`) and write the results.
 
-    `max_deliveries`: an image claimed more often than this is marked failed instead of
-    scored (None: no limit). `lease`: who claims the images (default: `worker_name`).
-    `device`: held while the backbone and the index run, so that of several threads scoring
-    batches at once (common.pipelined) one at a time is there while the others claim, decode
-    and write; `isolation`: shared by those threads (see `Isolation`); `pin_memory`: see
-    `decode_groups`. Unreadable images are marked failed with their reason; the rest of the
-    batch is scored. A batch a worker was lost on is scored image by image (`_one_by_one`).
+    Unreadable images are marked failed with their reason; the rest of the batch is scored.
+    A batch a worker was lost on is scored image by image (`_one_by_one`).
     """
-    lease = lease or Lease(worker_name)
-    isolation = isolation or Isolation()
 
     def score(ids: Sequence[int]) -> BatchOutcome | None:
         outcome = BatchOutcome()
-        images = claim_images(session_factory, run_id, ids, max_deliveries, lease, outcome)
+        images = claim_images(context, run_id, ids, outcome)
         if images is None:
             return None
-        groups = decode_groups(images, model_provider, outcome, pin_memory)
-        with device or nullcontext():
-            rows = infer_groups(groups, run_id, worker_name, outcome)
-        write_batch(session_factory, run_id, rows, outcome)
+        groups = decode_groups(context, images, outcome)
+        with context.device:
+            rows = infer_groups(context, run_id, groups, outcome)
+        write_batch(context, run_id, rows, outcome)
         return outcome
 
-    with isolation.shared():
+    with context.isolation.shared():
         outcome = score(image_ids)
-    return _one_by_one(image_ids, score, isolation) if outcome is None else outcome
+    return _one_by_one(image_ids, score, context.isolation) if outcome is None else outcome
 
 
 def _one_by_one(

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from sqlalchemy.orm import Session, sessionmaker
 
 from common.data.batches import DecodedBatch, decode_batch
 from common.engine.ensemble import Ensemble
 from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore
-from common.scoring.model_cache import ModelProvider
+from common.scoring.context import ScoringContext
 from common.store.database import ScoreRow, mark_failed, upsert_scores
 from common.store.leases import Lease, claim_batch
 from common.store.schema import Image
@@ -81,19 +80,15 @@ class DecodedGroup:
 
 
 def claim_images(
-    session_factory: sessionmaker[Session],
-    run_id: int,
-    image_ids: Sequence[int],
-    max_deliveries: int | None,
-    lease: Lease,
-    outcome: BatchOutcome,
+    context: ScoringContext, run_id: int, image_ids: Sequence[int], outcome: BatchOutcome
 ) -> list[Image] | None:
     """Lease and count the images still to score, committed before scoring, so a worker
     killed while scoring still leaves its count and its (soon expiring) lease behind.
     None, claiming nothing, for a batch a worker was lost on (common.store.leases)."""
     start = time.perf_counter()
-    with session_factory.begin() as session:
-        claimed = claim_batch(session, image_ids, lease)
+    max_deliveries = context.max_deliveries
+    with context.sessions.begin() as session:
+        claimed = claim_batch(session, image_ids, context.lease or Lease(context.worker))
         if claimed.lost_on:
             return None
         pending = [i for i in claimed.images if i.id in claimed.attempts and i.run_id == run_id]
@@ -111,22 +106,15 @@ def claim_images(
 
 
 def decode_groups(
-    images: list[Image],
-    model_provider: ModelProvider,
-    outcome: BatchOutcome,
-    pin_memory: bool = False,
+    context: ScoringContext, images: list[Image], outcome: BatchOutcome
 ) -> list[DecodedGroup]:
-    """Group images by model and decode each group; unreadable files go to `outcome.failed`.
-
-    `pin_memory`: put the batch in page-locked memory, so its copy to a GPU can be
-    asynchronous (pointless on CPU).
-    """
+    """Group images by model and decode each group; unreadable files go to `outcome.failed`."""
     by_model: dict[int, list[Image]] = defaultdict(list)
     for image in images:
         by_model[image.model_id].append(image)
     groups = []
     for model_id, group in by_model.items():
-        model = _timed(outcome, "model_s", lambda m=model_id: model_provider.get(m))
+        model = _timed(outcome, "model_s", lambda m=model_id: context.models.get(m))
         decoded = _timed(
             outcome,
             "decode_s",
@@ -136,29 +124,26 @@ def decode_groups(
         )
         outcome.failed |= {group[index].id: reason for index, reason in decoded.failures.items()}
         if decoded.ok:
-            if pin_memory:
+            if context.pin_memory:
                 decoded = replace(decoded, tensor=decoded.tensor.pin_memory())
             groups.append(DecodedGroup(model, group, decoded))
     return groups
 
 
 def infer_groups(
-    groups: list[DecodedGroup], run_id: int, worker_name: str, outcome: BatchOutcome
+    context: ScoringContext, run_id: int, groups: list[DecodedGroup], outcome: BatchOutcome
 ) -> list[ScoreRow]:
     """Backbone and nearest-neighbour search of decoded groups: their score rows."""
-    return [row for group in groups for row in _score_group(group, run_id, worker_name, outcome)]
+    return [row for group in groups for row in _score_group(group, run_id, context.worker, outcome)]
 
 
 def write_batch(
-    session_factory: sessionmaker[Session],
-    run_id: int,
-    rows: list[ScoreRow],
-    outcome: BatchOutcome,
+    context: ScoringContext, run_id: int, rows: list[ScoreRow], outcome: BatchOutcome
 ) -> None:
     """One transaction: every score row of the batch and its failures, as idempotent upserts."""
     start = time.perf_counter()
     if rows or outcome.failed:
-        with session_factory.begin() as session:
+        with context.sessions.begin() as session:
             upsert_scores(session, rows)
             mark_failed(session, run_id, outcome.failed)
     outcome.timings["write_s"] += time.perf_counter() - start
