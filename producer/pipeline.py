@@ -47,19 +47,15 @@ def score_in_process(
     run_id: int,
     settings: Settings,
     progress: bool = True,
-    provider: ModelProvider | None = None,
 ) -> dict[str, float]:
     """Score the run's pending images here, PATCHQ_PIPELINE_DEPTH batches overlapping (as in a
     worker); returns the timings (s) summed over batches, so they add up to more than the wall
-    time when the stages overlap. `provider`: where models come from (default: the database,
-    cached on disk; the feed-ceiling benchmark passes one of no-op models)."""
+    time when the stages overlap."""
     with sessions() as session:
         ids = pending_image_ids(session, run_id)
-    if provider is None:
-        provider = ModelProvider(sessions, settings.model_cache_dir, settings.device)
     context = ScoringContext(
         sessions,
-        provider,
+        ModelProvider(sessions, settings.model_cache_dir, settings.device),
         process_name(f"inprocess@{socket.gethostname()}", os.getpid()),
         max_deliveries=settings.max_redeliveries + 1,
         pin_memory=settings.device.startswith("cuda"),
