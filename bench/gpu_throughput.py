@@ -23,12 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.in_process import score_overlapping
 from bench.worker_bench import fit_and_store
 from common.engine.patchcore import PatchCoreConfig
-from common.scoring import TIMING_KEYS, ModelProvider
+from common.scoring.model_cache import ModelProvider
+from common.scoring.stages import TIMING_KEYS
 from common.settings import Settings
 from common.store.connection import open_database
-from producer.pipeline import score_in_process
 from producer.submission import register_run
 
 
@@ -79,10 +80,10 @@ def measure(tmp: Path, backbone: str, args: argparse.Namespace) -> tuple[float, 
         _, records = fit_and_store(tmp / "data", sessions, config, args.images, args.device)
         provider = ModelProvider(sessions, settings.model_cache_dir, settings.device)
         warm = register_run(sessions, records[: args.batch_size], "warm-up", "gpu", args.batch_size)
-        score_in_process(sessions, warm.run_id, settings, False, provider)  # model load, kernels
+        score_overlapping(sessions, warm.run_id, settings, provider)  # model load, kernels
         run = register_run(sessions, records, "gpu", "gpu", args.batch_size)
         start = time.perf_counter()
-        split = score_in_process(sessions, run.run_id, settings, False, provider)
+        split = score_overlapping(sessions, run.run_id, settings, provider)
         wall = time.perf_counter() - start
     return len(records) / wall, split
 

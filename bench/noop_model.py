@@ -8,26 +8,29 @@ reaches with it is the most any backbone, on any GPU, can get out of that worker
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from common.engine.ensemble import Ensemble
+from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore, ScoreBatch
-from common.scoring import ModelProvider
+from common.scoring.model_cache import ModelProvider
 
 
 class NoOpModel:
-    """Stands in for a PatchCore: `preprocessing`, `bank`, `with_bank`, `score_tensors`."""
+    """Stands in for a model where scoring uses one: `preprocessing`, `with_banks`,
+    `score_tensors` (common.scoring.stages)."""
 
-    def __init__(self, model: PatchCore, probe: torch.Tensor) -> None:
+    def __init__(self, model: PatchCore | Ensemble, probe: torch.Tensor) -> None:
         shape = model.score_tensors(probe[:1])
         self.preprocessing = model.preprocessing
-        self.bank = model.bank
         self._grid = shape.patch_maps.shape[1:]
         self._dim = shape.embeddings.shape[1]
 
-    def with_bank(self, bank: object) -> NoOpModel:
-        return self
+    def with_banks(self, wrap: Callable[[MemoryBank], MemoryBank]) -> NoOpModel:
+        return self  # no bank is searched, so there is nothing to wrap
 
     def score_tensors(self, images: torch.Tensor) -> ScoreBatch:
         b = images.shape[0]

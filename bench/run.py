@@ -34,7 +34,10 @@ from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
 from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor
-from common.scoring import TIMING_KEYS, ModelProvider, score_batch
+from common.scoring.batch import score_batch
+from common.scoring.context import ScoringContext
+from common.scoring.model_cache import ModelProvider
+from common.scoring.stages import TIMING_KEYS
 from common.store.connection import open_database
 from common.store.image_rows import ImageRow, register_images
 from common.store.model_rows import store_model
@@ -118,10 +121,11 @@ def bench_scoring(
             ids = list(session.scalars(select(Image.id).where(Image.run_id == run_id)))
         provider = ModelProvider(factory, workdir / "cache", device="cpu")
         provider.get(model_id)  # load once, as a worker does before its first batch
+        context = ScoringContext(factory, provider, "bench")
         timings = dict.fromkeys(TIMING_KEYS, 0.0)
         start = time.perf_counter()
         for i in range(0, len(ids), batch_size):
-            outcome = score_batch(factory, run_id, ids[i : i + batch_size], provider, "bench")
+            outcome = score_batch(context, run_id, ids[i : i + batch_size])
             for key, value in outcome.timings.items():
                 timings[key] += value
         elapsed = time.perf_counter() - start

@@ -43,20 +43,20 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.in_process import score_overlapping, score_serial
 from bench.noop_model import NoOpProvider
 from common.data.batches import decode_batch
 from common.data.layouts import ImageRecord, discover
 from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
 from common.engine.patchcore import PatchCore, PatchCoreConfig
-from common.scoring import TIMING_KEYS, ModelProvider, score_batch
+from common.scoring.model_cache import ModelProvider
+from common.scoring.stages import TIMING_KEYS
 from common.settings import Settings
 from common.store.connection import open_database
-from common.store.image_rows import pending_image_ids
 from common.store.model_rows import store_model
 from common.store.run_rows import run_progress
 from common.store.schema import Image, Run
-from producer.pipeline import score_in_process
 from producer.submission import Submission, enqueue_pending, find_images, register_run
 from tests.synthetic import make_seed_layout
 from worker.broker_check import broker_app
@@ -113,12 +113,12 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
 
         # Warm-up: the model is loaded and the first-call kernels are built before any timing.
         warm_up = register("warm-up", records[: args.batch_size]).run_id
-        _score_serial(sessions, warm_up, settings, progress=False, provider=provider)
+        score_serial(sessions, warm_up, settings, provider)
 
-        for label, score in (("serial", _score_serial), ("in-process", score_in_process)):
+        for label, score in (("serial", score_serial), ("in-process", score_overlapping)):
             run_id = register(label).run_id
             cpu, start = time.process_time(), time.perf_counter()
-            timings = score(sessions, run_id, settings, progress=False, provider=provider)
+            timings = score(sessions, run_id, settings, provider)
             wall = time.perf_counter() - start
             timings["cpu_s"] = time.process_time() - cpu
             results.append((label, wall, timings))
@@ -168,25 +168,6 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
     )
     for line in start_ups:
         print(line)
-
-
-def _score_serial(
-    sessions: sessionmaker[Session],
-    run_id: int,
-    settings: Settings,
-    progress: bool,
-    provider: ModelProvider,
-) -> dict[str, float]:
-    """The run's batches one after the other with `score_batch` (no overlap): the baseline."""
-    with sessions() as session:
-        ids = pending_image_ids(session, run_id)
-    totals = dict.fromkeys(TIMING_KEYS, 0.0)
-    for start in range(0, len(ids), settings.batch_size):
-        batch = ids[start : start + settings.batch_size]
-        outcome = score_batch(sessions, run_id, batch, provider, "serial", 2)
-        for key, seconds in outcome.timings.items():
-            totals[key] += seconds
-    return totals
 
 
 def fit_and_store(

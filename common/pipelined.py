@@ -2,8 +2,8 @@
 
 `score_batch` runs claim -> decode -> backbone and search -> write one after the other, so the
 device idles through every decode and every SQL write. A `PipelinedScorer` runs the same stage
-functions (common.scoring) from several threads, one batch per thread, and lets only one batch
-at a time onto the backbone and the index (which use every core, or the GPU, on their own).
+functions (common.scoring.stages) from several threads, one batch per thread, and lets only one
+batch at a time onto the backbone and the index (which use every core, or the GPU, on their own).
 While batch n is there, batch n+1 is claimed and decoded (PIL releases the GIL) and batch n-1
 is written (the database driver waits on I/O without the GIL).
 
@@ -21,12 +21,11 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from sqlalchemy.orm import Session, sessionmaker
-
-from common.scoring import BatchOutcome, Isolation, ModelProvider, score_batch
-from common.store.leases import Lease
+from common.scoring.batch import score_batch
+from common.scoring.context import ScoringContext
+from common.scoring.stages import BatchOutcome
 
 
 @dataclass(frozen=True)
@@ -45,27 +44,13 @@ class PipelinedScorer:
     again, so two deliveries of one image to two threads would both score it. Each thread
     therefore leaves out the images another thread of this scorer holds: they are reported
     skipped, and the thread that holds them writes them once. A batch a worker was lost on
-    is scored image by image with no other batch in flight (common.scoring.Isolation), so a
+    is scored image by image with no other batch in flight (common.scoring.isolation), so a
     poison image's crashes count against it alone, as with one batch at a time.
     """
 
-    def __init__(
-        self,
-        session_factory: sessionmaker[Session],
-        model_provider: ModelProvider,
-        worker_name: str,
-        max_deliveries: int | None = None,
-        pin_memory: bool = False,
-        lease: Lease | None = None,
-    ) -> None:
-        self._sessions = session_factory
-        self._models = model_provider
-        self._worker = worker_name
-        self._max_deliveries = max_deliveries
-        self._pin_memory = pin_memory
-        self._lease = lease
-        self._device = threading.Lock()
-        self._isolation = Isolation()
+    def __init__(self, context: ScoringContext) -> None:
+        # The device lock is the scorer's own: it is what keeps one batch at a time there.
+        self._context = replace(context, device=threading.Lock())
         self._guard = threading.Lock()
         self._in_flight: dict[int, InFlight] = {}
 
@@ -77,18 +62,7 @@ class PipelinedScorer:
             mine = tuple(i for i in image_ids if i not in busy)
             self._in_flight[key] = InFlight(run_id, mine, time.monotonic())
         try:
-            outcome = score_batch(
-                self._sessions,
-                run_id,
-                mine,
-                self._models,
-                self._worker,
-                self._max_deliveries,
-                self._lease,
-                self._device,
-                self._pin_memory,
-                self._isolation,
-            )
+            outcome = score_batch(self._context, run_id, mine)
         finally:
             with self._guard:
                 del self._in_flight[key]

@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from common.data.layouts import ImageRecord, discover, summarize
 from common.pipelined import PipelinedScorer, score_pipelined
-from common.scoring import TIMING_KEYS, ModelProvider
+from common.scoring.context import ScoringContext
+from common.scoring.model_cache import ModelProvider
+from common.scoring.stages import TIMING_KEYS
 from common.settings import Settings
 from common.store.connection import open_database
 from common.store.image_rows import pending_image_ids
@@ -43,24 +45,20 @@ def score_in_process(
     run_id: int,
     settings: Settings,
     progress: bool = True,
-    provider: ModelProvider | None = None,
 ) -> dict[str, float]:
     """Score the run's pending images here, PATCHQ_PIPELINE_DEPTH batches overlapping (as in a
     worker); returns the timings (s) summed over batches, so they add up to more than the wall
-    time when the stages overlap. `provider`: where models come from (default: the database,
-    cached on disk; the feed-ceiling benchmark passes one of no-op models)."""
+    time when the stages overlap."""
     with sessions() as session:
         ids = pending_image_ids(session, run_id)
-    if provider is None:
-        provider = ModelProvider(sessions, settings.model_cache_dir, settings.device)
-    worker = process_name(f"inprocess@{socket.gethostname()}", os.getpid())
-    scorer = PipelinedScorer(
+    context = ScoringContext(
         sessions,
-        provider,
-        worker,
-        settings.max_redeliveries + 1,
+        ModelProvider(sessions, settings.model_cache_dir, settings.device),
+        process_name(f"inprocess@{socket.gethostname()}", os.getpid()),
+        max_deliveries=settings.max_redeliveries + 1,
         pin_memory=settings.device.startswith("cuda"),
     )
+    scorer = PipelinedScorer(context)
     batches = [
         ids[start : start + settings.batch_size]
         for start in range(0, len(ids), settings.batch_size)

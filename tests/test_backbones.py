@@ -14,6 +14,7 @@ from common.engine.backbones import (
     BackboneError,
     build_classifier,
     load_backbone,
+    trunk_of,
 )
 
 EGYPTIAN_CAT, TABBY, TIGER_CAT, ESPRESSO = 285, 281, 282, 967
@@ -95,9 +96,10 @@ def test_unreadable_weight_file_is_a_clear_error(tmp_path) -> None:
 
 def test_folded_batch_norms_compute_the_same_features() -> None:
     # load_backbone folds each batch norm into its convolution; the classifier keeps them.
-    unfolded = load_backbone("efficientnet_lite0", ("stage3", "stage5"), fold=False)
+    layers = ("stage3", "stage5")
+    unfolded = trunk_of("efficientnet_lite0", build_classifier("efficientnet_lite0"), layers)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.modules())
-    folded = load_backbone("efficientnet_lite0", ("stage3", "stage5"))
+    folded = load_backbone("efficientnet_lite0", layers)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     x = _tf_lite_input(data.chelsea())
     with torch.no_grad():

@@ -25,7 +25,9 @@ from common.engine.ensemble import (
 from common.engine.fit import score_records
 from common.engine.normalise import Normaliser
 from common.engine.patchcore import PatchCore, PatchCoreConfig
-from common.scoring import ModelProvider, score_batch
+from common.scoring.batch import score_batch
+from common.scoring.context import ScoringContext
+from common.scoring.model_cache import ModelProvider
 from common.store.image_rows import ImageRow, pending_image_ids, register_images
 from common.store.model_rows import store_model
 from common.store.run_rows import create_run
@@ -122,7 +124,7 @@ def test_an_ensemble_is_stored_loaded_and_scored_like_any_model(
         register_images(session, run_id, rows)
         ids = pending_image_ids(session, run_id)
     provider = ModelProvider(sessions, tmp_path / "cache", device="cpu")
-    outcome = score_batch(sessions, run_id, ids, provider, "w1")
+    outcome = score_batch(ScoringContext(sessions, provider, "w1"), run_id, ids)
     assert sorted(outcome.done) == ids and outcome.timings["search_s"] > 0
 
     batch = decode_batch(test_paths, fit.ensemble.preprocessing).tensor

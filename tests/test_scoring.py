@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,9 @@ from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
 from common.engine.patchcore import PatchCore, PatchCoreConfig
 from common.pipelined import PipelinedScorer, score_pipelined
-from common.scoring import ModelProvider, score_batch
+from common.scoring.batch import score_batch
+from common.scoring.context import ScoringContext
+from common.scoring.model_cache import ModelProvider
 from common.store.image_rows import ImageRow, pending_image_ids, register_images, retry_failed
 from common.store.model_rows import store_model
 from common.store.run_rows import create_run
@@ -77,11 +79,15 @@ def _provider(sessions: sessionmaker[Session], tmp_path: Path) -> ModelProvider:
     return ModelProvider(sessions, tmp_path / "cache", device="cpu")
 
 
+def _context(sessions: sessionmaker[Session], tmp_path: Path, worker: str = "w1") -> ScoringContext:
+    return ScoringContext(sessions, _provider(sessions, tmp_path), worker)
+
+
 def test_scores_equal_the_model_on_the_same_images(
     fitted: Fitted, sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     run_id, ids = _run(sessions, _store(sessions, fitted.artifact), fitted.test_paths)
-    outcome = score_batch(sessions, run_id, ids, _provider(sessions, tmp_path), "w1")
+    outcome = score_batch(_context(sessions, tmp_path), run_id, ids)
     assert sorted(outcome.done) == ids and not outcome.failed
     assert all(outcome.timings[key] > 0 for key in ("decode_s", "backbone_s", "search_s"))
 
@@ -109,7 +115,7 @@ def test_bad_files_fail_with_reasons_and_the_rest_is_scored(
     bad = _bad_files(tmp_path / "bad", fitted.test_paths[0])
     paths = [*fitted.test_paths[:3], *bad.values()]
     run_id, ids = _run(sessions, _store(sessions, fitted.artifact), paths)
-    outcome = score_batch(sessions, run_id, ids, _provider(sessions, tmp_path), "w1")
+    outcome = score_batch(_context(sessions, tmp_path), run_id, ids)
     assert len(outcome.done) == 3 and len(outcome.failed) == 4
     with sessions() as session:
         errors = dict(session.execute(select(Image.path, Image.error)).all())
@@ -127,13 +133,14 @@ def test_redelivered_batch_writes_no_duplicates(
     fitted: Fitted, sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     run_id, ids = _run(sessions, _store(sessions, fitted.artifact), fitted.test_paths)
-    provider = _provider(sessions, tmp_path)
-    score_batch(sessions, run_id, ids, provider, "w1")
-    again = score_batch(sessions, run_id, ids, provider, "w2")
+    w1 = _context(sessions, tmp_path)
+    w2 = replace(w1, worker="w2")
+    score_batch(w1, run_id, ids)
+    again = score_batch(w2, run_id, ids)
     assert again.skipped == ids and not again.done  # done images are not scored twice
     with sessions.begin() as session:  # a delivery that overlapped the first one's write
         session.execute(update(Image).values(status="pending"))
-    overlap = score_batch(sessions, run_id, ids, provider, "w2")
+    overlap = score_batch(w2, run_id, ids)
     assert sorted(overlap.done) == ids
     assert _score_rows_per_image(sessions) == dict.fromkeys(ids, 1)
     with sessions() as session:
@@ -149,9 +156,8 @@ def test_images_delivered_too_often_are_failed_not_scored(
     run_id, ids = _run(sessions, _store(sessions, fitted.artifact), fitted.test_paths[:2])
     with sessions.begin() as session:
         session.execute(update(Image).where(Image.id == ids[0]).values(attempts=3))
-    outcome = score_batch(
-        sessions, run_id, ids, _provider(sessions, tmp_path), "w1", max_deliveries=3
-    )
+    context = replace(_context(sessions, tmp_path), max_deliveries=3)
+    outcome = score_batch(context, run_id, ids)
     assert outcome.done == [ids[1]]
     assert outcome.failed == {ids[0]: "worker lost 3 times while scoring it; see the worker logs"}
 
@@ -177,7 +183,7 @@ def test_unwritable_model_cache_does_not_stop_scoring(
     blocker.write_text("a file where the cache folder should be")
     provider = ModelProvider(sessions, blocker / "cache", device="cpu")
     run_id, ids = _run(sessions, _store(sessions, fitted.artifact), fitted.test_paths)
-    outcome = score_batch(sessions, run_id, ids, provider, "w1")
+    outcome = score_batch(ScoringContext(sessions, provider, "w1"), run_id, ids)
     assert sorted(outcome.done) == ids and not outcome.failed
     assert list(tmp_path.glob("**/*.part")) == []
 
@@ -188,14 +194,14 @@ def test_failed_images_put_back_to_pending_are_scored_once_fixed(
     missing = tmp_path / "late" / "arrives-later.png"
     paths = [*fitted.test_paths[:2], missing]
     run_id, ids = _run(sessions, _store(sessions, fitted.artifact), paths)
-    provider = _provider(sessions, tmp_path)
-    assert len(score_batch(sessions, run_id, ids, provider, "w1").failed) == 1
+    w1 = _context(sessions, tmp_path)
+    assert len(score_batch(w1, run_id, ids).failed) == 1
     missing.parent.mkdir()
     shutil.copy(fitted.test_paths[2], missing)  # the cause is fixed
     with sessions.begin() as session:
         assert retry_failed(session, run_id) == 1
         assert pending_image_ids(session, run_id) == [ids[2]]
-    outcome = score_batch(sessions, run_id, ids, provider, "w2")
+    outcome = score_batch(replace(w1, worker="w2"), run_id, ids)
     assert outcome.done == [ids[2]] and sorted(outcome.skipped) == ids[:2]
     with sessions() as session:
         statuses = dict(session.execute(select(Image.path, Image.status)).all())
@@ -211,11 +217,11 @@ def test_pipelined_batches_score_like_serial_ones_and_write_once(
     model_id = _store(sessions, fitted.artifact)
     paths = [*fitted.test_paths, *_bad_files(tmp_path / "bad", fitted.test_paths[0]).values()]
     serial_run, serial_ids = _run(sessions, model_id, paths)
-    provider = _provider(sessions, tmp_path)
+    serial = _context(sessions, tmp_path, "serial")
     for start in range(0, len(serial_ids), 2):
-        score_batch(sessions, serial_run, serial_ids[start : start + 2], provider, "serial")
+        score_batch(serial, serial_run, serial_ids[start : start + 2])
     run_id, ids = _run(sessions, model_id, paths, name="pipelined")
-    scorer = PipelinedScorer(sessions, provider, "pipelined")
+    scorer = PipelinedScorer(replace(serial, worker="pipelined"))
     batches = [ids[start : start + 2] for start in range(0, len(ids), 2)]
     outcomes = [outcome for _, outcome in score_pipelined(scorer, run_id, batches, depth=3)]
     assert sorted(i for o in outcomes for i in o.done) == ids[: len(fitted.test_paths)]
@@ -235,7 +241,7 @@ def test_one_batch_delivered_three_times_at_once_is_written_once(
     fitted: Fitted, sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     run_id, ids = _run(sessions, _store(sessions, fitted.artifact), fitted.test_paths)
-    scorer = PipelinedScorer(sessions, _provider(sessions, tmp_path), "pipelined")
+    scorer = PipelinedScorer(_context(sessions, tmp_path, "pipelined"))
     outcomes = [o for _, o in score_pipelined(scorer, run_id, [ids, ids, ids], depth=3)]
     assert _score_rows_per_image(sessions) == dict.fromkeys(ids, 1)
     with sessions() as session:

@@ -39,7 +39,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import PatchqError
 from common.pipelined import PipelinedScorer
-from common.scoring import ModelProvider
+from common.scoring.context import ScoringContext
+from common.scoring.model_cache import ModelProvider
 from common.store.connection import DatabaseError, make_engine, make_session_factory
 from common.store.image_rows import mark_failed
 from common.store.leases import Lease
@@ -69,14 +70,15 @@ def _scorer(pid: int, node: str) -> PipelinedScorer:
     with _scorer_lock:
         if pid not in _scorers:
             sessions = _sessions(pid)
-            _scorers[pid] = PipelinedScorer(
+            context = ScoringContext(
                 sessions,
                 ModelProvider(sessions, settings.model_cache_dir, settings.device),
                 process_name(node, pid),
                 max_deliveries=settings.max_redeliveries + 1,
-                pin_memory=settings.device.startswith("cuda"),
                 lease=Lease(node, settings.lease_s),
+                pin_memory=settings.device.startswith("cuda"),
             )
+            _scorers[pid] = PipelinedScorer(context)
         return _scorers[pid]
 
 

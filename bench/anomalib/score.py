@@ -27,7 +27,7 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch import nn
 
 from common.data.batches import decode_batch
-from common.engine.backbones import load_backbone
+from common.engine.backbones import build_classifier, trunk_of
 from common.engine.patchcore import PatchCoreConfig
 
 
@@ -57,7 +57,8 @@ def main() -> None:
     model = PatchcoreModel(layers=list(config.layers), backbone="resnet18", pre_trained=False)
     # The trunk as anomalib would run it (timm's, batch norms unfolded): patchq's folding is
     # patchq's engine work, not anomalib's.
-    trunk = load_backbone(config.backbone, config.layers, config.image_size, fold=False)
+    classifier = build_classifier(config.backbone, config.image_size)
+    trunk = trunk_of(config.backbone, classifier, config.layers)
     model.feature_extractor = NamedLayers(trunk, config.layers)
     train = batches(job["train"], config, job["batch_size"])
     test = batches(job["test"], config, job["batch_size"])

@@ -255,21 +255,23 @@ def load_backbone(
     layers: Sequence[str] | None = None,
     image_size: int = 224,
     weights: str | Path | None = None,
-    fold: bool = True,
 ) -> FeatureBackbone:
-    """A frozen, eval-mode trunk returning the given layers (the spec's defaults if None).
-
-    ``fold=False`` keeps an EfficientNet-Lite trunk as trained (separate batch norms and padded
-    copies, `_fold_lite_for_inference`): the trunk another library would run, for benchmarks.
-    """
-    spec = backbone_spec(name)
+    """A frozen, eval-mode trunk returning the given layers (the spec's defaults if None),
+    an EfficientNet-Lite one folded for inference (`_fold_lite_for_inference`)."""
     net = build_classifier(name, image_size, weights)
+    if name != "wide_resnet50_2":
+        _fold_lite_for_inference(net)
+    return trunk_of(name, net, layers)
+
+
+def trunk_of(name: str, net: nn.Module, layers: Sequence[str] | None = None) -> FeatureBackbone:
+    """The frozen, eval-mode trunk of classifier `net` (backbone `name`) returning the given
+    layers (the spec's defaults if None), cut after the deepest of them."""
+    spec = backbone_spec(name)
     if name == "wide_resnet50_2":
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         stages = [(f"layer{i}", getattr(net, f"layer{i}")) for i in range(1, 5)]
     else:
-        if fold:
-            _fold_lite_for_inference(net)
         stem, stages = _LiteStem(net), _lite_stages(net)
     backbone = FeatureBackbone(stem, stages, layers or spec.default_layers)
     backbone.requires_grad_(False)

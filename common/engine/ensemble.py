@@ -17,7 +17,7 @@ each the uint8 bytes of an ordinary ``patchq-model`` artifact (common/engine/art
 member is validated exactly as a single model is.
 
 An ensemble is a model like any other on the fleet: its file goes into the ``models`` table,
-``load_model`` turns either kind of file into a scorer (workers, common/scoring.py), and
+``load_model`` turns either kind of file into a scorer (workers, common/scoring/), and
 common/engine/model_file.py reads the file and the held-out normal scores of either kind
 without torch, for aggregation.
 """
