@@ -55,7 +55,7 @@ from common.store.database import open_database, pending_image_ids, run_progress
 from common.store.schema import Image, Run
 from producer.pipeline import score_in_process
 from producer.submission import Submission, broker_app, enqueue_pending, find_images, register_run
-from tests.synthetic import make_seed_layout
+from synthetic.layouts import make_seed_layout
 
 ROOT = Path(__file__).parents[1]
 TIMING_LINE = re.compile(r"(\w+_s) ([0-9.]+)")

@@ -29,7 +29,7 @@ from common.store.database import (
     upsert_scores,
 )
 from common.store.schema import Image
-from tests.synthetic import make_mvtec_layout, make_seed_layout
+from synthetic.layouts import make_mvtec_layout, make_seed_layout
 
 CONFIG = PatchCoreConfig(image_size=64, coreset_ratio=0.25)
 

@@ -45,7 +45,7 @@ from common.store.database import (
 )
 from common.store.schema import Image, Score
 from producer.submission import broker_app, enqueue_pending, find_images, register_run
-from tests.synthetic import make_seed_layout
+from synthetic.layouts import make_seed_layout
 
 ROOT = Path(__file__).parents[1]
 SHARED_REDIS = "redis://127.0.0.1:6379"

@@ -1,7 +1,7 @@
 """The review loop end to end: a real `patchq review` server, a real browser marking images
 with the keyboard, verdicts in SQL, aggregate labelling with them, `fit --update` learning them.
 
-The data (tests/synthetic.py make_review_layout) holds a false alarm every patch model makes:
+The data (synthetic/layouts.py make_review_layout) holds a false alarm every patch model makes:
 normal images carrying a new, acceptable mark the training images lack, among real defects.
 """
 
@@ -35,7 +35,7 @@ from common.store.schema import Image, Model, Run
 from producer.cli import main
 from producer.fit_update import reviewed_images
 from review.queries import category_threshold
-from tests.synthetic import make_review_layout
+from synthetic.layouts import make_review_layout
 from tests.test_report import browser  # noqa: F401  (the headless Chromium fixture)
 from tests.update_scores import update_scores
 

@@ -28,7 +28,7 @@ from common.store.database import (
     store_model,
 )
 from common.store.schema import Image, Score
-from tests.synthetic import make_seed_layout
+from synthetic.layouts import make_seed_layout
 
 CONFIG = PatchCoreConfig(image_size=64, coreset_ratio=0.25)
 
