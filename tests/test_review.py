@@ -249,6 +249,29 @@ def test_browser_review_labels_the_run_and_teaches_the_model(
     assert all(new[p] >= threshold for p in scores.held_defect)
 
 
+def test_page_opened_through_a_link_carrying_the_login_loads(
+    served: Served,
+    browser,  # noqa: F811
+) -> None:
+    """A link like http://user:password@host/ logs in on opening; the page's own requests must
+    not be resolved against that URL, as browsers refuse requests whose URL carries a login."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"http://alice:{LOGINS['alice']}@127.0.0.1:{served.port}/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: b.find_element(By.ID, "status").text)
+    assert browser.find_element(By.ID, "status").text.startswith(f"{CATEGORY}: threshold")
+    tabs = [tab.text for tab in browser.find_elements(By.CSS_SELECTOR, "#tabs button")]
+    assert len(tabs) == 1 and tabs[0].startswith(f"{CATEGORY} (")
+    loaded = "return Array.from(document.images, i => [i.complete, i.naturalWidth]);"
+    wait.until(lambda b: all(complete for complete, _ in b.execute_script(loaded)))
+    images = browser.execute_script(loaded)
+    assert images and all(width > 0 for _, width in images)
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+
+
 def test_requests_without_a_valid_login_are_refused(served: Served) -> None:
     status, headers, _ = _request(served.port, "GET", "/")
     assert status == 401 and headers["WWW-Authenticate"].startswith("Basic")
