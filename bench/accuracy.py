@@ -200,7 +200,7 @@ def auto_column(runs: dict[str, ConfigRun]) -> tuple[str, dict[str, np.ndarray]]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=384, help="generated image size (px)")
     parser.add_argument("--grain-size", type=int, default=256, help="grain image size (px)")
     parser.add_argument("--train", type=int, default=30, help="train/good images")

