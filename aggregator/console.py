@@ -5,10 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from aggregator.evaluation import CategoryResult
-
-
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+from common.formatting import format_figure
 
 
 def describe_category(result: CategoryResult) -> str:
@@ -37,17 +34,18 @@ def describe_category(result: CategoryResult) -> str:
             "",
             result.report.rstrip(),
             "",
-            f"   AUROC {_fmt(row['auroc'])}  AP {_fmt(row['average_precision'])}"
-            + (f"  ({reason})" if reason else ""),
-            f"   specificity {_fmt(m.specificity)}  balanced accuracy {_fmt(m.balanced_accuracy)}  "
-            f"MCC {_fmt(m.mcc)}",
+            f"   AUROC {format_figure(row['auroc'])}  "
+            f"AP {format_figure(row['average_precision'])}" + (f"  ({reason})" if reason else ""),
+            f"   specificity {format_figure(m.specificity)}  "
+            f"balanced accuracy {format_figure(m.balanced_accuracy)}  MCC {format_figure(m.mcc)}",
             "   confusion matrix      predicted normal  predicted anomalous",
             f"     true normal       {m.tn:>16}  {m.fp:>19}",
             f"     true anomalous    {m.fn:>16}  {m.tp:>19}",
         ]
     if result.pixel is not None:
         lines.append(
-            f"   pixel AUROC {_fmt(result.pixel.pixel_auroc)}  AUPRO@0.3 {_fmt(result.pixel.aupro)}"
+            f"   pixel AUROC {format_figure(result.pixel.pixel_auroc)}  "
+            f"AUPRO@0.3 {format_figure(result.pixel.aupro)}"
             f"  ({result.pixel.n_images} labelled images, threshold-free)"
         )
     lines.append(
@@ -79,7 +77,7 @@ def summary_table(results: Sequence[CategoryResult]) -> str:
         row = result.summary_row()
         cells.append(
             [
-                str(row[key]) if digits is None else _fmt(row[key], digits)
+                str(row[key]) if digits is None else format_figure(row[key], digits)
                 for _, key, digits in SUMMARY_COLUMNS
             ]
         )

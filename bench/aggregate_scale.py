@@ -26,10 +26,12 @@ from tempfile import TemporaryDirectory
 from sqlalchemy import create_engine, text
 
 from bench.scale_tools import REPO, check, patchq, python, report, throwaway_database
+from synthetic.layouts import make_seed_layout
 
 RUN = "bench"
 CATEGORY = "cam"
-# Fits the tiny model with the checkout under test and stores it with an empty run.
+# Fits the tiny model with the checkout under test, so that it reads it, and stores it with an
+# empty run. The images come from this checkout: one under test may predate synthetic/.
 SETUP = """
 from pathlib import Path
 from common.engine.artifact import artifact_hash, save_artifact
@@ -39,8 +41,6 @@ from common.data.layouts import discover
 from common.store.connection import open_database
 from common.store.model_rows import store_model
 from common.store.run_rows import create_run
-from tests.synthetic import make_seed_layout
-make_seed_layout(Path({root!r}), {category!r}, n_good=12, n_bad=4, n_test=2)
 config = PatchCoreConfig(image_size=64, coreset_ratio=0.25)
 result = fit_category(discover(Path({root!r})), config, holdout=0.25, device="cpu", progress=False)
 data = save_artifact(result.model, {category!r})
@@ -105,6 +105,7 @@ def _database(args: argparse.Namespace, folder: str) -> Iterator[str]:
         yield args.database
         return
     with throwaway_database(args.keep) as url:
+        make_seed_layout(Path(folder) / "data", CATEGORY, n_good=12, n_bad=4, n_test=2)
         setup = SETUP.format(root=f"{folder}/data", category=CATEGORY, url=url, run=RUN)
         check(python(setup, {"PATCHQ_DATABASE_URL": url}, args.code))
         _seed(url, args.images)

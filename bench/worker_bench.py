@@ -58,7 +58,7 @@ from common.store.model_rows import store_model
 from common.store.run_rows import run_progress
 from common.store.schema import Image, Run
 from producer.submission import Submission, enqueue_pending, find_images, register_run
-from tests.synthetic import make_seed_layout
+from synthetic.layouts import make_seed_layout
 from worker.broker_check import broker_app
 
 ROOT = Path(__file__).parents[1]

@@ -17,6 +17,7 @@ from common.engine.ensemble import fit_ensemble, save_ensemble
 from common.engine.fit import DEFAULT_HOLDOUT, fit_category
 from common.engine.label_free import can_choose_label_free, fit_label_free
 from common.engine.patchcore import PatchCoreConfig
+from common.formatting import format_figure
 from common.settings import Settings
 from common.store.connection import open_database
 from common.store.model_rows import store_model
@@ -133,9 +134,7 @@ def describe_fit(category: str, fitted: Fitted, model_id: int) -> str:
     v = fitted.validation
     lines = [
         f"{category}: model {model_id} ({fitted.summary}), bank {fitted.bank_size:,} patches",
-        f"  held-out validation (images not in the bank): AUROC {_fmt(v.get('auroc'))}  "
-        f"AP {_fmt(v.get('average_precision'))}  "
-        f"({v['n_normal']} normal, {v['n_anomalous']} defective)",
+        f"  held-out validation (images not in the bank): {held_out_figures(v)}",
     ]
     if v.get("auto", {}).get("chosen_on") == "synthesised":
         lines += _describe_label_free(v["auto"])
@@ -151,7 +150,7 @@ def _describe_auto(auto: dict[str, Any]) -> list[str]:
     """How --auto chose, and how the figure above was made without judging the choice on the
     images it was made on."""
     selection = auto["selection_auroc"]
-    tried = ", ".join(f"{k} {_fmt(a)}" for k, a in selection.items())
+    tried = ", ".join(f"{k} {format_figure(a)}" for k, a in selection.items())
     tied = sum(a == selection[auto["chosen"]] for a in selection.values()) > 1
     how = "AUROC (a tie, broken by the larger margin)" if tied else "AUROC"
     n_normal, n_defect = auto["n_selection"]
@@ -173,7 +172,7 @@ def _describe_auto(auto: dict[str, Any]) -> list[str]:
         weakest_first = sorted(by_kind.items(), key=lambda item: item[1])
         lines.append(
             "  cross-fitted by defect kind, weakest first: "
-            + ", ".join(f"{kind} {_fmt(a)}" for kind, a in weakest_first)
+            + ", ".join(f"{kind} {format_figure(a)}" for kind, a in weakest_first)
         )
     return lines
 
@@ -193,7 +192,7 @@ def _describe_label_free(auto: dict[str, Any]) -> list[str]:
     if auto["aligned"]:
         why = f"its parts are aligned (position explains {share:.2f} of the feature variance)"
     else:
-        local = ", ".join(f"{name} {_fmt(f['local'])}" for name, f in figures.items())
+        local = ", ".join(f"{name} {format_figure(f['local'])}" for name, f in figures.items())
         why = (
             f"a texture (position explains {share:.2f} of the feature variance); "
             f"synthesised local defects ranked: {local}"
@@ -204,10 +203,17 @@ def _describe_label_free(auto: dict[str, Any]) -> list[str]:
         "held-out normals (not a validation; label defects in `patchq review` to get one):",
     ]
     for name, by_kind in figures.items():
-        kinds = ", ".join(f"{kind} {_fmt(a)}" for kind, a in by_kind.items())
+        kinds = ", ".join(f"{kind} {format_figure(a)}" for kind, a in by_kind.items())
         lines.append(f"    {name}: {kinds}")
     return lines
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def held_out_figures(validation: dict[str, Any], note: str = "") -> str:
+    """The validation figures fit stored with a model and the images behind them, as `fit` and
+    `run` print them; ``note`` goes inside the parentheses."""
+    return (
+        f"AUROC {format_figure(validation.get('auroc'))}  "
+        f"AP {format_figure(validation.get('average_precision'))}  "
+        f"({validation.get('n_normal', 0)} normal, "
+        f"{validation.get('n_anomalous', 0)} defective{note})"
+    )

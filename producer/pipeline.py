@@ -31,7 +31,7 @@ from common.store.run_rows import CategoryProgress, run_progress
 from common.store.schema import Model
 from common.store.workers import process_name
 from producer.answer_keys import AnswerKey
-from producer.fitting import FitPlan, fit_and_store
+from producer.fitting import FitPlan, fit_and_store, held_out_figures
 from producer.progress import describe_progress, failure_examples, wait_for_run
 from producer.submission import Submission, enqueue_pending, find_images, register_run
 from worker.broker_check import broker_app
@@ -181,12 +181,8 @@ def held_out_table(session: Session, model_ids: dict[str, int]) -> str:
     lines = ["held-out validation (images not in the memory bank):"]
     for category, model_id in sorted(model_ids.items()):
         validation = session.scalar(select(Model.validation).where(Model.id == model_id)) or {}
-        lines.append(
-            f"  {category}: AUROC {_fmt(validation.get('auroc'))}  "
-            f"AP {_fmt(validation.get('average_precision'))}  "
-            f"({validation.get('n_normal', 0)} normal, {validation.get('n_anomalous', 0)} "
-            f"defective; model {model_id}{_chosen(validation)})"
-        )
+        note = f"; model {model_id}{_chosen(validation)}"
+        lines.append(f"  {category}: {held_out_figures(validation, note)}")
     return "\n".join(lines)
 
 
@@ -199,7 +195,3 @@ def _chosen(validation: dict) -> str:
     if auto.get("chosen_on") == "synthesised":
         return f", --auto: {auto['chosen']}, chosen without labels"
     return f", --auto: {auto['chosen']}, cross-fitted"
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

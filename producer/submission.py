@@ -7,7 +7,6 @@ adds nothing and enqueues only what is still pending, which is how a lost queue 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +24,7 @@ from common.data.layouts import (
     list_categories,
 )
 from common.errors import PatchqError
+from common.iterables import chunked
 from common.store.image_rows import (
     ImageRow,
     count_images,
@@ -125,7 +125,7 @@ def register_run(
     before the run is created, so a manifest that is wrong from its first line creates nothing.
     """
     name = run_name or default_run_name()
-    chunks = _chunks(records, REGISTER_CHUNK_IMAGES)
+    chunks = chunked(records, REGISTER_CHUNK_IMAGES)
     first = next(chunks, [])
     upfront = records if isinstance(records, Sequence) else first  # a list: check all now
     with sessions.begin() as session:
@@ -140,12 +140,6 @@ def register_run(
         retried = retry_failed(session, run_id) if retry else 0
         pending = count_images(session, run_id, "pending")
     return Submission(run_id, name, added, pending, retried)
-
-
-def _chunks(records: Iterable[ImageRecord], size: int) -> Iterator[list[ImageRecord]]:
-    stream = iter(records)
-    while chunk := list(itertools.islice(stream, size)):
-        yield chunk
 
 
 def _image_rows(records: Iterable[ImageRecord], model_ids: Mapping[str, int]) -> Iterator[ImageRow]:

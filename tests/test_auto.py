@@ -24,7 +24,7 @@ from common.engine.calibration import calibrated
 from common.engine.fit import FitError, FitResult, fit_category
 from common.engine.patchcore import PatchCoreConfig
 from common.errors import PatchqError
-from tests.synthetic import make_seed_layout
+from synthetic.layouts import make_seed_layout
 
 BASE = PatchCoreConfig(image_size=64, coreset_ratio=0.25)
 

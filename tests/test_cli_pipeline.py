@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.synthetic import DEFECT_KINDS, make_mvtec_layout, make_seed_layout
+from synthetic.layouts import make_mvtec_layout, make_seed_layout
+from synthetic.textures import DEFECT_KINDS
 
 ROOT = Path(__file__).parents[1]
 SHARED_REDIS = "redis://127.0.0.1:6379/14"  # reachable; nothing is enqueued on it

@@ -33,7 +33,8 @@ from common.store.model_rows import store_model
 from common.store.run_rows import create_run
 from common.store.schema import Score
 from producer.cli import main
-from tests.synthetic import make_seed_layout, make_texture, save
+from synthetic.layouts import make_seed_layout, save
+from synthetic.textures import make_texture
 
 MEMBERS = (
     PatchCoreConfig(image_size=64, coreset_ratio=0.25, scorer="patch"),

@@ -19,8 +19,8 @@ from common.engine.fit import FitResult, fit_category, score_records
 from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
 from common.engine.normalise import Normaliser
 from common.engine.patchcore import PatchCoreConfig
-from tests.bench.generators import make_defect, make_normal
-from tests.synthetic import save
+from synthetic.layouts import save
+from synthetic.textures import make_defect, make_normal
 
 SIZE = 128
 CONFIG = PatchCoreConfig(image_size=SIZE, coreset_ratio=0.25)
@@ -84,10 +84,10 @@ def _auroc_per_part(result: FitResult, root: Path, kind: str) -> dict[str, float
 def test_fused_score_catches_a_tilted_texture(fitted) -> None:
     # Every stripe tilted to the edge of the normal range: each patch alone looks normal.
     # (With the paper's zero-padded borders s* sees it too at 128 px; at 224 px it does not,
-    # tests/bench: 0.91 vs fused 1.000.)
+    # bench/accuracy.py: 0.91 vs fused 1.000.)
     auroc = _auroc_per_part(*fitted, "rotated")
     # 0.9, not 0.95: at 128 px with 12 bank images the pixel part's noise on normals swaps a few
-    # of the 48 pairs (0.92 measured); tests/bench at 224 px gives 1.000.
+    # of the 48 pairs (0.92 measured); bench/accuracy.py at 224 px gives 1.000.
     assert auroc["fused"] >= 0.9
 
 

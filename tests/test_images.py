@@ -13,7 +13,8 @@ from PIL import Image
 from common.data.files import is_image_file
 from common.data.images import ImageLoadError, Preprocessing, load_rgb
 from common.errors import PatchqError
-from tests.synthetic import make_texture, save
+from synthetic.layouts import save
+from synthetic.textures import make_texture
 
 
 def test_extension_match_is_case_insensitive() -> None:

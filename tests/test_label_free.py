@@ -28,7 +28,8 @@ from common.engine.label_free import (
 from common.engine.patchcore import PatchCoreConfig
 from common.settings import Settings
 from producer.fitting import FitPlan, describe_fit, fit_model
-from tests.synthetic import make_texture, save
+from synthetic.layouts import save
+from synthetic.textures import make_grain, make_texture
 
 BASE = PatchCoreConfig(image_size=64, coreset_ratio=0.25)
 N_GOOD = 40  # 8 held out at the default 20%: just enough for the label-free default
@@ -53,7 +54,7 @@ def write_category(root: Path, category: str, make, n_good: int = N_GOOD) -> lis
 
 @pytest.fixture(scope="module")
 def texture(tmp_path_factory: pytest.TempPathFactory) -> list[ImageRecord]:
-    return write_category(tmp_path_factory.mktemp("texture"), "tex", make_texture)
+    return write_category(tmp_path_factory.mktemp("texture"), "tex", make_grain)
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +84,14 @@ def test_kinds_are_local_or_whole_image_and_unknown_ones_are_refused() -> None:
         synthesise(make_texture(32, 0), make_texture(32, 1), "dent", np.random.default_rng(0))
 
 
-def test_a_set_makes_copies_of_every_normal_for_every_kind() -> None:
+def test_a_set_makes_a_fixed_number_of_copies_per_kind_from_the_normals_in_turn() -> None:
     images = [make_texture(48, seed) for seed in range(3)]
-    made, kinds, sources = synthesise_set(images, ["spot", "blur"], copies=2, seed=4)
-    assert len(made) == len(kinds) == len(sources) == 3 * 2 * 2
-    assert kinds.count("spot") == kinds.count("blur") == 6
-    assert sorted(set(sources)) == [0, 1, 2]
+    made, kinds, sources = synthesise_set(images, ["spot", "blur"], per_kind=4, seed=4)
+    assert len(made) == len(kinds) == len(sources) == 2 * 4
+    assert kinds.count("spot") == kinds.count("blur") == 4
+    assert sources == [0, 1, 2, 0] * 2
     with pytest.raises(ValueError, match="at least 2 normal images"):
-        synthesise_set(images[:1], ["spot"], copies=1, seed=0)
+        synthesise_set(images[:1], ["spot"], per_kind=1, seed=0)
 
 
 def test_the_alignment_share_tells_parts_in_place_from_a_texture(texture, aligned) -> None:

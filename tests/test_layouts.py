@@ -15,7 +15,8 @@ from common.data.layouts import (
     list_categories,
     summarize,
 )
-from tests.synthetic import make_mvtec_layout, make_seed_layout, make_texture, save
+from synthetic.layouts import make_mvtec_layout, make_seed_layout, save
+from synthetic.textures import make_texture
 
 
 def _counts(records: list[ImageRecord]) -> dict[tuple, int]:

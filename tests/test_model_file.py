@@ -13,7 +13,7 @@ from common.engine.artifact import ArtifactError, read_artifact, save_artifact
 from common.engine.fit import fit_category
 from common.engine.model_file import held_out_patch_maxima, read_model_reference
 from common.engine.patchcore import PatchCoreConfig
-from tests.synthetic import make_seed_layout
+from synthetic.layouts import make_seed_layout
 
 
 @pytest.fixture(scope="module")

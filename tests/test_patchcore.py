@@ -16,7 +16,7 @@ from common.engine.features import PatchFeatureExtractor
 from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor
 from common.errors import PatchqError
-from tests.synthetic import draw_defect, make_texture
+from synthetic.textures import draw_defect, make_texture
 
 SIZE = 96
 

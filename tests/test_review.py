@@ -1,7 +1,7 @@
 """The review loop end to end: a real `patchq review` server, a real browser marking images
 with the keyboard, verdicts in SQL, aggregate labelling with them, `fit --update` learning them.
 
-The data (tests/synthetic.py make_review_layout) holds a false alarm every patch model makes:
+The data (synthetic/layouts.py make_review_layout) holds a false alarm every patch model makes:
 normal images carrying a new, acceptable mark the training images lack, among real defects.
 """
 
@@ -36,7 +36,7 @@ from common.store.schema import Image, Model, Run
 from common.store.threshold_queries import category_threshold
 from producer.cli import main
 from producer.fit_update import reviewed_images
-from tests.synthetic import make_review_layout
+from synthetic.layouts import make_review_layout
 from tests.test_report import browser  # noqa: F401  (the headless Chromium fixture)
 from tests.update_scores import update_scores
 
@@ -248,6 +248,29 @@ def test_browser_review_labels_the_run_and_teaches_the_model(
     # Held-out defects keep their scores: a larger bank only shortens distances, and little.
     assert all(0.9 * old[p] <= new[p] <= old[p] for p in scores.held_defect)
     assert all(new[p] >= threshold for p in scores.held_defect)
+
+
+def test_page_opened_through_a_link_carrying_the_login_loads(
+    served: Served,
+    browser,  # noqa: F811
+) -> None:
+    """A link like http://user:password@host/ logs in on opening; the page's own requests must
+    not be resolved against that URL, as browsers refuse requests whose URL carries a login."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"http://alice:{LOGINS['alice']}@127.0.0.1:{served.port}/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda b: b.find_element(By.ID, "status").text)
+    assert browser.find_element(By.ID, "status").text.startswith(f"{CATEGORY}: threshold")
+    tabs = [tab.text for tab in browser.find_elements(By.CSS_SELECTOR, "#tabs button")]
+    assert len(tabs) == 1 and tabs[0].startswith(f"{CATEGORY} (")
+    loaded = "return Array.from(document.images, i => [i.complete, i.naturalWidth]);"
+    wait.until(lambda b: all(complete for complete, _ in b.execute_script(loaded)))
+    images = browser.execute_script(loaded)
+    assert images and all(width > 0 for _, width in images)
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
 
 
 def test_requests_without_a_valid_login_are_refused(served: Served) -> None:

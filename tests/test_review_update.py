@@ -1,7 +1,7 @@
 """`fit --update` on a model with the default fused scorer: the whole-image parts learn the
 reviewed false alarms as exemplars, beside the bank's new patches.
 
-The data (tests/synthetic.py make_review_layout) holds normal images carrying a new, acceptable
+The data (synthetic/layouts.py make_review_layout) holds normal images carrying a new, acceptable
 mark the training images lack: a large coloured square that moves every part of the score (the
 patches under it, the pooled feature statistics and the pixel colour means), among real
 defects. Verdicts are written as the review page writes them (its browser test is
@@ -24,7 +24,7 @@ from common.store.schema import Image, Model, Run
 from common.store.threshold_queries import category_threshold
 from producer.cli import main
 from producer.fit_update import reviewed_images
-from tests.synthetic import make_review_layout
+from synthetic.layouts import make_review_layout
 from tests.update_scores import update_scores
 
 CATEGORY = "tex"

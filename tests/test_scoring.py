@@ -25,7 +25,7 @@ from common.store.model_rows import store_model
 from common.store.run_rows import create_run
 from common.store.schema import Image, Score
 from common.store.score_rows import decode_array
-from tests.synthetic import make_seed_layout
+from synthetic.layouts import make_seed_layout
 
 CONFIG = PatchCoreConfig(image_size=64, coreset_ratio=0.25)
 

@@ -15,7 +15,8 @@ from common.engine.fit import fit_category
 from common.engine.patchcore import PatchCoreConfig, build_extractor
 from common.engine.tiling import tile_starts, tiled_features
 from common.errors import PatchqError
-from tests.synthetic import make_texture, save
+from synthetic.layouts import save
+from synthetic.textures import make_texture
 
 SIZE = 128
 CONFIG = PatchCoreConfig(

@@ -4,13 +4,13 @@ workers' sweep, so a requeued batch travels exactly like a submitted one."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from itertools import islice
+from collections.abc import Iterable, Sequence
 
 from celery import Celery
 from kombu import Producer
 from kombu.exceptions import BatchPublishError
 
+from common.iterables import chunked
 from worker.config import TASK_NAME
 
 # Messages per Redis pipeline: one round trip sends them all (a message is ~0.5 KB at 32 ids).
@@ -40,7 +40,7 @@ def send_id_batches(app: Celery, run_id: int, batches: Iterable[list[int]], queu
     """
     sent = 0
     with app.producer_or_acquire() as producer:
-        for chunk in _chunks(batches, PIPELINE_MESSAGES):
+        for chunk in chunked(batches, PIPELINE_MESSAGES):
             _send_chunk(app, producer, run_id, chunk, queue)
             sent += len(chunk)
     return sent
@@ -81,12 +81,6 @@ def _args_summary(run_id: int, batch: list[int]) -> str:
     list cost more than the rest of the send together."""
     ids = f"{len(batch)} ids {batch[0]}..{batch[-1]}" if batch else "no ids"
     return f"({run_id}, [{ids}])"
-
-
-def _chunks(batches: Iterable[list[int]], size: int) -> Iterator[list[list[int]]]:
-    iterator = iter(batches)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
 
 
 def queue_length(app: Celery, queue: str) -> int:

@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +50,14 @@ import torch
 
 from common.engine.global_scorer import GlobalScorer
 from common.engine.memory_bank import MemoryBank
-from common.engine.model_file import FORMAT, VERSION, ArtifactError, read_arrays, read_header
+from common.engine.model_file import (
+    FORMAT,
+    VERSION,
+    ArtifactError,
+    read_arrays,
+    read_header,
+    write_archive,
+)
 from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor, resolve_device
 from common.errors import PatchqError
 
@@ -92,7 +97,6 @@ def save_artifact(
         "validation": validation,
     }
     arrays = {
-        "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
         "bank": np.ascontiguousarray(model.bank.vectors, dtype=np.float32),
         "calibration": np.asarray(model.calibration, dtype=np.float32),
     }
@@ -101,9 +105,7 @@ def save_artifact(
         arrays["part_calibration"] = model.part_calibration
     if model.pixel_scorer is not None:
         arrays |= _scorer_arrays("pixel", model.pixel_scorer)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+    return write_archive(header, arrays)
 
 
 def _scorer_arrays(part: str, scorer: GlobalScorer) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ figure optimistic (the best of several noisy estimates), so the figure is cross-
    images the stored model's did, so the figure is, if anything, conservative.
 
 Choosing on one half and reporting on the other (what --auto did before) left the choice to
-2 labelled images per kind and 4 normals on tests/bench: a coin toss between candidates
+2 labelled images per kind and 4 normals on bench/accuracy.py: a coin toss between candidates
 (stripes' tiny defects found on 38 of 90 selection halves). Chosen on every validation image,
 --auto took the candidate that suits each texture on 28-29 of 30 draws in float32, 25 of 30 in
 bfloat16 (docs/accuracy.md); with 8 held-out normals and 4 defects per kind, what is left is
@@ -51,7 +51,7 @@ from common.engine.patchcore import PatchCore, PatchCoreConfig
 def fine(config: PatchCoreConfig) -> PatchCoreConfig:
     """The stride-4 grid (few-pixel defects), on an input one step (32 px) larger.
 
-    Measured on tests/bench (docs/accuracy.md): stride 4 at 256 px found speckle clusters that
+    Measured on bench/accuracy.py (docs/accuracy.md): stride 4 at 256 px found speckle clusters that
     stride 4 at 224 px missed (s* 0.99 vs 0.75), and stride 8 needs 384 px (3-5x the cost) to
     get near. A 256 px stride-4 grid has ~5x the default's patches, so an eighth of the coreset
     ratio keeps its bank below the default's and its scoring at ~1.6x the default's CPU time;
@@ -71,7 +71,7 @@ def fine(config: PatchCoreConfig) -> PatchCoreConfig:
 def small(config: PatchCoreConfig) -> PatchCoreConfig:
     """Stride 8 alone on an input 12/7 the base's (224 -> 384 px), its edges mirrored outward.
 
-    Measured on tests/bench's stripes (docs/accuracy.md), whose tiny defects (3-8 px spots,
+    Measured on bench/accuracy.py's stripes (docs/accuracy.md), whose tiny defects (3-8 px spots,
     1-2 px scratches on 384 px images, half within 2 px of the edge) the default and `fine`
     miss (s* 0.45-0.87): at 384 px the defects inside the image were found but not those at
     the edge, however deep or large the model (384 px with the default layers and bank: 0.95-0.99

@@ -20,7 +20,7 @@ bank images) are taught by exemplars, the same way (common/engine/global_scorer.
 image whose part distance is beyond that part's radius r (the median held-out normal's
 distance) is kept as a point beside the Gaussian, greedily, farthest first, until every update
 image scores at most r on every part. Merging the update images into the Gaussians was tried
-first: on tests/synthetic.py's review layout it took the held-out false alarms' median score
+first: on synthetic/layouts.py's review layout it took the held-out false alarms' median score
 from 13.6 to 1.8, but widened the Gaussians so much that held-out defects fell from 49 to 27
 (a Gaussian cannot hold "normal, or this new variant" without also accepting what lies
 between). An exemplar only lowers images within its reach (sqrt(2) r), so defects elsewhere

@@ -49,10 +49,12 @@ def synthesise(
 
 
 def synthesise_set(
-    images: Sequence[np.ndarray], kinds: Sequence[str], copies: int, seed: int
+    images: Sequence[np.ndarray], kinds: Sequence[str], per_kind: int, seed: int
 ) -> tuple[list[np.ndarray], list[str], list[int]]:
-    """``copies`` defective copies of every image for each kind, each with another image of the
-    set as its donor: (images, their kinds, the index of the normal each was made from)."""
+    """``per_kind`` defective copies for each kind, made from the images in turn (each with
+    another image of the set as its donor): (images, their kinds, the index of the normal each
+    was made from). A fixed count per kind keeps the cost of a choice independent of how many
+    normals were held out."""
     if len(images) < 2:
         raise ValueError("synthesising defects needs at least 2 normal images (one donates)")
     rng = np.random.default_rng(seed)
@@ -60,12 +62,12 @@ def synthesise_set(
     made_kinds: list[str] = []
     sources: list[int] = []
     for kind in kinds:
-        for _ in range(copies):
-            for i, image in enumerate(images):
-                donor = images[(i + int(rng.integers(1, len(images)))) % len(images)]
-                made.append(synthesise(image, donor, kind, rng))
-                made_kinds.append(kind)
-                sources.append(i)
+        for j in range(per_kind):
+            i = j % len(images)
+            donor = images[(i + int(rng.integers(1, len(images)))) % len(images)]
+            made.append(synthesise(images[i], donor, kind, rng))
+            made_kinds.append(kind)
+            sources.append(i)
     return made, made_kinds, sources
 
 

@@ -24,8 +24,6 @@ without torch, for aggregation.
 
 from __future__ import annotations
 
-import io
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +46,7 @@ from common.engine.model_file import (
     ensemble_members,
     is_ensemble,
     largest_input,
+    write_archive,
 )
 from common.engine.normalise import Normaliser
 from common.engine.patchcore import PatchCore, PatchCoreConfig, ScoreBatch
@@ -157,12 +156,11 @@ def save_ensemble(
         "members": len(ensemble.members),
         "validation": validation,
     }
-    arrays = {"header": np.frombuffer(json.dumps(header).encode(), np.uint8)}
-    for i, member in enumerate(ensemble.members):
-        arrays[f"member_{i}"] = np.frombuffer(save_artifact(member, category), np.uint8)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+    members = {
+        f"member_{i}": np.frombuffer(save_artifact(member, category), np.uint8)
+        for i, member in enumerate(ensemble.members)
+    }
+    return write_archive(header, members)
 
 
 def load_ensemble(data: bytes, device: str = "auto") -> Ensemble:

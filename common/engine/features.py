@@ -13,14 +13,14 @@ Borders (issue 13): the 3x3 average at the image edge sees only 4-6 real neighbo
 towards the origin, are compared with the bank's equally shrunk border patches and stay quiet.
 ``border="mean"`` (models saved before artifact version 4) averages only the real neighbours:
 border patches are then averages of fewer values, noisier than interior ones, and on fine
-textures they took the image maximum (tests/bench: small-spot AUROC 0.79 with zeros vs 0.56).
-``border="reflect"`` mirrors REFLECT_PAD pixels of the image outward on every side before the
-backbone and cuts the patch grid back to the image afterwards: a patch at the edge then sees
+textures they took the image maximum (bench/accuracy.py: small-spot AUROC 0.79 with zeros vs
+0.56). ``border="reflect"`` mirrors REFLECT_PAD pixels of the image outward on every side before
+the backbone and cuts the patch grid back to the image afterwards: a patch at the edge then sees
 real (mirrored) neighbours through every convolution, not zeros, and a defect within a few
-pixels of the edge is not averaged away. On tests/bench's stripes (half of the tiny defects lie
-within 2 px of the edge) it raised tiny-defect s* from 0.55-0.68 to 0.74-0.83 at 224 px and
-from 0.80-0.88 to 0.94-0.97 at 384 px (stage 3 alone), for 17-30% more backbone work (the
-padded input).
+pixels of the edge is not averaged away. On bench/accuracy.py's stripes (half of the tiny
+defects lie within 2 px of the edge) it raised tiny-defect s* from 0.55-0.68 to 0.74-0.83 at
+224 px and from 0.80-0.88 to 0.94-0.97 at 384 px (stage 3 alone), for 17-30% more backbone work
+(the padded input).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ R, within a normal image's range) and for nothing farther: a defect more than R 
 exemplar keeps its score exactly, however close to the exemplar's direction it lies. Scores
 only go down, never up. The cost is a step at the edge of reach, from at most R inside to d
 outside, so ranking changes only among images near an exemplar. Why not min(d, t)
-everywhere: on tests/synthetic.py's review layout the pixel statistics of held-out defects
+everywhere: on synthetic/layouts.py's review layout the pixel statistics of held-out defects
 (a red spot, a dark scratch) lay nearer a taught blue mark than the mean, and min(d, t) cut
 their pixel distances by up to half (fused scores 26 -> 8); with the reach they keep them.
 """
@@ -61,7 +61,7 @@ def image_statistics(images: torch.Tensor) -> np.ndarray:
     The channel means move with a colour cast; the mean absolute Laplacian (over the interior,
     averaged over channels) is the energy at the finest scale, which blur removes first. Its
     log turns a multiplicative loss into a shift. The per-channel std is left out: contrast is
-    already seen by the feature statistics, and on tests/bench adding it only cost accuracy.
+    already seen by the feature statistics, and on bench/accuracy.py adding it only cost accuracy.
     """
     x = images.detach().float()
     laplacian = _laplacian(x).abs().mean(dim=(1, 2, 3))

@@ -1,11 +1,12 @@
 """The outer layer of the two model files, and what aggregation reads of them, without torch.
 
 A model artifact (common/engine/artifact.py) and an ensemble file (common/engine/ensemble.py)
-are ``.npz`` archives with a JSON header; their formats are documented there. Opening them,
-checking the header and combining the members' held-out normals only needs NumPy, so it lives
-here: `patchq aggregate` reads every stored model's reference (`read_model_reference`) and
-must not import torch or FAISS, which took about 1 GB of its memory (issue 12). Building a
-scorer from the same bytes (backbone, bank, global parts) stays with the engine.
+are ``.npz`` archives with a JSON header; their formats are documented there. Writing and
+opening that outer layer, checking the header and combining the members' held-out normals only
+needs NumPy, so it lives here: `patchq aggregate` reads every stored model's reference
+(`read_model_reference`) and must not import torch or FAISS, which took about 1 GB of its memory
+(issue 12). Building a scorer from the same bytes (backbone, bank, global parts) stays with the
+engine.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,13 @@ class EnsembleError(PatchqError):
 
 # What np.load raises for bytes that are not a readable .npz archive.
 NOT_AN_ARCHIVE = (OSError, ValueError, zipfile.BadZipFile, EOFError)
+
+
+def write_archive(header: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> bytes:
+    """A model file's bytes: ``header`` as UTF-8 JSON in a uint8 array first, then ``arrays``."""
+    buffer = io.BytesIO()
+    np.savez(buffer, header=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
+    return buffer.getvalue()
 
 
 def _archive(data: bytes) -> dict[str, np.ndarray]:

@@ -74,11 +74,11 @@ class TailModel:
     beta, the tail's scale (``TAIL_SCALES``): "std", the standard deviation of every normal
     (the default since tail scales were named), or "mean-excess", their mean excess over u
     (what models saved before keep). The mean excess rests on the n/2 normals above u, 4 on
-    tests/bench; a part whose few upper normals happened to lie close together got a thin
+    bench/accuracy.py; a part whose few upper normals happened to lie close together got a thin
     tail, a new normal beyond them scored as a one-in-ten-thousand event, and under min-p that
     one part's chance outlier outranked defects another part found (stripes draw 4: `small`
     fused tiny 0.766 while its s* alone scored 0.969). The standard deviation uses all n.
-    Measured on 14 draws of tests/bench in float32 (docs/accuracy.md): --auto's tiny defects
+    Measured on 14 draws of bench/accuracy.py in float32 (docs/accuracy.md): --auto's tiny defects
     0.907 -> 0.945 and 0.920 -> 0.940, whole-image defects level, elpv within 0.006.
     """
 

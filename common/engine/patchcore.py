@@ -43,7 +43,7 @@ from common.errors import PatchqError
 
 SCORERS = ("patch", "global", "fused")
 # How the fused scorer combines its parts: tail-probability tests (the default since artifact
-# version 4, chosen on tests/bench and elpv, docs/accuracy.md) or the older z-score max/mean.
+# version 4, chosen on bench/accuracy.py and elpv, docs/accuracy.md) or the older z-score max/mean.
 FUSIONS = TAIL_FUSIONS + Z_FUSIONS
 
 

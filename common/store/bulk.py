@@ -15,7 +15,6 @@ registering the same images again adds nothing.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
+from common.iterables import chunked
 from common.store.schema import Image, utcnow
 
 # The columns a registration gives; the rest have server defaults (status, attempts) or none.
@@ -87,6 +87,5 @@ def append_rows(
         f"INSERT INTO {table} ({', '.join(columns)}) "
         f"VALUES ({', '.join(f':{name}' for name in columns)})"
     )
-    stream = iter(rows)
-    while chunk := list(itertools.islice(stream, SQLITE_CHUNK_ROWS)):
+    for chunk in chunked(rows, SQLITE_CHUNK_ROWS):
         session.execute(statement, [dict(zip(columns, row, strict=True)) for row in chunk])

@@ -1,7 +1,7 @@
 """AUROC per defect kind: every part of the model and every fusion of them, per configuration,
-on held-out synthetic images (tests/bench/generators.py).
+on held-out synthetic images (synthetic/textures.py).
 
-    .venv/bin/python -m tests.bench.accuracy [--size 384] [--train 30] [--normals 12] \
+    .venv/bin/python -m bench.accuracy [--size 384] [--train 30] [--normals 12] \
         [--per-kind 8] [--configs default,border-mean,fine,small] \
         [--textures stripes,grain,mono,poly] [--draw N | --draw FIRST-LAST]
 
@@ -43,7 +43,8 @@ from common.engine.fit import FitResult, fit_category, score_records
 from common.engine.normalise import fuse, fuse_tail
 from common.engine.patchcore import PRECISIONS, PatchCore, PatchCoreConfig, use_bfloat16
 from producer.demo_data import write_elpv_demo
-from tests.bench.generators import (
+from synthetic.layouts import save
+from synthetic.textures import (
     FAMILY,
     GRAIN_KINDS,
     KINDS,
@@ -52,7 +53,6 @@ from tests.bench.generators import (
     make_normal,
     make_speckle,
 )
-from tests.synthetic import save
 
 CONFIGS = {
     "default": PatchCoreConfig(),
@@ -200,7 +200,7 @@ def auto_column(runs: dict[str, ConfigRun]) -> tuple[str, dict[str, np.ndarray]]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=384, help="generated image size (px)")
     parser.add_argument("--grain-size", type=int, default=256, help="grain image size (px)")
     parser.add_argument("--train", type=int, default=30, help="train/good images")

@@ -1,22 +1,29 @@
-"""Synthetic benchmark images: a normal texture that varies locally, and three defect families.
+"""Synthetic images for the tests and the benchmarks: normal textures and the defects drawn on
+them, as uint8 RGB arrays.
 
-Normal images vary *inside* each image: stripe orientation, stripe period, stripe contrast,
-grain and colour drift smoothly over a 3x3 grid of control points within fixed ranges. That
-makes a fair test of whole-image ("global") defects: a global defect moves the whole image to
-one end of a range (all stripes tilted the same way, all coarse, all low-contrast, blurred, or a
-colour cast), so every patch alone still resembles some patch of a normal image, while the
-image as a whole does not. (With a uniform normal texture any global change would make every
-patch abnormal and plain PatchCore would find it trivially.)
+Tests and benchmarks generate their images instead of shipping any, so they run offline.
 
-Families (``KINDS``): global (rotated, rescaled, blur, contrast, colour), tiny (3-8 px spots
-and 1-2 px scratches, every other one within a few pixels of the border) and local (the classic
-scratch and spot of tests/synthetic.py).
+The tests' texture (``make_texture``) is smooth random shading plus stripes and grain, so normal
+images differ from each other the way real product images do; a defect (``draw_defect``) is a
+local change (a scratch or a spot) that a patch model can find. It is small and quick to draw.
 
-A second texture (``make_grain`` / ``make_speckle``, issue 13): a grey, fine, random (not
-periodic) grain elongated along a random orientation, and, as its defect, a cluster of fine
-speckle a few pixels wide with the grain's own mean and spread, so only its finer, noisier
-texture sets it apart, not its brightness. Such a cluster is smaller than one stride-8 patch at
-224 px.
+The benchmarks' texture (``make_normal``) varies *inside* each image: stripe orientation, stripe
+period, stripe contrast, grain and colour drift smoothly over a 3x3 grid of control points within
+fixed ranges. That makes a fair test of whole-image ("global") defects: a global defect moves the
+whole image to one end of a range (all stripes tilted the same way, all coarse, all low-contrast,
+blurred, or a colour cast), so every patch alone still resembles some patch of a normal image,
+while the image as a whole does not. (With a uniform normal texture any global change would make
+every patch abnormal and plain PatchCore would find it trivially.)
+
+Its families (``KINDS``): global (rotated, rescaled, blur, contrast, colour), tiny (3-8 px spots
+and 1-2 px scratches, every other one within a few pixels of the border) and local (the scratch
+and spot of ``draw_defect``).
+
+The benchmarks' second texture (``make_grain`` / ``make_speckle``, issue 13): a grey, fine,
+random (not periodic) grain elongated along a random orientation, and, as its defect, a cluster
+of fine speckle a few pixels wide with the grain's own mean and spread, so only its finer,
+noisier texture sets it apart, not its brightness. Such a cluster is smaller than one stride-8
+patch at 224 px.
 """
 
 from __future__ import annotations
@@ -27,12 +34,55 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter, rotate
 
-from tests.synthetic import draw_defect
+DEFECT_KINDS = ("scratch", "spot")
+
+
+def make_texture(size: int, seed: int) -> np.ndarray:
+    """A normal image of the tests' texture: uint8 RGB array (size, size, 3)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(90, 160, (4, 4, 3)).astype(np.uint8)
+    shading = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), np.float32)
+    columns = np.arange(size)[None, :, None]
+    stripes = 20 * np.sin(2 * np.pi * (columns + rng.uniform(0, 8)) / 8)
+    grain = rng.normal(0, 6, (size, size, 3))
+    return np.clip(shading + stripes + grain, 0, 255).astype(np.uint8)
+
+
+def draw_defect(image: np.ndarray, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of `image` with one defect drawn, and its mask (uint8, 255 on the defect)."""
+    rng = np.random.default_rng(seed)
+    size = image.shape[0]
+    mask = Image.new("L", (image.shape[1], size), 0)
+    pen = ImageDraw.Draw(mask)
+    x0, y0 = rng.integers(size // 8, size // 2, 2)
+    if kind == "scratch":
+        x1, y1 = rng.integers(size // 2, size - size // 8, 2)
+        pen.line((int(x0), int(y0), int(x1), int(y1)), fill=255, width=max(2, size // 32))
+    elif kind == "spot":
+        radius = size // 8
+        pen.ellipse((int(x0), int(y0), int(x0) + radius, int(y0) + radius), fill=255)
+    else:
+        raise ValueError(f"defect kind must be one of {DEFECT_KINDS}, got {kind!r}")
+    mask_array = np.asarray(mask)
+    defective = image.copy()
+    defective[mask_array > 0] = (20, 20, 20) if kind == "scratch" else (230, 60, 40)
+    return defective, mask_array
+
+
+def draw_variant(image: np.ndarray) -> np.ndarray:
+    """A copy of `image` with an acceptable mark the normal images lack: a new label, printed
+    at the same place on every such product (a false alarm until the model learns it)."""
+    size = image.shape[0]
+    marked = image.copy()
+    top, side = size // 2, size // 3
+    marked[top : top + side, top : top + side] = (40, 60, 220)
+    return marked
+
 
 GRAIN_KINDS = ("speckle",)
 GLOBAL_KINDS = ("rotated", "rescaled", "blur", "contrast", "colour")
 TINY_KINDS = ("tiny_spot", "tiny_scratch")
-LOCAL_KINDS = ("scratch", "spot")
+LOCAL_KINDS = DEFECT_KINDS
 KINDS = GLOBAL_KINDS + TINY_KINDS + LOCAL_KINDS
 FAMILY = {k: "global" for k in GLOBAL_KINDS} | {k: "tiny" for k in TINY_KINDS}
 FAMILY |= {k: "local" for k in LOCAL_KINDS} | {"speckle": "tiny"}

@@ -1,1 +1,0 @@
-"""Accuracy benchmark on synthetic data: run `python -m tests.bench.accuracy`."""
