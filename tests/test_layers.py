@@ -15,14 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-REPO_PACKAGES = ("common", "worker", "aggregator", "review", "producer", "tests", "bench")
+REPO_PACKAGES = (
+    "common",
+    "worker",
+    "aggregator",
+    "review",
+    "producer",
+    "tests",
+    "bench",
+    "synthetic",
+)
 MAY_IMPORT = {
     "common": {"common"},
     "worker": {"common", "worker"},
     "aggregator": {"common", "aggregator"},
     "review": {"common", "review"},
     "producer": {"common", "worker", "aggregator", "review", "producer"},
-}  # the product's packages; tests and bench are in no list, so nothing imports them
+}  # the product's packages; tests, bench and synthetic are in no list: none is imported
 
 
 @dataclass(frozen=True)
