@@ -212,7 +212,7 @@ def main() -> None:
     parser.add_argument("--holdout", type=float, default=0.25)
     parser.add_argument(
         "--draw",
-        type=_draws,
+        type=draw_range,
         default=range(1),
         help="another set of synthetic seeds, or a range FIRST-LAST: each draw is benched and "
         "a summary per family follows (mean, min, draws reaching issue 13's target)",
@@ -256,7 +256,7 @@ def main() -> None:
                 print(f"--auto chose {tally}")
 
 
-def _draws(text: str) -> range:
+def draw_range(text: str) -> range:
     """A draw "N", or the draws "FIRST-LAST" (inclusive)."""
     first, _, last = text.partition("-")
     last = last or first

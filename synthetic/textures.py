@@ -80,6 +80,7 @@ def draw_variant(image: np.ndarray) -> np.ndarray:
 
 
 GRAIN_KINDS = ("speckle",)
+GRAIN_GLOBAL_KINDS = ("coarse", "turned", "faint", "blurred")
 GLOBAL_KINDS = ("rotated", "rescaled", "blur", "contrast", "colour")
 TINY_KINDS = ("tiny_spot", "tiny_scratch")
 LOCAL_KINDS = DEFECT_KINDS
@@ -230,14 +231,44 @@ def make_defect(size: int, seed: int, kind: str) -> np.ndarray:
 
 def make_grain(size: int, seed: int) -> np.ndarray:
     """uint8 RGB grey grain: white noise smoothed more along one random direction than across."""
+    return _grain(size, seed)
+
+
+def _grain(
+    size: int,
+    seed: int,
+    across: float = 0.7,
+    along_scale: float = 1.0,
+    turn: float = 0.0,
+    amplitude: float = 28.0,
+) -> np.ndarray:
+    """make_grain's image, with its grain widths, orientation or contrast changed (the draws,
+    and so every normal image, stay what they were)."""
     rng = np.random.default_rng(seed)
     pad = size // 2
     noise = rng.normal(0, 1, (size + 2 * pad, size + 2 * pad))
-    grain = gaussian_filter(noise, sigma=(0.7, rng.uniform(2.0, 3.5)))
-    grain = rotate(grain, rng.uniform(-30, 30), reshape=False, order=1)[pad:-pad, pad:-pad]
+    grain = gaussian_filter(noise, sigma=(across, along_scale * rng.uniform(2.0, 3.5)))
+    angle = rng.uniform(-30, 30) + turn
+    grain = rotate(grain, angle, reshape=False, order=1)[pad:-pad, pad:-pad]
     shading = gaussian_filter(rng.normal(0, 1, (size, size)), sigma=size / 6)
-    image = 128 + 28 * grain / grain.std() + 6 * shading / (shading.std() + 1e-9)
+    image = 128 + amplitude * grain / grain.std() + 6 * shading / (shading.std() + 1e-9)
     return np.repeat(np.clip(image, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def make_grain_global(size: int, seed: int, kind: str) -> np.ndarray:
+    """A grain image changed as a whole (GRAIN_GLOBAL_KINDS): a coarser grain, the grain turned
+    across its normal range of orientations (+-30 degrees), blurred, or of half the contrast.
+    Every patch alone is still grain; the image is not the category's."""
+    if kind == "coarse":
+        return _grain(size, seed, across=1.6, along_scale=1.8)
+    if kind == "turned":
+        return _grain(size, seed, turn=90.0)
+    if kind == "faint":
+        return _grain(size, seed, amplitude=14.0)
+    if kind == "blurred":
+        image = make_grain(size, seed).astype(np.float64)
+        return np.clip(gaussian_filter(image, sigma=(1.2, 1.2, 0)), 0, 255).astype(np.uint8)
+    raise ValueError(f"grain global defect kind must be one of {GRAIN_GLOBAL_KINDS}, got {kind!r}")
 
 
 def make_speckle(size: int, seed: int) -> np.ndarray:
