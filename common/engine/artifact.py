@@ -18,6 +18,8 @@ Format ``patchq-model`` version 4 is a NumPy ``.npz`` archive (a zip of ``.npy``
 ``global_exemplars``   float32 (E, 2D): statistics of images taught by ``fit --update``
                        (optional, with ``global_radius``: float32 (1,), the part's radius r)
 ``pixel_exemplars``    float32 (E, 4): the same for the pixel part (optional, ``pixel_radius``)
+``bank_positions``     int16 (N, 2): the grid cell (row, column) each bank patch came from;
+                       present exactly when the config has a ``position_radius``
 =====================  ======================================================================
 
 Exemplars (common/engine/global_scorer.py) were added to version 4 without a version bump: a
@@ -27,6 +29,10 @@ whole-image parts as the model before the update did), so upgrade workers before
 The config's ``tail_scale`` came the same way: a version-4 config without it keeps the
 mean-excess tails (PatchCoreConfig.from_dict) and scores as before, while a patchq from before
 it refuses a config that has it ("unknown model settings"), so upgrade workers before fitting.
+The candidates of issue 23 came the same way: a config without ``distance``,
+``position_radius`` and ``top_share`` reads as L2, neighbours anywhere and s* (the dataclass
+defaults), so an older file scores exactly as before; a cosine model's ``bank`` holds unit
+vectors, and a position-aware one adds ``bank_positions``.
 
 The three global arrays come together or not at all; a model without them scores with the
 patch scorer only. The two pixel arrays need the global ones. Version 2 (no pixel part) is
@@ -51,9 +57,14 @@ import numpy as np
 import torch
 
 from common.engine.global_scorer import GlobalScorer
-from common.engine.memory_bank import MemoryBank
 from common.engine.model_file import FORMAT, VERSION, ArtifactError, read_arrays, read_header
-from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor, resolve_device
+from common.engine.patchcore import (
+    PatchCore,
+    PatchCoreConfig,
+    build_extractor,
+    memory_bank,
+    resolve_device,
+)
 from common.errors import PatchqError
 
 GLOBAL_ARRAYS = ("global_mean", "global_precision", "part_calibration")
@@ -72,6 +83,7 @@ class ModelArtifact:
     global_scorer: GlobalScorer | None = None
     part_calibration: np.ndarray | None = None
     pixel_scorer: GlobalScorer | None = None
+    bank_positions: np.ndarray | None = None
 
 
 def artifact_hash(data: bytes) -> str:
@@ -101,6 +113,8 @@ def save_artifact(
         arrays["part_calibration"] = model.part_calibration
     if model.pixel_scorer is not None:
         arrays |= _scorer_arrays("pixel", model.pixel_scorer)
+    if model.bank.positions is not None:
+        arrays["bank_positions"] = np.asarray(model.bank.positions, np.int16)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
@@ -133,6 +147,7 @@ def read_artifact(data: bytes) -> ModelArtifact:
             f"model artifact uses the {config.scorer!r} scorer but lacks its global part; "
             "refit the model"
         )
+    positions = _read_positions(arrays, config, len(bank))
     return ModelArtifact(
         header.get("category", ""),
         config,
@@ -142,7 +157,26 @@ def read_artifact(data: bytes) -> ModelArtifact:
         global_scorer,
         parts,
         pixel_scorer,
+        positions,
     )
+
+
+def _read_positions(
+    arrays: dict[str, np.ndarray], config: PatchCoreConfig, size: int
+) -> np.ndarray | None:
+    """The bank patches' grid cells: one per bank row, exactly when position-aware."""
+    positions = arrays.get("bank_positions")
+    if (positions is None) != (config.position_radius is None):
+        raise ArtifactError(
+            "model artifact's bank positions and position radius do not come together; "
+            "refit the model"
+        )
+    if positions is not None and (positions.shape != (size, 2) or positions.dtype != np.int16):
+        raise ArtifactError(
+            f"model artifact's bank positions are {positions.dtype} {positions.shape}, not "
+            f"int16 ({size}, 2); refit the model"
+        )
+    return positions
 
 
 def _read_config(header: dict[str, Any]) -> PatchCoreConfig:
@@ -213,7 +247,7 @@ def load_artifact(data: bytes, device: str = "auto") -> PatchCore:
             f"model artifact does not match its backbone: bank has {artifact.bank.shape[1]}-dim "
             f"features, {artifact.config.backbone} {artifact.config.layers} gives {dim}; refit"
         )
-    bank = MemoryBank(artifact.bank, index=artifact.config.index, device=target.type)
+    bank = memory_bank(artifact.config, artifact.bank, artifact.bank_positions, target.type)
     return PatchCore(
         artifact.config,
         extractor,
