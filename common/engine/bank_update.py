@@ -89,7 +89,11 @@ class BankUpdate:
 
 
 def coverage_radius(model: PatchCore) -> float:
-    """r: the median held-out normal image's largest patch distance (see the module notes)."""
+    """r: the median held-out normal image's largest patch distance (see the module notes).
+
+    With ``top_share`` the held-out scores are means of their largest patch distances, below
+    the largest, so r is smaller and the update adds more patches: still every update patch
+    ends within r of the bank."""
     held_out = held_out_patch_maxima(model.part_calibration, model.calibration, model.config.scorer)
     if not len(held_out):
         raise BankUpdateError(
