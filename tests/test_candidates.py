@@ -155,6 +155,19 @@ def test_position_aware_search_equals_a_masked_brute_force(radius: int) -> None:
         assert indices[0, 0] == MemoryBank(bank, "flat").search(queries[:1])[1][0, 0]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_position_aware_search_on_cuda_equals_cpu() -> None:
+    rng = np.random.default_rng(7)
+    positions = rng.integers(0, 28, (5000, 2))
+    bank = rng.standard_normal((5000, 64)).astype(np.float32)
+    queries = rng.standard_normal((2 * 28 * 28, 64)).astype(np.float32)
+    cells = grid_positions(2, 28, 28)
+    expected = MemoryBank(bank, positions=positions).search_near(queries, cells, 2)
+    got = MemoryBank(bank, device="cuda", positions=positions).search_near(queries, cells, 2)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
+
+
 def test_grid_positions_follow_the_stacked_rows() -> None:
     cells = grid_positions(2, 3, 4)
     assert cells.dtype == np.int16 and cells.shape == (24, 2)
