@@ -263,6 +263,28 @@ def test_each_candidate_scores_the_same_after_a_save_and_load(
     )
 
 
+def test_a_radius_can_be_tried_on_a_fit_made_without_one(fit_with: FitModel, root: Path) -> None:
+    # The fit keeps its bank's grid positions; the coreset does not depend on the radius or
+    # the pooling, so the fit made with them holds the same bank and scores the same.
+    plain, positioned = fit_with(), fit_with(position_radius=1)
+    np.testing.assert_array_equal(plain.bank.vectors, positioned.bank.vectors)
+    config = dataclasses.replace(plain.config, position_radius=1)
+    tried = PatchCore(
+        config,
+        plain.extractor,
+        plain.bank,
+        positioned.calibration,
+        plain.global_scorer,
+        positioned.part_calibration,
+        plain.pixel_scorer,
+    )
+    batch = _test_batch(root, plain.preprocessing)
+    np.testing.assert_array_equal(
+        tried.score_tensors(batch).image_scores, positioned.score_tensors(batch).image_scores
+    )
+    assert "bank_positions" not in np.load(io.BytesIO(save_artifact(plain, "tex"))).files
+
+
 def test_positions_and_radius_come_together_in_a_file(fit_with: FitModel) -> None:
     data = save_artifact(fit_with(position_radius=1), "tex")
     with np.load(io.BytesIO(data)) as archive:

@@ -57,14 +57,9 @@ import numpy as np
 import torch
 
 from common.engine.global_scorer import GlobalScorer
+from common.engine.memory_bank import MemoryBank
 from common.engine.model_file import FORMAT, VERSION, ArtifactError, read_arrays, read_header
-from common.engine.patchcore import (
-    PatchCore,
-    PatchCoreConfig,
-    build_extractor,
-    memory_bank,
-    resolve_device,
-)
+from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor, resolve_device
 from common.errors import PatchqError
 
 GLOBAL_ARRAYS = ("global_mean", "global_precision", "part_calibration")
@@ -113,11 +108,22 @@ def save_artifact(
         arrays["part_calibration"] = model.part_calibration
     if model.pixel_scorer is not None:
         arrays |= _scorer_arrays("pixel", model.pixel_scorer)
-    if model.bank.positions is not None:
-        arrays["bank_positions"] = np.asarray(model.bank.positions, np.int16)
+    if model.config.position_radius is not None:
+        arrays["bank_positions"] = _bank_positions(model)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
+
+
+def _bank_positions(model: PatchCore) -> np.ndarray:
+    """A position-aware model's bank positions; a default model's bank may hold them too, but
+    its file stays as it was before them."""
+    if model.bank.positions is None:
+        raise ArtifactError(
+            f"position radius {model.config.position_radius} needs the bank's grid positions, "
+            "which this bank lacks; fit the model with the radius"
+        )
+    return np.asarray(model.bank.positions, np.int16)
 
 
 def _scorer_arrays(part: str, scorer: GlobalScorer) -> dict[str, np.ndarray]:
@@ -247,7 +253,12 @@ def load_artifact(data: bytes, device: str = "auto") -> PatchCore:
             f"model artifact does not match its backbone: bank has {artifact.bank.shape[1]}-dim "
             f"features, {artifact.config.backbone} {artifact.config.layers} gives {dim}; refit"
         )
-    bank = memory_bank(artifact.config, artifact.bank, artifact.bank_positions, target.type)
+    bank = MemoryBank(
+        artifact.bank,
+        index=artifact.config.index,
+        device=target.type,
+        positions=artifact.bank_positions,
+    )
     return PatchCore(
         artifact.config,
         extractor,

@@ -33,7 +33,6 @@ from common.engine.patchcore import (
     PatchCoreConfig,
     build_extractor,
     extract_patches,
-    memory_bank,
     resolve_device,
     search_vectors,
 )
@@ -260,7 +259,11 @@ def _sample_bank(
         selected = sampler.sample(features)
     else:
         selected = np.arange(len(features))
-    return memory_bank(config, features[selected], positions[selected], device)
+    # Positions are kept whatever the config: any radius can then be tried on this bank without
+    # refitting (the artifact stores them only for a position-aware config).
+    return MemoryBank(
+        features[selected], index=config.index, device=device, positions=positions[selected]
+    )
 
 
 def score_records(

@@ -263,16 +263,6 @@ def pool_patch_distances(patch_maps: np.ndarray, top_share: float | None) -> np.
     return largest.mean(axis=1, dtype=np.float64).astype(np.float32)
 
 
-def memory_bank(
-    config: PatchCoreConfig, vectors: np.ndarray, positions: np.ndarray | None, device: str
-) -> MemoryBank:
-    """The memory bank M of ``vectors`` (search_vectors of bank patches) that ``config``
-    searches; their grid ``positions`` are kept only for position-aware neighbours, so a
-    default model holds and stores what it did before them."""
-    kept = positions if config.position_radius is not None else None
-    return MemoryBank(vectors, index=config.index, device=device, positions=kept)
-
-
 def extract_patches(
     extractor: PatchFeatureExtractor, config: PatchCoreConfig, images: torch.Tensor
 ) -> np.ndarray:
