@@ -31,8 +31,9 @@ mean-excess tails (PatchCoreConfig.from_dict) and scores as before, while a patc
 it refuses a config that has it ("unknown model settings"), so upgrade workers before fitting.
 The candidates of issue 23 came the same way: a config without ``distance``,
 ``position_radius`` and ``top_share`` reads as L2, neighbours anywhere and s* (the dataclass
-defaults), so an older file scores exactly as before; a cosine model's ``bank`` holds unit
-vectors, and a position-aware one adds ``bank_positions``.
+defaults), so an older file scores exactly as before, and a patchq from before them refuses
+every config saved since; a cosine model's ``bank`` holds unit vectors, and a position-aware
+one adds ``bank_positions``.
 
 The three global arrays come together or not at all; a model without them scores with the
 patch scorer only. The two pixel arrays need the global ones. Version 2 (no pixel part) is
