@@ -1,10 +1,11 @@
 """Scoring CPU per image of issue 23's model candidates against the default.
 
 Real aligned images: elpv monocrystalline cells (the demo data's package), 224 px, Lite0's
-default layers (28 x 28 grid). Two fits, an L2 and a cosine one, each keeping its bank patches'
-grid positions; their coreset is the same greedy on the same features whatever the radius or
-pooling, so every other candidate is the fitted model with its config changed, searching the
-same bank. Each candidate scores the same pre-decoded batch `--repeats` times; the table gives
+default layers (28 x 28 grid). Two fits, an L2 and a cosine one (a fit keeps its bank patches'
+grid positions); the coreset is the same greedy on the same features whatever the radius or
+pooling, so every other candidate is a fitted model with its config changed, searching the same
+bank. Each candidate scores the same pre-decoded batch `--repeats` times (one table per
+`--batch` size: workers score batches of PATCHQ_BATCH_SIZE, 32 by default); the table gives
 the median CPU ms per image (process CPU time, `--threads` for torch and FAISS, so that other
 work on a shared machine disturbs it less than wall time) of the whole score (backbone, search,
 whole-image parts) and of the patch search alone, and the whole score's ratio to the default.
@@ -51,7 +52,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bank-images", type=int, default=80, help="good images in the bank")
     parser.add_argument("--ratio", type=float, default=0.2, help="coreset ratio")
-    parser.add_argument("--batch", type=int, default=32, help="images per scored batch")
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[32, 1], help="images per scored batch"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch and FAISS threads")
     args = parser.parse_args()
@@ -59,26 +62,28 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     print(f"load average before: {_load()}; {args.threads} thread(s)")
     with tempfile.TemporaryDirectory() as tmp:
-        models, batch = _fit(Path(tmp), args.bank_images, args.ratio, args.batch)
+        models, batch = _fit(Path(tmp), args.bank_images, args.ratio, max(args.batch))
     default = models["l2"]
     print(
         f"bank: {default.bank.size} patches of {default.bank.dim} dims, index "
-        f"{default.bank.index_type}; batch of {len(batch)} images at 224 px\n"
+        f"{default.bank.index_type}; 224 px"
     )
-    _cost_table(models, batch, args.repeats)
+    for size in args.batch:
+        print(f"\nbatches of {size}:\n")
+        _cost_table(models, batch[:size], args.repeats)
     print(f"\nload average after: {_load()}")
 
 
 def _fit(
     root: Path, bank_images: int, ratio: float, batch: int
 ) -> tuple[dict[str, PatchCore], torch.Tensor]:
-    """The L2 and cosine models (positions kept) and a batch of test cells."""
+    """The L2 and cosine models and a batch of test cells."""
     holdout = 0.2
     good = round(bank_images / (1 - holdout))
     write_elpv_demo(root, ["mono"], limit_per_category=3 * good, bad_train_share=0.0)
     records = discover(root, ["mono"])
     train = [r for r in records if r.split == "train" and r.label == 0][:good]
-    base = Config(coreset_ratio=ratio, precision="float32", position_radius=2)
+    base = Config(coreset_ratio=ratio, precision="float32")
     models = {
         distance: fit_category(
             train, dataclasses.replace(base, distance=distance), holdout, "cpu", progress=False
