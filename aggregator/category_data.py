@@ -146,9 +146,21 @@ def score_name(model: ModelReference) -> str:
         return f"fused image score ({model.fusion} of the parts' z-scores vs held-out normals)"
     if model.scorer == "global":
         return "image score: Mahalanobis distance of pooled features"
-    if model.num_neighbors > 1:
-        return f"image score: reweighted max patch distance (s*, b={model.num_neighbors})"
-    return "image score: max patch distance (s*)"
+    return f"image score: {_patch_score_name(model)}"
+
+
+def _patch_score_name(model: ModelReference) -> str:
+    """The patch part in words: its pooling, its distance and where its neighbours may be."""
+    distance = "cosine patch distance" if model.distance == "cosine" else "patch distance"
+    if model.top_share is not None:
+        words = f"mean of the largest {model.top_share * 100:g}% {distance}s"
+    elif model.num_neighbors > 1:
+        words = f"reweighted max {distance} (s*, b={model.num_neighbors})"
+    else:
+        words = f"max {distance} (s*)"
+    if model.position_radius is not None:
+        words += f" to neighbours within {model.position_radius} cells"
+    return words
 
 
 # id, label, in_train, has_mask, score: the columns load_category keeps; then the model id.

@@ -87,6 +87,26 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "edges: defects a few pixels from the edge; stride 16 or finer), mean (older models)",
     )
     group.add_argument(
+        "--distance",
+        choices=("l2", "cosine"),
+        help="patch distance: l2 (default, the paper's) or cosine (unit patch features; helped "
+        "aligned solar cells, hurt fine textures)",
+    )
+    group.add_argument(
+        "--position-radius",
+        type=int,
+        metavar="N",
+        help="compare a patch only with bank patches from grid cells within N cells of its own "
+        "(aligned parts); default: anywhere",
+    )
+    group.add_argument(
+        "--top-share",
+        type=float,
+        metavar="S",
+        help="image score: mean of the largest share S of patch distances, e.g. 0.01 "
+        "(default: the largest one, s*)",
+    )
+    group.add_argument(
         "--precision",
         choices=("auto", "float32", "bfloat16"),
         help="backbone arithmetic (default auto: bfloat16 where the CPU/GPU has it natively)",
@@ -160,6 +180,9 @@ def config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
         "precision": args.precision,
         "weights": args.weights,
         "seed": args.seed,
+        "distance": args.distance,
+        "position_radius": args.position_radius,
+        "top_share": args.top_share,
     }
     return PatchCoreConfig(**{name: value for name, value in given.items() if value is not None})
 

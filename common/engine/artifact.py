@@ -18,6 +18,8 @@ Format ``patchq-model`` version 4 is a NumPy ``.npz`` archive (a zip of ``.npy``
 ``global_exemplars``   float32 (E, 2D): statistics of images taught by ``fit --update``
                        (optional, with ``global_radius``: float32 (1,), the part's radius r)
 ``pixel_exemplars``    float32 (E, 4): the same for the pixel part (optional, ``pixel_radius``)
+``bank_positions``     int16 (N, 2): the grid cell (row, column) each bank patch came from;
+                       present exactly when the config has a ``position_radius``
 =====================  ======================================================================
 
 Exemplars (common/engine/global_scorer.py) were added to version 4 without a version bump: a
@@ -27,6 +29,11 @@ whole-image parts as the model before the update did), so upgrade workers before
 The config's ``tail_scale`` came the same way: a version-4 config without it keeps the
 mean-excess tails (PatchCoreConfig.from_dict) and scores as before, while a patchq from before
 it refuses a config that has it ("unknown model settings"), so upgrade workers before fitting.
+The candidates of issue 23 came the same way: a config without ``distance``,
+``position_radius`` and ``top_share`` reads as L2, neighbours anywhere and s* (the dataclass
+defaults), so an older file scores exactly as before, and a patchq from before them refuses
+every config saved since; a cosine model's ``bank`` holds unit vectors, and a position-aware
+one adds ``bank_positions``.
 
 The three global arrays come together or not at all; a model without them scores with the
 patch scorer only. The two pixel arrays need the global ones. Version 2 (no pixel part) is
@@ -77,6 +84,7 @@ class ModelArtifact:
     global_scorer: GlobalScorer | None = None
     part_calibration: np.ndarray | None = None
     pixel_scorer: GlobalScorer | None = None
+    bank_positions: np.ndarray | None = None
 
 
 def artifact_hash(data: bytes) -> str:
@@ -105,7 +113,20 @@ def save_artifact(
         arrays["part_calibration"] = model.part_calibration
     if model.pixel_scorer is not None:
         arrays |= _scorer_arrays("pixel", model.pixel_scorer)
+    if model.config.position_radius is not None:
+        arrays["bank_positions"] = _bank_positions(model)
     return write_archive(header, arrays)
+
+
+def _bank_positions(model: PatchCore) -> np.ndarray:
+    """A position-aware model's bank positions; a default model's bank may hold them too, but
+    its file stays as it was before them."""
+    if model.bank.positions is None:
+        raise ArtifactError(
+            f"position radius {model.config.position_radius} needs the bank's grid positions, "
+            "which this bank lacks; fit the model with the radius"
+        )
+    return np.asarray(model.bank.positions, np.int16)
 
 
 def _scorer_arrays(part: str, scorer: GlobalScorer) -> dict[str, np.ndarray]:
@@ -135,6 +156,7 @@ def read_artifact(data: bytes) -> ModelArtifact:
             f"model artifact uses the {config.scorer!r} scorer but lacks its global part; "
             "refit the model"
         )
+    positions = _read_positions(arrays, config, len(bank))
     return ModelArtifact(
         header.get("category", ""),
         config,
@@ -144,7 +166,26 @@ def read_artifact(data: bytes) -> ModelArtifact:
         global_scorer,
         parts,
         pixel_scorer,
+        positions,
     )
+
+
+def _read_positions(
+    arrays: dict[str, np.ndarray], config: PatchCoreConfig, size: int
+) -> np.ndarray | None:
+    """The bank patches' grid cells: one per bank row, exactly when position-aware."""
+    positions = arrays.get("bank_positions")
+    if (positions is None) != (config.position_radius is None):
+        raise ArtifactError(
+            "model artifact's bank positions and position radius do not come together; "
+            "refit the model"
+        )
+    if positions is not None and (positions.shape != (size, 2) or positions.dtype != np.int16):
+        raise ArtifactError(
+            f"model artifact's bank positions are {positions.dtype} {positions.shape}, not "
+            f"int16 ({size}, 2); refit the model"
+        )
+    return positions
 
 
 def _read_config(header: dict[str, Any]) -> PatchCoreConfig:
@@ -215,7 +256,12 @@ def load_artifact(data: bytes, device: str = "auto") -> PatchCore:
             f"model artifact does not match its backbone: bank has {artifact.bank.shape[1]}-dim "
             f"features, {artifact.config.backbone} {artifact.config.layers} gives {dim}; refit"
         )
-    bank = MemoryBank(artifact.bank, index=artifact.config.index, device=target.type)
+    bank = MemoryBank(
+        artifact.bank,
+        index=artifact.config.index,
+        device=target.type,
+        positions=artifact.bank_positions,
+    )
     return PatchCore(
         artifact.config,
         extractor,

@@ -13,7 +13,10 @@ continuing the greedy k-center coreset: take the uncovered patch farthest from t
 what was already added, add it, repeat until every new patch is within r. So the bank grows by
 the number of r-balls needed to cover the new appearance, not by the number of new patches,
 and every patch of the update images ends up within r: their s* falls to at most r, below a
-typical held-out normal's.
+typical held-out normal's. The patches are compared as the model compares them: unit vectors
+for a cosine model, and for a position-aware one only with patches from cells within its
+radius (a new patch covers a later one only where it could be its neighbour), the added
+patches keeping their grid cells.
 
 The whole-image parts of a fused model (global feature and pixel statistics, Gaussians of the
 bank images) are taught by exemplars, the same way (common/engine/global_scorer.py): an update
@@ -48,7 +51,8 @@ from common.data.batches import iter_batches
 from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
 from common.engine.memory_bank import MemoryBank
 from common.engine.model_file import held_out_patch_maxima
-from common.engine.patchcore import PatchCore, extract_patches
+from common.engine.patchcore import PatchCore, extract_patches, search_vectors
+from common.engine.position_search import grid_positions
 from common.errors import PatchqError
 
 
@@ -60,7 +64,8 @@ class BankUpdateError(PatchqError):
 class UpdateFeatures:
     """What the update images offer each part of the model."""
 
-    patches: np.ndarray  # (N, D) all patch features
+    patches: np.ndarray  # (N, D) all patch features, as the bank searches them
+    positions: np.ndarray  # (N, 2) the grid cell of each
     pooled: np.ndarray  # (images, 2D) pooled feature statistics, for the global part
     pixel: np.ndarray  # (images, 4) pixel statistics, for the pixel part
     skipped: dict[Path, str]  # unreadable images and why
@@ -85,7 +90,11 @@ class BankUpdate:
 
 
 def coverage_radius(model: PatchCore) -> float:
-    """r: the median held-out normal image's largest patch distance (see the module notes)."""
+    """r: the median held-out normal image's largest patch distance (see the module notes).
+
+    With ``top_share`` the held-out scores are means of their largest patch distances, below
+    the largest, so r is smaller and the update adds more patches: still every update patch
+    ends within r of the bank."""
     held_out = held_out_patch_maxima(model.part_calibration, model.calibration, model.config.scorer)
     if not len(held_out):
         raise BankUpdateError(
@@ -98,6 +107,7 @@ def coverage_radius(model: PatchCore) -> float:
 def update_features(model: PatchCore, paths: Sequence[Path], batch_size: int) -> UpdateFeatures:
     """Patch features and per-image statistics of the readable images."""
     patches: list[np.ndarray] = []
+    cells: list[np.ndarray] = []
     pooled: list[np.ndarray] = []
     pixel: list[np.ndarray] = []
     skipped: dict[Path, str] = {}
@@ -105,13 +115,18 @@ def update_features(model: PatchCore, paths: Sequence[Path], batch_size: int) ->
         skipped |= {chunk[i]: reason for i, reason in decoded.failures.items()}
         if decoded.ok:
             batch = extract_patches(model.extractor, model.config, decoded.tensor)
-            patches.append(batch.reshape(-1, batch.shape[-1]))
+            patches.append(search_vectors(model.config, batch.reshape(-1, batch.shape[-1])))
+            cells.append(grid_positions(*batch.shape[:3]))
             pooled.append(pooled_statistics(batch))
             pixel.append(image_statistics(decoded.tensor))
     if not patches:
         raise BankUpdateError("none of the reviewed-normal images could be read")
     return UpdateFeatures(
-        np.concatenate(patches), np.concatenate(pooled), np.concatenate(pixel), skipped
+        np.concatenate(patches),
+        np.concatenate(cells),
+        np.concatenate(pooled),
+        np.concatenate(pixel),
+        skipped,
     )
 
 
@@ -126,12 +141,14 @@ def image_scores(model: PatchCore, paths: Sequence[Path], batch_size: int) -> di
     return scores
 
 
-def uncovered(bank: MemoryBank, candidates: np.ndarray, radius: float) -> np.ndarray:
-    """Indices of the candidates to add so every candidate is within `radius` of the bank
-    (greedy k-center, farthest first)."""
+def uncovered(model: PatchCore, features: UpdateFeatures, radius: float) -> np.ndarray:
+    """Indices of the update patches to add so every one is within `radius` of the bank as
+    the model searches it (greedy k-center, farthest first)."""
+    candidates, cells = features.patches, features.positions
     if not len(candidates):
         return np.empty(0, np.int64)
-    distances = bank.search(candidates, k=1)[0][:, 0].astype(np.float64)
+    distances = model.nearest(candidates, cells)[0][:, 0].astype(np.float64)
+    reach = model.config.position_radius
     chosen: list[int] = []
     while True:
         farthest = int(np.argmax(distances))
@@ -139,6 +156,8 @@ def uncovered(bank: MemoryBank, candidates: np.ndarray, radius: float) -> np.nda
             return np.array(chosen, np.int64)
         chosen.append(farthest)
         gap = np.linalg.norm(candidates - candidates[farthest], axis=1)
+        if reach is not None:  # a patch only serves the cells within the radius of its own
+            gap[np.abs(cells - cells[farthest]).max(axis=1) > reach] = np.inf
         distances = np.minimum(distances, gap)
 
 
@@ -146,9 +165,12 @@ def update_model(model: PatchCore, features: UpdateFeatures, device: str) -> Ban
     """The model with the uncovered patches appended to its bank and the uncovered images kept
     as exemplars of its whole-image parts."""
     radius = coverage_radius(model)
-    added = features.patches[uncovered(model.bank, features.patches, radius)]
-    vectors = np.concatenate([model.bank.vectors, added]) if len(added) else model.bank.vectors
-    bank = MemoryBank(vectors, index=model.config.index, device=device)
+    added = uncovered(model, features, radius)
+    vectors = np.concatenate([model.bank.vectors, features.patches[added]])
+    positions = model.bank.positions
+    if positions is not None:
+        positions = np.concatenate([positions, features.positions[added]])
+    bank = MemoryBank(vectors, index=model.config.index, device=device, positions=positions)
     global_scorer, pixel_scorer = model.global_scorer, model.pixel_scorer
     if model.config.scorer in ("global", "fused"):  # only the parts the image score uses
         global_scorer = _taught(global_scorer, features.pooled, model.part_calibration, 1)

@@ -36,7 +36,9 @@ from common.engine.patchcore import (
     build_extractor,
     extract_patches,
     resolve_device,
+    search_vectors,
 )
+from common.engine.position_search import grid_positions
 from common.errors import PatchqError
 
 DEFAULT_HOLDOUT = 0.2
@@ -108,12 +110,12 @@ def fit_category(
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    features, statistics, pixel_statistics, skipped = _bank_features(
+    features, positions, statistics, pixel_statistics, skipped = _bank_features(
         extractor, config, bank_records, batch_size, progress
     )
     timings["features_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    bank = _sample_bank(features, config, device=str(resolve_device(device).type))
+    bank = _sample_bank(features, positions, config, device=str(resolve_device(device).type))
     timings["coreset_s"] = time.perf_counter() - start
     global_scorer = pixel_scorer = None
     if len(statistics) >= 2:
@@ -178,11 +180,13 @@ def _bank_features(
     records: Sequence[ImageRecord],
     batch_size: int,
     progress: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[Path, str]]:
-    """Patch features of every bank image, stacked (N_patches, D), each image's pooled
-    statistics (N_images, 2D) and pixel statistics (N_images, 4) for the whole-image parts;
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[Path, str]]:
+    """Patch features of every bank image as the bank searches them (search_vectors), stacked
+    (N_patches, D), the grid cell of each (N_patches, 2), each image's pooled statistics of the
+    raw features (N_images, 2D) and pixel statistics (N_images, 4) for the whole-image parts;
     unreadable images skipped."""
     chunks: list[np.ndarray] = []
+    cells: list[np.ndarray] = []
     statistics: list[np.ndarray] = []
     pixels: list[np.ndarray] = []
     skipped: dict[Path, str] = {}
@@ -192,18 +196,22 @@ def _bank_features(
         skipped |= {chunk[i]: reason for i, reason in decoded.failures.items()}
         if decoded.ok:
             patches = extract_patches(extractor, config, decoded.tensor)
-            chunks.append(patches.reshape(-1, patches.shape[-1]))
+            chunks.append(search_vectors(config, patches.reshape(-1, patches.shape[-1])))
+            cells.append(grid_positions(*patches.shape[:3]))
             statistics.append(pooled_statistics(patches))
             pixels.append(image_statistics(decoded.tensor))
         bar.update(len(chunk))
     bar.close()
     if not chunks:
         raise FitError("none of the training images could be read; see the reasons above")
-    return np.concatenate(chunks), np.concatenate(statistics), np.concatenate(pixels), skipped
+    features, positions = np.concatenate(chunks), np.concatenate(cells)
+    return features, positions, np.concatenate(statistics), np.concatenate(pixels), skipped
 
 
-def _sample_bank(features: np.ndarray, config: PatchCoreConfig, device: str) -> MemoryBank:
-    """Coreset-sample the patch features into the memory bank M."""
+def _sample_bank(
+    features: np.ndarray, positions: np.ndarray, config: PatchCoreConfig, device: str
+) -> MemoryBank:
+    """Coreset-sample the patch features (and their grid cells) into the memory bank M."""
     if config.max_bank is not None and len(features) > config.max_bank:
         selected = RandomSubsampler(config.max_bank, seed=config.seed).sample(features)
     elif config.coreset_ratio < 1:
@@ -213,7 +221,11 @@ def _sample_bank(features: np.ndarray, config: PatchCoreConfig, device: str) -> 
         selected = sampler.sample(features)
     else:
         selected = np.arange(len(features))
-    return MemoryBank(features[selected], index=config.index, device=device)
+    # Positions are kept whatever the config: any radius can then be tried on this bank without
+    # refitting (the artifact stores them only for a position-aware config).
+    return MemoryBank(
+        features[selected], index=config.index, device=device, positions=positions[selected]
+    )
 
 
 def score_records(

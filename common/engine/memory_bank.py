@@ -4,16 +4,22 @@ Exact FAISS flat L2 by default; HNSW or IVF for large banks; a chunked torch mat
 the bank lives on a GPU without faiss-gpu (and on CPU as index="torch"). Whatever finds the
 neighbours, the distances returned are recomputed directly from the vectors, so they are true
 L2 distances (FAISS returns squared ones, and the matmul expansion loses precision near zero).
+
+A bank may also hold the grid cell each patch came from (``positions``): ``search_near`` then
+finds each query's nearest patch among those from cells near the query's own
+(common/engine/position_search.py).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import faiss
 import numpy as np
 import torch
 
+from common.engine.position_search import NeighbourhoodSearch
 from common.errors import PatchqError
 
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "torch")
@@ -123,6 +129,8 @@ class MemoryBank:
     "torch" (exact chunked matmul). On device "cuda", FAISS runs on the GPU when faiss-gpu is
     installed (HNSW stays on CPU); otherwise every index type becomes the exact torch search on
     the GPU, which is faster there than any CPU index.
+
+    positions: optional (N, 2) grid cell (row, column) of each bank patch, for ``search_near``.
     """
 
     def __init__(
@@ -133,6 +141,7 @@ class MemoryBank:
         *,
         ef_search: int = 64,
         nprobe: int | None = None,
+        positions: np.ndarray | None = None,
     ) -> None:
         if index not in INDEX_TYPES:
             raise MemoryBankError(
@@ -144,6 +153,10 @@ class MemoryBank:
         if target.type == "cuda" and not torch.cuda.is_available():
             raise MemoryBankError(f"device {device!r} asked for but CUDA is not available; use cpu")
         self._vectors = as_float_matrix(vectors, "bank vectors", MemoryBankError)
+        self._positions = None if positions is None else self._checked_positions(positions)
+        self._device = target
+        self._near: dict[int, NeighbourhoodSearch] = {}
+        self._near_lock = threading.Lock()
         index = resolve_index(index, self._vectors.shape[0])
         self._index_type = index
         gpu_faiss = target.type == "cuda" and faiss.get_num_gpus() > 0
@@ -156,6 +169,16 @@ class MemoryBank:
     def vectors(self) -> np.ndarray:
         """The bank, float32 (N, D), as a read-only view."""
         view = self._vectors.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def positions(self) -> np.ndarray | None:
+        """The grid cell (row, column) of each bank row, int16 (N, 2) read-only; None if not
+        kept."""
+        if self._positions is None:
+            return None
+        view = self._positions.view()
         view.flags.writeable = False
         return view
 
@@ -179,11 +202,7 @@ class MemoryBank:
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """k nearest bank rows per query: (true L2 distances (M, k) float32 ascending,
         indices (M, k) int64)."""
-        matrix = as_float_matrix(queries, "queries", MemoryBankError)
-        if matrix.shape[1] != self.dim:
-            raise MemoryBankError(
-                f"queries have {matrix.shape[1]} dims but the bank has {self.dim}"
-            )
+        matrix = self._checked_queries(queries)
         if not 1 <= k <= self.size:
             raise MemoryBankError(f"k must be in [1, {self.size}] (the bank size), got {k}")
         indices = self._backend.search(matrix, k)
@@ -193,6 +212,62 @@ class MemoryBank:
                 matrix[missing], k
             )
         return self._exact_sorted(matrix, indices)
+
+    def search_near(
+        self, queries: np.ndarray, cells: np.ndarray, radius: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The nearest bank row per query among those from grid cells within Chebyshev
+        ``radius`` of the query's cell (``cells``, (M, 2) row and column), exactly; a query
+        with no bank row within reach gets its nearest anywhere (``search``). Returns what
+        ``search(queries, k=1)`` does: true L2 distances (M, 1) and indices (M, 1)."""
+        if self._positions is None:
+            raise MemoryBankError(
+                "this bank does not hold its patches' grid positions; refit the model with "
+                "--position-radius"
+            )
+        matrix = self._checked_queries(queries)
+        cells = np.asarray(cells)
+        if cells.shape != (len(matrix), 2):
+            raise MemoryBankError(f"cells must be ({len(matrix)}, 2), got shape {cells.shape}")
+        found = self._neighbourhoods(radius).nearest(self._on_device(matrix), cells)
+        missing = found < 0
+        if missing.any():
+            found[missing] = self.search(matrix[missing], k=1)[1][:, 0]
+        return self._exact_sorted(matrix, found[:, None])
+
+    def _checked_queries(self, queries: np.ndarray) -> np.ndarray:
+        matrix = as_float_matrix(queries, "queries", MemoryBankError)
+        if matrix.shape[1] != self.dim:
+            raise MemoryBankError(
+                f"queries have {matrix.shape[1]} dims but the bank has {self.dim}"
+            )
+        return matrix
+
+    def _checked_positions(self, positions: np.ndarray) -> np.ndarray:
+        cells = np.asarray(positions)
+        if cells.shape != (self.size, 2) or not np.issubdtype(cells.dtype, np.integer):
+            raise MemoryBankError(
+                f"positions must be integer ({self.size}, 2) grid cells, one per bank row, got "
+                f"{cells.dtype} {cells.shape}"
+            )
+        if cells.min() < 0 or cells.max() > np.iinfo(np.int16).max:
+            raise MemoryBankError("positions must be grid cells in [0, 32767]")
+        return cells.astype(np.int16)
+
+    def _neighbourhoods(self, radius: int) -> NeighbourhoodSearch:
+        """The position-aware search for ``radius``, built on first use and kept."""
+        if radius < 0:
+            raise MemoryBankError(f"radius must be >= 0 grid cells, got {radius}")
+        with self._near_lock:  # the scoring threads of a pipelined worker share the bank
+            if radius not in self._near:
+                assert self._positions is not None
+                vectors = self._on_device(self._vectors)
+                self._near[radius] = NeighbourhoodSearch(vectors, self._positions, radius)
+            return self._near[radius]
+
+    def _on_device(self, matrix: np.ndarray) -> torch.Tensor:
+        """A float32 matrix as a tensor on the bank's device (no copy on CPU)."""
+        return torch.from_numpy(matrix).to(self._device)
 
     def _exact_sorted(
         self, queries: np.ndarray, indices: np.ndarray

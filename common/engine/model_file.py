@@ -146,7 +146,8 @@ def held_out_patch_maxima(
 
     Models with whole-image parts keep the raw s* as the first column of ``part_calibration``;
     a patch-scorer model's ``calibration`` is s* itself. (With eq. 7 reweighting, b > 1, s* is
-    the reweighted maximum, slightly below the largest distance.)
+    the reweighted maximum, slightly below the largest distance; with ``top_share`` it is the
+    mean of the largest share of patch distances, below the largest too.)
     """
     if part_calibration is not None and len(part_calibration):
         return np.asarray(part_calibration[:, 0], np.float64)
@@ -167,6 +168,9 @@ class ModelReference:
     scorer: str = "patch"
     fusion: str = "max"
     num_neighbors: int = 1
+    distance: str = "l2"
+    position_radius: int | None = None
+    top_share: float | None = None
 
 
 def read_model_reference(data: bytes) -> ModelReference:
@@ -189,6 +193,9 @@ def read_model_reference(data: bytes) -> ModelReference:
         # PatchCoreConfig.from_dict reads old files the same way.
         scorer = "patch" if header["version"] == 1 else str(config["scorer"])
         fusion, neighbors = str(config.get("fusion", "max")), int(config["num_neighbors"])
+        # Before issue 23's candidates: L2, neighbours anywhere, s*.
+        distance, radius = str(config.get("distance", "l2")), config.get("position_radius")
+        top_share = config.get("top_share")
     except (PatchqError, KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(
             f"model artifact has an invalid config ({exc}); refit the model"
@@ -203,4 +210,7 @@ def read_model_reference(data: bytes) -> ModelReference:
         scorer=scorer,
         fusion=fusion,
         num_neighbors=neighbors,
+        distance=distance,
+        position_radius=None if radius is None else int(radius),
+        top_share=None if top_share is None else float(top_share),
     )

@@ -13,11 +13,17 @@ built to ignore, the input pixels' statistics. The ``scorer`` setting picks the 
 part turned into a tail probability against the held-out normals, common/engine/normalise.py,
 then combined by the config's ``fusion`` test). Large images can be scored as tiles
 (common/engine/tiling.py).
+
+Candidates beyond the paper (issue 23), each off by default: ``distance="cosine"`` compares
+L2-normalised patch features (search_vectors), ``position_radius`` only lets a patch match bank
+patches from nearby grid cells (common/engine/position_search.py), and ``top_share`` pools the
+largest share of the patch distances instead of taking s* alone (pool_patch_distances).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +44,7 @@ from common.engine.normalise import (
     fuse,
     fuse_tail,
 )
+from common.engine.position_search import grid_positions
 from common.engine.tiling import tiled_features
 from common.errors import PatchqError
 
@@ -48,6 +55,7 @@ FUSIONS = TAIL_FUSIONS + Z_FUSIONS
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+DISTANCES = ("l2", "cosine")
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,13 @@ class PatchCoreConfig:
     fusion: str = "min-p"
     # The tail probabilities' scale (common/engine/normalise.py TailModel).
     tail_scale: str = "std"
+    # Patch distance: "l2" (PatchCore's) or "cosine" (unit patch vectors; search_vectors).
+    distance: str = "l2"
+    # Neighbours only from bank patches within this many grid cells (Chebyshev) of the test
+    # patch's cell, for aligned parts; None: anywhere (PatchCore's).
+    position_radius: int | None = None
+    # Image score: the mean of the largest share of patch distances; None: s*, the largest.
+    top_share: float | None = None
 
     def __post_init__(self) -> None:
         spec = backbone_spec(self.backbone)
@@ -110,6 +125,7 @@ class PatchCoreConfig:
             )
         if self.tile_size is not None:
             self._check_tiles()
+        self._check_candidates()
 
     def _check_tiles(self) -> None:
         tile, overlap = self.tile_size or 0, self.tile_overlap
@@ -117,6 +133,26 @@ class PatchCoreConfig:
             raise PatchqError(
                 f"tiles need multiples of 32 with 0 <= overlap < tile size < image size, got "
                 f"tile {tile}, overlap {overlap}, image {self.image_size}"
+            )
+
+    def _check_candidates(self) -> None:
+        if self.distance not in DISTANCES:
+            raise PatchqError(
+                f"distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}"
+            )
+        radius = self.position_radius
+        if radius is not None and (type(radius) is not int or radius < 0):
+            raise PatchqError(
+                f"position radius must be a whole number of grid cells >= 0, got {radius!r}; e.g. 2"
+            )
+        if self.top_share is not None and not 0 < self.top_share <= 1:
+            raise PatchqError(f"top share must be in (0, 1], got {self.top_share}; e.g. 0.01")
+        if self.top_share is not None and self.num_neighbors > 1:
+            # Eq. 7 weighs s* by how isolated the one most anomalous patch's m* is; a mean of
+            # many patch distances has no single m* to weigh it by.
+            raise PatchqError(
+                f"top share {self.top_share} pools many patch distances, but num_neighbors "
+                f"{self.num_neighbors} reweights the largest one alone (eq. 7); use one of them"
             )
 
     @property
@@ -193,6 +229,38 @@ def use_bfloat16(precision: str, device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def search_vectors(config: PatchCoreConfig, patches: np.ndarray) -> np.ndarray:
+    """Patch features (..., D) as the bank holds and searches them: as extracted for the "l2"
+    distance; L2-normalised (after any projection) for "cosine".
+
+    Cosine is L2 between unit vectors rather than a FAISS inner-product index: for unit a, b,
+    ||a - b|| = sqrt(2 - 2 cos(a, b)), a monotone function of the cosine distance 1 - cos, so
+    the L2 nearest neighbour is the cosine nearest neighbour (the same ranking) and the patch
+    distance orders images as the cosine distance does. Every index (flat, IVF, HNSW, torch,
+    GPU), the exact re-ranking, the k-center coreset, eq. 7 and `fit --update`'s coverage
+    radius then work unchanged; an inner-product index would need its own metric in each of
+    them and returns similarities (higher = nearer) where they all expect distances. The
+    whole-image statistics (global_scorer.py) keep the raw features, whose norm they measure.
+    """
+    if config.distance == "l2":
+        return patches
+    norms = np.linalg.norm(patches, axis=-1, keepdims=True)
+    return patches / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+def pool_patch_distances(patch_maps: np.ndarray, top_share: float | None) -> np.ndarray:
+    """(B,) image scores from (B, h, w) patch distances: s*, the largest (eq. 6), or with
+    ``top_share`` the mean of the ceil(top_share * h * w) largest (top-k pooling), which a
+    single noisy patch moves less."""
+    flat = patch_maps.reshape(len(patch_maps), -1)
+    if top_share is None:
+        return flat.max(axis=1)
+    # Rounded first, so that e.g. 0.1 * 30 (3.0000000000000004) pools 3 patches, not 4.
+    k = max(1, math.ceil(round(top_share * flat.shape[1], 9)))
+    largest = np.partition(flat, flat.shape[1] - k, axis=1)[:, flat.shape[1] - k :]
+    return largest.mean(axis=1, dtype=np.float64).astype(np.float32)
 
 
 def extract_patches(
@@ -280,8 +348,8 @@ class PatchCore:
         """Score a preprocessed batch (B, 3, S, S)."""
         patches = extract_patches(self.extractor, self.config, images)
         b, h, w, d = patches.shape
-        flat = patches.reshape(b * h * w, d)
-        distances, nearest = self.bank.search(flat, k=1)
+        flat = search_vectors(self.config, patches.reshape(b * h * w, d))
+        distances, nearest = self.nearest(flat, grid_positions(b, h, w))
         patch_maps = distances[:, 0].reshape(b, h, w)
         patch_scores = self._image_scores(flat.reshape(b, h * w, d), patch_maps, nearest[:, 0])
         global_scores = pixel_scores = None
@@ -297,6 +365,14 @@ class PatchCore:
             global_scores,
             pixel_scores,
         )
+
+    def nearest(self, vectors: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each patch's nearest bank patch m*: true distances (M, 1) and bank rows (M, 1), for
+        ``vectors`` (search_vectors) from grid ``cells`` (M, 2); with ``position_radius``
+        among the bank patches from cells within it (MemoryBank.search_near)."""
+        if self.config.position_radius is None:
+            return self.bank.search(vectors, k=1)
+        return self.bank.search_near(vectors, cells, self.config.position_radius)
 
     def combine(
         self,
@@ -353,12 +429,11 @@ class PatchCore:
     def _image_scores(
         self, patches: np.ndarray, patch_maps: np.ndarray, nearest: np.ndarray
     ) -> np.ndarray:
-        b = patch_maps.shape[0]
-        flat_maps = patch_maps.reshape(b, -1)
-        s_star = flat_maps.max(axis=1)
+        s_star = pool_patch_distances(patch_maps, self.config.top_share)
         if self.config.num_neighbors == 1:
             return s_star.astype(np.float32)
-        worst = flat_maps.argmax(axis=1)
+        b = patch_maps.shape[0]
+        worst = patch_maps.reshape(b, -1).argmax(axis=1)
         m_test = patches[np.arange(b), worst]  # m^{test,*}: the most anomalous patch
         m_star = nearest.reshape(b, -1)[np.arange(b), worst]  # its nearest bank patch m*
         return (self._reweight(m_test, m_star) * s_star).astype(np.float32)
@@ -367,7 +442,9 @@ class PatchCore:
         """Eq. 7: w = 1 - exp(||m_test - m*||) / sum_{m in N_b(m*)} exp(||m_test - m||).
 
         A test patch whose nearest bank patch sits in a sparse region of M (rare normal
-        appearance) gets its score reduced less than one near a dense cluster.
+        appearance) gets its score reduced less than one near a dense cluster. N_b(m*) are m*'s
+        neighbours anywhere in M, also with ``position_radius``: they measure how dense M is
+        around m*, whichever cell the test patch came from.
         """
         bank_vectors = self.bank.vectors
         _, neighbourhood = self.bank.search(bank_vectors[m_star], k=self.config.num_neighbors)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
@@ -61,9 +62,20 @@ class _TimedBank:
         self.seconds = 0.0
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        with self._timing():
+            return self._bank.search(queries, k)
+
+    def search_near(
+        self, queries: np.ndarray, cells: np.ndarray, radius: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        with self._timing():
+            return self._bank.search_near(queries, cells, radius)
+
+    @contextmanager
+    def _timing(self) -> Iterator[None]:
         start = time.perf_counter()
         try:
-            return self._bank.search(queries, k)
+            yield
         finally:
             self.seconds += time.perf_counter() - start
 
