@@ -14,10 +14,11 @@ cell's rows by one matmul (||b||^2 - 2 q.b, as the torch index does) and an argm
 meets the N (2r + 1)^2 / (h w) bank rows within reach and no others, so the search is exact and
 its cost is a fixed share of the bank's, whatever the bank size. Measured with
 bench/candidates_cost.py (elpv mono cells, 224 px, 28 x 28 grid, 12.5k-patch coreset bank of
-152-dim features, one thread): in batches of 32, 2.3 / 3.3 / 5.6 ms CPU per image at r = 1 / 2 /
-3 (fallback and exact distances included), against 19 for the IVF index "auto" picks at that
+152-dim features, one thread): in batches of 32, 2.3 / 3.4 / 5.1 ms CPU per image at r = 1 / 2 /
+3 (fallback and exact distances included), against 22 for the IVF index "auto" picks at that
 size. Each cell's rows are gathered once per batch, so that cost is shared by the batch's
-images: one image alone costs 28 / 41 / 58 ms against IVF's 23. The price is memory: the lists
+images: one image alone costs 32 / 40 / 62 ms against IVF's 23 (workers score batches; a
+batch of one is the isolation of a batch a worker was lost on). The price is memory: the lists
 hold about (2r + 1)^2 int32 row numbers per bank row (r = 2: 100 bytes per patch, a sixth of a
 152-dim float32 patch).
 
