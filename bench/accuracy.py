@@ -79,6 +79,11 @@ CONFIGS = {
     "t384-s34": PatchCoreConfig(image_size=384, layers=("stage3", "stage4"), coreset_ratio=0.034),
     "t384-s35-half": PatchCoreConfig(image_size=384, coreset_ratio=0.017),
     "t320-s35": PatchCoreConfig(image_size=320, coreset_ratio=0.05),
+    # Issue 23: the label-free choice's candidates for aligned parts.
+    "cosine": PatchCoreConfig(distance="cosine"),
+    "cosine-pos2": PatchCoreConfig(distance="cosine", position_radius=2),
+    "cosine-top1": PatchCoreConfig(distance="cosine", top_share=0.01),
+    "pos2": PatchCoreConfig(position_radius=2),
 }
 METHODS = ("patch", "global", "pixel", "fused-max", "fused-min-p", "fused-fisher")
 # texture -> (normal image maker, defect image maker, defect kinds)

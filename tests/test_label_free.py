@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from common.data.images import load_rgb
 from common.data.layouts import ImageRecord, discover
@@ -25,7 +26,7 @@ from common.engine.label_free import (
     fit_label_free,
     positional_share,
 )
-from common.engine.patchcore import PatchCoreConfig
+from common.engine.patchcore import PatchCoreConfig, build_extractor
 from common.settings import Settings
 from producer.fitting import FitPlan, describe_fit, fit_model
 from synthetic.layouts import save
@@ -95,13 +96,13 @@ def test_a_set_makes_a_fixed_number_of_copies_per_kind_from_the_normals_in_turn(
 
 
 def test_the_alignment_share_tells_parts_in_place_from_a_texture(texture, aligned) -> None:
-    model = fit_category(texture, BASE, device="cpu", progress=False).model
+    extractor = build_extractor(BASE, torch.device("cpu"))
 
-    def images(records: list[ImageRecord]) -> list[np.ndarray]:
-        return [np.asarray(load_rgb(r.path)) for r in records]
+    def share(records: list[ImageRecord]) -> float:
+        images = [np.asarray(load_rgb(r.path)) for r in records]
+        return positional_share(extractor, BASE, images, batch_size=16)
 
-    texture_share = positional_share(model, images(texture), batch_size=16)
-    aligned_share = positional_share(model, images(aligned), batch_size=16)
+    texture_share, aligned_share = share(texture), share(aligned)
     assert texture_share < ALIGNED_SHARE < aligned_share, (texture_share, aligned_share)
 
 
@@ -151,9 +152,9 @@ def test_an_aligned_category_gets_cosine_neighbours(aligned) -> None:
     chosen = fit_label_free(aligned, BASE, 0.2, device="cpu", batch_size=16, progress=False)
     record = chosen.validation["auto"]
     assert record["aligned"] and record["positional_share"] >= ALIGNED_SHARE
-    assert chosen.chosen == "cosine fused"
-    assert chosen.model.config.distance == "cosine"
-    assert set(record["synthesised_auroc"]) == {"default", "cosine"}
+    assert chosen.chosen == "cosine patch"
+    assert chosen.model.config.distance == "cosine" and chosen.model.config.scorer == "patch"
+    assert set(record["synthesised_auroc"]) == {"cosine"}  # one candidate: no other to fit
 
 
 def test_fit_chooses_without_labels_by_default_and_not_with_no_auto(texture, capsys) -> None:
