@@ -40,8 +40,9 @@ from sklearn.metrics import roc_auc_score
 from common.data.layouts import ImageRecord, discover
 from common.engine.auto import CANDIDATES, choose, fine, small
 from common.engine.fit import FitResult, fit_category, score_records
+from common.engine.model_config import PRECISIONS, PatchCoreConfig
 from common.engine.normalise import fuse, fuse_tail
-from common.engine.patchcore import PRECISIONS, PatchCore, PatchCoreConfig, use_bfloat16
+from common.engine.patchcore import PatchCore, use_bfloat16
 from producer.demo_data import write_elpv_demo
 from synthetic.layouts import save
 from synthetic.textures import (

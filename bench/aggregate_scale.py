@@ -36,7 +36,7 @@ SETUP = """
 from pathlib import Path
 from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
-from common.engine.patchcore import PatchCoreConfig
+from common.engine.model_config import PatchCoreConfig
 from common.data.layouts import discover
 from common.store.connection import open_database
 from common.store.model_rows import store_model

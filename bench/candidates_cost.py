@@ -31,8 +31,8 @@ import torch
 from common.data.batches import decode_batch
 from common.data.layouts import discover
 from common.engine.fit import fit_category
+from common.engine.model_config import PatchCoreConfig as Config
 from common.engine.patchcore import PatchCore, extract_patches, search_vectors
-from common.engine.patchcore import PatchCoreConfig as Config
 from common.engine.position_search import grid_positions
 from producer.demo_data import write_elpv_demo
 

@@ -36,7 +36,8 @@ from common.data.batches import decode_batch
 from common.data.layouts import ImageRecord
 from common.engine.fit import fit_category
 from common.engine.memory_bank import INDEX_TYPES, MemoryBank
-from common.engine.patchcore import PatchCore, PatchCoreConfig
+from common.engine.model_config import PatchCoreConfig
+from common.engine.patchcore import PatchCore
 
 ROOT = Path(__file__).parents[1]
 ANOMALIB_PYTHON = ROOT / "bench" / "anomalib" / ".venv" / "bin" / "python"

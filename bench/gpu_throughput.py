@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench.in_process import score_overlapping
 from bench.worker_bench import fit_and_store
-from common.engine.patchcore import PatchCoreConfig
+from common.engine.model_config import PatchCoreConfig
 from common.scoring.model_cache import ModelProvider
 from common.scoring.stages import TIMING_KEYS
 from common.settings import Settings

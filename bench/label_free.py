@@ -36,7 +36,8 @@ from common.data.layouts import ImageRecord
 from common.engine.calibration import combine_parts
 from common.engine.fit import fit_category, score_records
 from common.engine.label_free import fit_label_free
-from common.engine.patchcore import PatchCore, PatchCoreConfig
+from common.engine.model_config import PatchCoreConfig
+from common.engine.patchcore import PatchCore
 from synthetic.layouts import save
 from synthetic.textures import (
     GLOBAL_KINDS,

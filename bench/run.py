@@ -33,7 +33,8 @@ from common.data.layouts import ImageRecord, discover
 from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
 from common.engine.memory_bank import MemoryBank
-from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor
+from common.engine.model_config import PatchCoreConfig
+from common.engine.patchcore import PatchCore, build_extractor
 from common.scoring.batch import score_batch
 from common.scoring.context import ScoringContext
 from common.scoring.model_cache import ModelProvider

@@ -49,7 +49,8 @@ from common.data.batches import decode_batch
 from common.data.layouts import ImageRecord, discover
 from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
-from common.engine.patchcore import PatchCore, PatchCoreConfig
+from common.engine.model_config import PatchCoreConfig
+from common.engine.patchcore import PatchCore
 from common.scoring.model_cache import ModelProvider
 from common.scoring.stages import TIMING_KEYS
 from common.settings import Settings

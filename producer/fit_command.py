@@ -13,7 +13,7 @@ from common.errors import PatchqError
 from common.settings import Settings
 
 if TYPE_CHECKING:
-    from common.engine.patchcore import PatchCoreConfig
+    from common.engine.model_config import PatchCoreConfig
     from producer.fitting import FitPlan
 
 
@@ -161,7 +161,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
-    from common.engine.patchcore import PatchCoreConfig
+    from common.engine.model_config import PatchCoreConfig
 
     given = {
         "backbone": args.backbone,

@@ -16,7 +16,7 @@ from common.engine.auto import can_choose, fit_auto
 from common.engine.ensemble import fit_ensemble, save_ensemble
 from common.engine.fit import DEFAULT_HOLDOUT, fit_category
 from common.engine.label_free import can_choose_label_free, fit_label_free
-from common.engine.patchcore import PatchCoreConfig
+from common.engine.model_config import PatchCoreConfig
 from common.formatting import format_figure
 from common.settings import Settings
 from common.store.connection import open_database

@@ -19,7 +19,8 @@ from common.data.batches import decode_batch
 from common.data.layouts import ImageRecord, discover
 from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
-from common.engine.patchcore import PatchCore, PatchCoreConfig
+from common.engine.model_config import PatchCoreConfig
+from common.engine.patchcore import PatchCore
 from common.store.connection import init_db
 from common.store.image_rows import ImageRow, register_images
 from common.store.model_rows import store_model

@@ -34,7 +34,7 @@ from common.data.batches import decode_batch
 from common.data.layouts import discover
 from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
-from common.engine.patchcore import PatchCoreConfig
+from common.engine.model_config import PatchCoreConfig
 from common.settings import Settings
 from common.store.connection import init_db, make_engine, make_session_factory
 from common.store.model_rows import store_model

@@ -22,7 +22,7 @@ from common.engine.auto import (
 )
 from common.engine.calibration import calibrated
 from common.engine.fit import FitError, FitResult, fit_category
-from common.engine.patchcore import PatchCoreConfig
+from common.engine.model_config import PatchCoreConfig
 from common.errors import PatchqError
 from synthetic.layouts import make_seed_layout
 

@@ -21,13 +21,9 @@ from common.engine.bank_update import update_features, update_model
 from common.engine.ensemble import fit_ensemble, load_ensemble, save_ensemble
 from common.engine.fit import fit_category
 from common.engine.memory_bank import MemoryBank
+from common.engine.model_config import PatchCoreConfig
 from common.engine.model_file import read_model_reference
-from common.engine.patchcore import (
-    PatchCore,
-    PatchCoreConfig,
-    extract_patches,
-    pool_patch_distances,
-)
+from common.engine.patchcore import PatchCore, extract_patches, pool_patch_distances
 from common.engine.position_search import grid_positions
 from common.errors import PatchqError
 from synthetic.layouts import make_seed_layout, save

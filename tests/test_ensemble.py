@@ -23,8 +23,9 @@ from common.engine.ensemble import (
     save_ensemble,
 )
 from common.engine.fit import score_records
+from common.engine.model_config import PatchCoreConfig
 from common.engine.normalise import Normaliser
-from common.engine.patchcore import PatchCore, PatchCoreConfig
+from common.engine.patchcore import PatchCore
 from common.scoring.batch import score_batch
 from common.scoring.context import ScoringContext
 from common.scoring.model_cache import ModelProvider

@@ -9,7 +9,7 @@ import pytest
 
 from common.data.layouts import ImageRecord, discover
 from common.engine.fit import FitError, fit_category, split_holdout
-from common.engine.patchcore import PatchCoreConfig
+from common.engine.model_config import PatchCoreConfig
 from synthetic.layouts import make_mvtec_layout, make_seed_layout
 
 CONFIG = PatchCoreConfig(image_size=64, coreset_ratio=0.25)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import chi2
 
+from common.engine.model_config import PatchCoreConfig
 from common.engine.normalise import TailModel, fuse_tail
-from common.engine.patchcore import PatchCoreConfig
 from common.errors import PatchqError
 
 NORMALS = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])

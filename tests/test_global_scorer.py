@@ -17,8 +17,8 @@ from common.engine.bank_update import update_features, update_model
 from common.engine.calibration import held_out_scores
 from common.engine.fit import FitResult, fit_category, score_records
 from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
+from common.engine.model_config import PatchCoreConfig
 from common.engine.normalise import Normaliser
-from common.engine.patchcore import PatchCoreConfig
 from synthetic.layouts import save
 from synthetic.textures import make_defect, make_normal
 

@@ -26,7 +26,8 @@ from common.engine.label_free import (
     fit_label_free,
     positional_share,
 )
-from common.engine.patchcore import PatchCoreConfig, build_extractor
+from common.engine.model_config import PatchCoreConfig
+from common.engine.patchcore import build_extractor
 from common.settings import Settings
 from producer.fitting import FitPlan, describe_fit, fit_model
 from synthetic.layouts import save

@@ -11,8 +11,8 @@ import pytest
 from common.data.layouts import discover
 from common.engine.artifact import ArtifactError, read_artifact, save_artifact
 from common.engine.fit import fit_category
+from common.engine.model_config import PatchCoreConfig
 from common.engine.model_file import held_out_patch_maxima, read_model_reference
-from common.engine.patchcore import PatchCoreConfig
 from synthetic.layouts import make_seed_layout
 
 

@@ -14,7 +14,8 @@ from common.engine.anomaly_map import anomaly_map
 from common.engine.artifact import ArtifactError, load_artifact, read_artifact, save_artifact
 from common.engine.features import PatchFeatureExtractor
 from common.engine.memory_bank import MemoryBank
-from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor
+from common.engine.model_config import PatchCoreConfig
+from common.engine.patchcore import PatchCore, build_extractor
 from common.errors import PatchqError
 from synthetic.textures import draw_defect, make_texture
 

@@ -15,7 +15,8 @@ from common.data.batches import decode_batch
 from common.data.layouts import discover
 from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.fit import fit_category
-from common.engine.patchcore import PatchCore, PatchCoreConfig
+from common.engine.model_config import PatchCoreConfig
+from common.engine.patchcore import PatchCore
 from common.pipelined import PipelinedScorer, score_pipelined
 from common.scoring.batch import score_batch
 from common.scoring.context import ScoringContext

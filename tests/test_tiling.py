@@ -12,7 +12,8 @@ from common.data.batches import decode_batch
 from common.data.layouts import ImageRecord
 from common.engine.anomaly_map import anomaly_map
 from common.engine.fit import fit_category
-from common.engine.patchcore import PatchCoreConfig, build_extractor
+from common.engine.model_config import PatchCoreConfig
+from common.engine.patchcore import build_extractor
 from common.engine.tiling import tile_starts, tiled_features
 from common.errors import PatchqError
 from synthetic.layouts import save

@@ -28,7 +28,7 @@ from torch import nn
 
 from common.data.batches import decode_batch
 from common.engine.backbones import build_classifier, trunk_of
-from common.engine.patchcore import PatchCoreConfig
+from common.engine.model_config import PatchCoreConfig
 
 
 class NamedLayers(nn.Module):

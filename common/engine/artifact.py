@@ -57,6 +57,7 @@ import torch
 
 from common.engine.global_scorer import GlobalScorer
 from common.engine.memory_bank import MemoryBank
+from common.engine.model_config import PatchCoreConfig
 from common.engine.model_file import (
     FORMAT,
     VERSION,
@@ -65,7 +66,7 @@ from common.engine.model_file import (
     read_header,
     write_archive,
 )
-from common.engine.patchcore import PatchCore, PatchCoreConfig, build_extractor, resolve_device
+from common.engine.patchcore import PatchCore, build_extractor, resolve_device
 from common.errors import PatchqError
 
 GLOBAL_ARRAYS = ("global_mean", "global_precision", "part_calibration")

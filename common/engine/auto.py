@@ -45,7 +45,8 @@ import numpy as np
 from common.data.layouts import ImageRecord
 from common.engine.calibration import calibrated, combine_parts, left_out, with_tails
 from common.engine.fit import FitError, FitResult, fit_category, split_holdout, validation_metrics
-from common.engine.patchcore import PatchCore, PatchCoreConfig
+from common.engine.model_config import PatchCoreConfig
+from common.engine.patchcore import PatchCore
 
 
 def fine(config: PatchCoreConfig) -> PatchCoreConfig:

@@ -37,6 +37,7 @@ from common.data.layouts import ImageRecord
 from common.engine.artifact import ArtifactError, load_artifact, read_artifact, save_artifact
 from common.engine.fit import FitResult, fit_category, validation_metrics
 from common.engine.memory_bank import MemoryBank
+from common.engine.model_config import PatchCoreConfig
 from common.engine.model_file import ENSEMBLE_FORMAT as FORMAT
 from common.engine.model_file import ENSEMBLE_VERSION as VERSION
 from common.engine.model_file import (
@@ -49,7 +50,7 @@ from common.engine.model_file import (
     write_archive,
 )
 from common.engine.normalise import Normaliser
-from common.engine.patchcore import PatchCore, PatchCoreConfig, ScoreBatch
+from common.engine.patchcore import PatchCore, ScoreBatch
 
 
 def _patch_calibration(member: PatchCore) -> np.ndarray:

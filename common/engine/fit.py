@@ -29,9 +29,9 @@ from common.engine.calibration import calibrated, combine_parts
 from common.engine.coreset import ApproximateGreedyCoresetSampler, RandomSubsampler
 from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
 from common.engine.memory_bank import MemoryBank
+from common.engine.model_config import PatchCoreConfig
 from common.engine.patchcore import (
     PatchCore,
-    PatchCoreConfig,
     ScoreBatch,
     build_extractor,
     extract_patches,

@@ -44,13 +44,8 @@ from common.engine.auto import AutoFit, Rows, fine, selection_figures
 from common.engine.defect_synthesis import FAMILY, KINDS, synthesise_set
 from common.engine.features import PatchFeatureExtractor
 from common.engine.fit import FitResult, fit_category, raw_parts, split_holdout
-from common.engine.patchcore import (
-    PatchCore,
-    PatchCoreConfig,
-    build_extractor,
-    extract_patches,
-    resolve_device,
-)
+from common.engine.model_config import PatchCoreConfig
+from common.engine.patchcore import PatchCore, build_extractor, extract_patches, resolve_device
 
 # Held-out normals below which the choice is not made (20% of 40 good images): fewer leave
 # too few backgrounds for the synthesised copies to be ranked against.
