@@ -21,7 +21,7 @@ texture's small defects, where the stride-4 candidate (`fine`) found what the de
 
 The alignment is measured before anything is fitted, so an aligned category fits one model
 and a texture two: the cost of the choice is one more fit at most, and the scoring of
-``PER_KIND`` synthesised images of each kind per candidate.
+the synthesised images (``PER_LOCAL_KIND``, ``PER_WHOLE_IMAGE_KIND``) per candidate.
 
 Nothing synthesised enters a bank or a calibration. The model records what chose it (the
 alignment share, the synthesised kinds and every candidate's figures on them) as figures on
@@ -41,7 +41,13 @@ from PIL import Image
 from common.data.images import ImageLoadError, Preprocessing, load_rgb
 from common.data.layouts import ImageRecord
 from common.engine.auto import AutoFit, Rows, fine, selection_figures
-from common.engine.defect_synthesis import FAMILY, KINDS, synthesise_set
+from common.engine.defect_synthesis import (
+    FAMILY,
+    GLOBAL_KINDS,
+    KINDS,
+    LOCAL_KINDS,
+    synthesise_set,
+)
 from common.engine.features import PatchFeatureExtractor
 from common.engine.fit import FitResult, fit_category, raw_parts, split_holdout
 from common.engine.model_config import PatchCoreConfig
@@ -57,11 +63,14 @@ MIN_NORMALS = 8
 ALIGNED_SHARE = 0.2
 # How much better `fine` must rank the synthesised local defects than the base to be chosen.
 MARGIN = 0.02
-# Synthesised images per kind: enough to rank 2 candidates, few enough that scoring them costs
-# less than fitting one (8 x 8 kinds = 64 images per candidate, whatever the holdout).
-PER_KIND = 8
-# Good images whose features measure the alignment (more only sharpen an already clear share).
-ALIGNMENT_IMAGES = 32
+# Synthesised images per kind. The local kinds decide between the candidates, the whole-image
+# kinds are only reported; 6 x 4 + 3 x 4 = 36 images per candidate keep scoring them below the
+# cost of one fit of a few hundred images, whatever the holdout.
+PER_LOCAL_KIND = 6
+PER_WHOLE_IMAGE_KIND = 3
+# Good images whose features measure the alignment: the share is corrected for the noise of
+# few images, and 16 already set the textures (0.08-0.12) well apart from the cells.
+ALIGNMENT_IMAGES = 16
 
 
 def aligned_candidate(config: PatchCoreConfig) -> PatchCoreConfig:
@@ -102,7 +111,9 @@ def fit_label_free(
         for name, config in candidates.items()
     }
     held_out = _images(split_holdout(good, holdout, base.seed)[1])
-    synthetic, kinds, _ = synthesise_set(held_out, KINDS, PER_KIND, base.seed + 1)
+    local = synthesise_set(held_out, LOCAL_KINDS, PER_LOCAL_KIND, base.seed + 1)
+    whole = synthesise_set(held_out, GLOBAL_KINDS, PER_WHOLE_IMAGE_KIND, base.seed + 2)
+    synthetic, kinds = local[0] + whole[0], local[1] + whole[1]
     figures = {
         name: synthesised_figures(fit, fit.model.config.scorer, synthetic, kinds, batch_size)
         for name, fit in fits.items()
