@@ -1,7 +1,7 @@
 """Real patchq processes for integration tests: workers, a private redis-server or PostgreSQL.
 
-Each test gets its own queue name and results database, and a Redis database index or
-private broker, so tests never see each other's batches. Settings are patchq's defaults
+Each test gets its own queue name and results database, and the Redis database index of its
+xdist worker (tests.parallel) or a private broker, so tests never see each other's batches. Settings are patchq's defaults
 except the test's queue, device and the small batches of a tiny synthetic category.
 tests/conftest.py loads this module as a plugin, so its fixtures (`cluster_data`,
 `cluster_factory`, `shared_broker`, `private_postgres`) are there for every test module.
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +43,7 @@ from common.store.database import (
 )
 from common.store.schema import Image, Score
 from producer.submission import broker_app, enqueue_pending, find_images, register_run
+from tests.parallel import free_port, redis_index
 from tests.synthetic import make_seed_layout
 
 ROOT = Path(__file__).parents[1]
@@ -65,8 +64,10 @@ class Data:
     expected: dict[str, float]  # path -> image score computed in this process
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster_data(tmp_path_factory: pytest.TempPathFactory) -> Data:
+    """The tiny "tex" category and its fitted model, once per pytest process for every module
+    that runs a cluster; read-only (tests build their own data to change it)."""
     root = tmp_path_factory.mktemp("data")
     make_seed_layout(root, "tex", n_good=10, n_bad=2, n_test=N_TEST, size=64)
     records = discover(root)
@@ -75,12 +76,6 @@ def cluster_data(tmp_path_factory: pytest.TempPathFactory) -> Data:
     scores = model.score_tensors(decode_batch(paths, model.preprocessing).tensor).image_scores
     expected = {str(p.absolute()): float(s) for p, s in zip(paths, scores, strict=True)}
     return Data(root, save_artifact(model, "tex"), expected)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -248,8 +243,8 @@ def cluster_factory(tmp_path: Path, cluster_data: Data) -> Iterator[ClusterFacto
 
 @pytest.fixture
 def shared_broker() -> str:
-    """A Redis database index of the shared server, random per test."""
-    url = f"{SHARED_REDIS}/{random.randint(1, 12)}"
+    """A Redis database index of the shared server, one per xdist worker (tests.parallel)."""
+    url = f"{SHARED_REDIS}/{redis_index()}"
     try:
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()
     except redis.RedisError as error:
