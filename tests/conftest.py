@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh, empty database on each dialect patchq supports."""
+"""Shared fixtures (a fresh, empty database on each dialect patchq supports) and the hooks
+that let pytest-xdist run the suite in parallel (docs/testing.md)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.store.database import init_db, make_engine, make_session_factory
+from tests.parallel import worker_count
 
 pytest_plugins = ["tests.cluster"]  # real-process clusters: workers, private brokers and servers
 
@@ -21,6 +24,32 @@ pytest_plugins = ["tests.cluster"]  # real-process clusters: workers, private br
 POSTGRES_ADMIN_URL = os.environ.get(
     "PATCHQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, split the cores between the workers' torch thread pools: every worker's
+    torch using every core would oversubscribe the machine while workers fit side by side."""
+    if worker_count() > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // worker_count()))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the tests with real processes first, and keep a module's tests that share a
+    module-scoped fixture together.
+
+    With `--dist loadgroup` a test without a group goes to whichever worker is free, in this
+    order: the cluster tests wait minutes on workers, leases and outages, so starting them
+    first lets the short tests fill the time around them instead of one finishing alone at the
+    end. Tests sharing a module fixture (a fit, a served run, a module's working folder) are
+    grouped per module, so that fixture is built once and they keep their order.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)  # stable
+    for item in items:
+        fixturedefs = getattr(item, "_fixtureinfo", None)
+        defs = fixturedefs.name2fixturedefs.values() if fixturedefs else ()
+        if any(d[-1].scope == "module" for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(scope="session")
