@@ -1,8 +1,9 @@
 """Real patchq processes for integration tests: workers, a private redis-server or PostgreSQL.
 
 Each test gets its own queue name and results database, and the Redis database index of its
-xdist worker (tests.parallel) or a private broker, so tests never see each other's batches. Settings are patchq's defaults
-except the test's queue, device and the small batches of a tiny synthetic category.
+xdist worker (tests.parallel) or a private broker, so tests never see each other's batches.
+Settings are patchq's defaults except the test's queue, device and the small batches of a
+tiny synthetic category.
 tests/conftest.py loads this module as a plugin, so its fixtures (`cluster_data`,
 `cluster_factory`, `shared_broker`, `private_postgres`) are there for every test module.
 """

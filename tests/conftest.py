@@ -18,7 +18,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from common.store.database import init_db, make_engine, make_session_factory
 from tests.parallel import worker_count
 
-pytest_plugins = ["tests.cluster"]  # real-process clusters: workers, private brokers and servers
+# Fixtures of helper modules: real-process clusters (workers, private brokers and servers) and
+# the fitted, scored run the aggregator tests share.
+pytest_plugins = ["tests.cluster", "tests.aggregate_data"]
 
 # The PostgreSQL test server; each test gets its own database created (and dropped) through it.
 POSTGRES_ADMIN_URL = os.environ.get(

@@ -16,12 +16,7 @@ from common.store.aggregate_schema import Metric, Prediction, Threshold
 from common.store.database import UnknownRunError, make_engine
 from common.store.schema import Score
 from producer.cli import main
-from tests.aggregate_data import build_dataset, populate
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory):
-    return build_dataset(tmp_path_factory.mktemp("data"))
+from tests.aggregate_data import populate
 
 
 @pytest.fixture
