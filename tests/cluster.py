@@ -3,7 +3,7 @@
 Each test gets its own queue name and results database, and the Redis database index of its
 xdist worker (tests.parallel) or a private broker, so tests never see each other's batches.
 Settings are patchq's defaults except the test's queue, device and the small batches of a
-tiny synthetic category.
+tiny synthetic category, and SHORT_LEASE where a test waits for a lease to run out.
 tests/conftest.py loads this module as a plugin, so its fixtures (`cluster_data`,
 `cluster_factory`, `shared_broker`, `private_postgres`) are there for every test module.
 """
@@ -56,6 +56,11 @@ START_TIMEOUT_S = 180  # importing torch on a busy 2-core machine is slow
 RUN_TIMEOUT_S = 240
 COUNTS = ("done", "failed", "pending")
 POSTGRES_USER = "postgres"  # initdb refuses to run as root
+# For tests that wait for a lease to run out: 20 s renewed every 2 s instead of the defaults'
+# 60 s and 5 s. The same sweep requeues the same batches, a third of the wait sooner; a live
+# worker still renews ten times per lease, and a lost one shows as lost (3 missed heartbeats)
+# 14 s before its lease ends.
+SHORT_LEASE = {"PATCHQ_LEASE_S": "20", "PATCHQ_HEARTBEAT_S": "2"}
 
 
 @dataclass(frozen=True)
