@@ -35,18 +35,32 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // worker_count()))
 
 
+# The modules of the longest tests (docs/testing.md lists them), about longest first.
+SLOW_FIRST = (
+    "test_recovery.py",
+    "test_distributed.py",
+    "test_review_update.py",
+    "test_review.py",
+    "test_cli_pipeline.py",
+    "test_report.py",
+    "test_scoring.py",
+    "test_flower.py",
+)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the tests with real processes first, and keep a module's tests that share a
+    """Run the slowest modules' tests first, and keep a module's tests that share a
     module-scoped fixture together.
 
     With `--dist loadgroup` a test without a group goes to whichever worker is free, in this
-    order: the cluster tests wait minutes on workers, leases and outages, so starting them
-    first lets the short tests fill the time around them instead of one finishing alone at the
-    end. Tests sharing a module fixture (a fit, a served run, a module's working folder) are
-    grouped per module, so that fixture is built once and they keep their order.
+    order: the cluster tests wait a minute or two on workers, leases and outages, so starting
+    them first lets the short tests fill the time around them instead of one finishing alone
+    at the end. Tests sharing a module fixture (a fit, a served run, a module's working folder)
+    are grouped per module, so that fixture is built once and they keep their order.
     """
-    items.sort(key=lambda item: item.get_closest_marker("integration") is None)  # stable
+    rank = {name: position for position, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable
     for item in items:
         fixturedefs = getattr(item, "_fixtureinfo", None)
         defs = fixturedefs.name2fixturedefs.values() if fixturedefs else ()
