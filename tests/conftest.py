@@ -14,9 +14,11 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from xdist.remote import Producer
+from xdist.scheduler import Scheduling
 
 from common.store.database import init_db, make_engine, make_session_factory
-from tests.parallel import worker_count
+from tests.parallel import ModulesTogether, slowness_rank, worker_count
 
 # Fixtures of helper modules: real-process clusters (workers, private brokers and servers) and
 # the fitted, scored run the aggregator tests share.
@@ -35,37 +37,15 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // worker_count()))
 
 
-# The modules of the longest tests (docs/testing.md lists them), about longest first.
-SLOW_FIRST = (
-    "test_recovery.py",
-    "test_distributed.py",
-    "test_review_update.py",
-    "test_review.py",
-    "test_cli_pipeline.py",
-    "test_report.py",
-    "test_scoring.py",
-    "test_flower.py",
-)
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the slowest modules' tests first, and keep a module's tests that share a
-    module-scoped fixture together.
+    """The slowest modules' tests first (tests.parallel.SLOW_FIRST), the rest as collected."""
+    items.sort(key=lambda item: slowness_rank(item.path.name))  # stable: modules keep order
 
-    With `--dist loadgroup` a test without a group goes to whichever worker is free, in this
-    order: the cluster tests wait a minute or two on workers, leases and outages, so starting
-    them first lets the short tests fill the time around them instead of one finishing alone
-    at the end. Tests sharing a module fixture (a fit, a served run, a module's working folder)
-    are grouped per module, so that fixture is built once and they keep their order.
-    """
-    rank = {name: position for position, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable
-    for item in items:
-        fixturedefs = getattr(item, "_fixtureinfo", None)
-        defs = fixturedefs.name2fixturedefs.values() if fixturedefs else ()
-        if any(d[-1].scope == "module" for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which builds the stock loadscope
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> Scheduling | None:
+    """`--dist loadscope` with the scopes of tests.parallel (`make test` uses it)."""
+    return ModulesTogether(config, log) if config.getvalue("dist") == "loadscope" else None
 
 
 @pytest.fixture(scope="session")

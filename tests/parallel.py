@@ -1,12 +1,19 @@
-"""What keeps the pytest-xdist workers of one `make test` apart on the shared servers.
+"""How `make test` spreads the suite over pytest-xdist workers, and what keeps them apart.
 
-Each worker (gw0, gw1, ...) is its own process with its own temporary folders (pytest's
-basetemp is per worker) and throwaway PostgreSQL databases (uuid names). What remains shared
-is the machine: TCP ports and the Redis server. A worker therefore takes ports from a slice of
-its own below Linux's ephemeral range (where no client connection can grab them between the
-probe and the server's bind) and a Redis database index of its own. Queue names are unique
-per test anyway and no test flushes a database, so a second `make test` running at the same
-time on the same Redis (another checkout) only shares indexes, never queues.
+Scheduling: the slowest modules' tests start first (SLOW_FIRST), so the short tests fill the
+time around them instead of a long one finishing alone at the end. A module's tests go to one
+worker together, so its module-scoped fixtures (a fit, a served run, a shared working folder)
+are built once and its tests run in their order; only the modules in ONE_BY_ONE, whose tests
+share nothing but session fixtures, are sent test by test to whichever worker is free.
+
+Isolation: each worker (gw0, gw1, ...) is its own process with its own temporary folders
+(pytest's basetemp is per worker) and throwaway PostgreSQL databases (uuid names). What
+remains shared is the machine: TCP ports and the Redis server. A worker therefore takes ports
+from a slice of its own below Linux's ephemeral range (where no client connection can grab
+them between the probe and the server's bind) and a Redis database index of its own. Queue
+names are unique per test anyway and no test flushes a database, so a second `make test`
+running at the same time on the same Redis (another checkout) only shares indexes, never
+queues.
 """
 
 from __future__ import annotations
@@ -15,6 +22,22 @@ import os
 import random
 import socket
 
+from xdist.scheduler import LoadScopeScheduling
+
+# The modules of the longest tests (docs/testing.md lists them), about longest first.
+SLOW_FIRST = (
+    "test_recovery.py",
+    "test_distributed.py",
+    "test_review_update.py",
+    "test_review.py",
+    "test_cli_pipeline.py",
+    "test_scoring.py",
+    "test_report.py",
+    "test_flower.py",
+)
+# Modules whose tests share no module-scoped fixture and need no order: the cluster tests wait
+# a minute or two each, and one worker running them all in a row would end the suite last.
+ONE_BY_ONE = frozenset({"test_recovery.py", "test_distributed.py", "test_report.py"})
 PORT_BASE = 20_000  # ports below 32768, the start of Linux's ephemeral range
 PORTS_PER_WORKER = 1_000  # 12 workers fit below the ephemeral range
 REDIS_INDEXES = range(1, 13)  # 0 is redis-cli's default; 13 and 14 belong to single tests
@@ -48,3 +71,17 @@ def free_port() -> int:
 def redis_index() -> int:
     """The shared Redis server's database index for this worker's tests."""
     return REDIS_INDEXES[worker_index() % len(REDIS_INDEXES)]
+
+
+def slowness_rank(module: str) -> int:
+    """Position of a test module's file name in SLOW_FIRST; after all of them if absent."""
+    return SLOW_FIRST.index(module) if module in SLOW_FIRST else len(SLOW_FIRST)
+
+
+class ModulesTogether(LoadScopeScheduling):
+    """xdist's loadscope with a module as the scope (not a class), and a test alone as the
+    scope in ONE_BY_ONE modules; scopes are handed out in collection order."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = nodeid.split("::", 1)[0]
+        return nodeid if module.rsplit("/", 1)[-1] in ONE_BY_ONE else module
