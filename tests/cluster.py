@@ -214,6 +214,8 @@ def _cluster(
         "PATCHQ_MODEL_CACHE_DIR": str(tmp_path / "models"),
         **extra_env,
     }
+    if "OMP_NUM_THREADS" in os.environ:  # torch's share of the cores, per xdist worker (conftest)
+        env.setdefault("OMP_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
     overrides = {k.removeprefix("PATCHQ_").lower(): v for k, v in env.items() if "PATCHQ_" in k}
     settings = Settings.load(overrides)
     engine = make_engine(db_url)

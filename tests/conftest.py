@@ -31,10 +31,13 @@ POSTGRES_ADMIN_URL = os.environ.get(
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under xdist, split the cores between the workers' torch thread pools: every worker's
-    torch using every core would oversubscribe the machine while workers fit side by side."""
+    """Under xdist, split the cores between the workers' torch thread pools, this process's and
+    those of the patchq processes its tests start (OMP_NUM_THREADS): torch on every core in
+    every worker would oversubscribe the machine while workers fit and score side by side."""
     if worker_count() > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // worker_count()))
+        threads = max(1, (os.cpu_count() or 1) // worker_count())
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
