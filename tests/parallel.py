@@ -4,7 +4,8 @@ Scheduling: the slowest modules' tests start first (SLOW_FIRST), so the short te
 time around them instead of a long one finishing alone at the end. A module's tests go to one
 worker together, so its module-scoped fixtures (a fit, a served run, a shared working folder)
 are built once and its tests run in their order; only the modules in ONE_BY_ONE, whose tests
-share nothing but session fixtures, are sent test by test to whichever worker is free.
+need neither a costly module fixture nor their order, are sent test by test to whichever
+worker is free.
 
 Isolation: each worker (gw0, gw1, ...) is its own process with its own temporary folders
 (pytest's basetemp is per worker) and throwaway PostgreSQL databases (uuid names). What
@@ -24,20 +25,23 @@ import socket
 
 from xdist.scheduler import LoadScopeScheduling
 
-# The modules of the longest tests (docs/testing.md lists them), about longest first.
+# The modules of the longest tests in a parallel run (docs/testing.md lists them), about
+# longest first.
 SLOW_FIRST = (
     "test_recovery.py",
-    "test_distributed.py",
-    "test_review_update.py",
-    "test_review.py",
     "test_cli_pipeline.py",
-    "test_scoring.py",
-    "test_report.py",
+    "test_distributed.py",
     "test_flower.py",
+    "test_report.py",
+    "test_review.py",
 )
-# Modules whose tests share no module-scoped fixture and need no order: the cluster tests wait
-# a minute or two each, and one worker running them all in a row would end the suite last.
-ONE_BY_ONE = frozenset({"test_recovery.py", "test_distributed.py", "test_report.py"})
+# Modules whose tests share no costly module-scoped fixture and need no order (test_cli_pipeline's
+# working folder is cheap to make, and each of its tests passes alone in a fresh one): their
+# cluster and CLI tests take up to a minute or more each, and one worker running a whole module
+# of them in a row would end the suite last.
+ONE_BY_ONE = frozenset(
+    {"test_recovery.py", "test_distributed.py", "test_report.py", "test_cli_pipeline.py"}
+)
 PORT_BASE = 20_000  # ports below 32768, the start of Linux's ephemeral range
 PORTS_PER_WORKER = 1_000  # 12 workers fit below the ephemeral range
 REDIS_INDEXES = range(1, 13)  # 0 is redis-cli's default; 13 and 14 belong to single tests
