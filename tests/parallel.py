@@ -42,8 +42,10 @@ SLOW_FIRST = (
 ONE_BY_ONE = frozenset(
     {"test_recovery.py", "test_distributed.py", "test_report.py", "test_cli_pipeline.py"}
 )
-PORT_BASE = 20_000  # ports below 32768, the start of Linux's ephemeral range
-PORTS_PER_WORKER = 1_000  # 12 workers fit below the ephemeral range
+EPHEMERAL_START = 32_768  # Linux's default ip_local_port_range starts here
+PORT_BASE = 20_000
+PORTS_PER_WORKER = 1_000
+PORT_SLICES = (EPHEMERAL_START - PORT_BASE) // PORTS_PER_WORKER  # 12; more workers share them
 REDIS_INDEXES = range(1, 13)  # 0 is redis-cli's default; 13 and 14 belong to single tests
 
 
@@ -59,7 +61,7 @@ def worker_count() -> int:
 
 def free_port() -> int:
     """A port of this worker's slice that nothing listens on now."""
-    start = PORT_BASE + (worker_index() % 12) * PORTS_PER_WORKER
+    start = PORT_BASE + (worker_index() % PORT_SLICES) * PORTS_PER_WORKER
     # In random order: a concurrent `make test` of another checkout probes the same slice.
     candidates = random.sample(range(start, start + PORTS_PER_WORKER), PORTS_PER_WORKER)
     for port in candidates:
