@@ -25,8 +25,13 @@ system-test-deps:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v docker-compose >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver docker-compose >/dev/null; }
 
+# In parallel (docs/testing.md): the tests spend most of their time waiting on worker
+# processes, servers and leases, so more pytest-xdist workers than cores pay. loadscope sends a
+# module's tests to one worker together, but for the modules tests/parallel.py sends test by
+# test, in the order it sets (slowest first). TEST_WORKERS=0 runs the suite in this one process.
+TEST_WORKERS ?= 4
 test: $(INSTALLED) system-test-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

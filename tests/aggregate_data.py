@@ -4,6 +4,8 @@ Two categories of 64-px synthetic images, fitted and scored in-process with the 
 "tex" in the MVTec layout (test/good, test/<defect> with masks) and "cell" in the seed layout
 (train/bad labelled, test/ unlabelled). The run also holds tex's train/good images, which
 may be in the memory bank, so the aggregator must leave them out of its metrics.
+tests/conftest.py loads this module as a plugin, so its `dataset` fixture is there for every
+test module.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -53,6 +56,17 @@ def build_dataset(root: Path) -> dict[str, ScoredCategory]:
         run_records = records if category == "tex" else [r for r in records if r.label != 0]
         dataset[category] = _score(result.model, category, run_records)
     return dataset
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ScoredCategory]:
+    """build_dataset once per pytest process for every module that aggregates, reports or maps a
+    real run. Its arrays are made read-only: a test changing them would change its neighbours'."""
+    built = build_dataset(tmp_path_factory.mktemp("data"))
+    for scored in built.values():
+        for array in (scored.scores, scored.patch_maps, scored.embeddings, scored.calibration):
+            array.flags.writeable = False
+    return built
 
 
 def _score(model: PatchCore, category: str, records: list[ImageRecord]) -> ScoredCategory:

@@ -1,8 +1,9 @@
 """Real patchq processes for integration tests: workers, a private redis-server or PostgreSQL.
 
-Each test gets its own queue name and results database, and a Redis database index or
-private broker, so tests never see each other's batches. Settings are patchq's defaults
-except the test's queue, device and the small batches of a tiny synthetic category.
+Each test gets its own queue name and results database, and the Redis database index of its
+xdist worker (tests.parallel) or a private broker, so tests never see each other's batches.
+Settings are patchq's defaults except the test's queue, device and the small batches of a
+tiny synthetic category, and SHORT_LEASE where a test waits for a lease to run out.
 tests/conftest.py loads this module as a plugin, so its fixtures (`cluster_data`,
 `cluster_factory`, `shared_broker`, `private_postgres`) are there for every test module.
 """
@@ -11,10 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from common.store.run_rows import run_progress
 from common.store.schema import Image, Score
 from producer.submission import enqueue_pending, find_images, register_run
 from synthetic.layouts import make_seed_layout
+from tests.parallel import free_port, redis_index
 from worker.broker_check import broker_app
 
 ROOT = Path(__file__).parents[1]
@@ -53,6 +53,11 @@ START_TIMEOUT_S = 180  # importing torch on a busy 2-core machine is slow
 RUN_TIMEOUT_S = 240
 COUNTS = ("done", "failed", "pending")
 POSTGRES_USER = "postgres"  # initdb refuses to run as root
+# For tests that wait for a lease to run out: 20 s renewed every 2 s instead of the defaults'
+# 60 s and 5 s. The same sweep requeues the same batches, a third of the wait sooner; a live
+# worker still renews ten times per lease, and a lost one shows as lost (3 missed heartbeats)
+# 14 s before its lease ends.
+SHORT_LEASE = {"PATCHQ_LEASE_S": "20", "PATCHQ_HEARTBEAT_S": "2"}
 
 
 @dataclass(frozen=True)
@@ -62,8 +67,10 @@ class Data:
     expected: dict[str, float]  # path -> image score computed in this process
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster_data(tmp_path_factory: pytest.TempPathFactory) -> Data:
+    """The tiny "tex" category and its fitted model, once per pytest process for every module
+    that runs a cluster; read-only (tests build their own data to change it)."""
     root = tmp_path_factory.mktemp("data")
     make_seed_layout(root, "tex", n_good=10, n_bad=2, n_test=N_TEST, size=64)
     records = discover(root)
@@ -72,12 +79,6 @@ def cluster_data(tmp_path_factory: pytest.TempPathFactory) -> Data:
     scores = model.score_tensors(decode_batch(paths, model.preprocessing).tensor).image_scores
     expected = {str(p.absolute()): float(s) for p, s in zip(paths, scores, strict=True)}
     return Data(root, save_artifact(model, "tex"), expected)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -210,6 +211,8 @@ def _cluster(
         "PATCHQ_MODEL_CACHE_DIR": str(tmp_path / "models"),
         **extra_env,
     }
+    if "OMP_NUM_THREADS" in os.environ:  # torch's share of the cores, per xdist worker (conftest)
+        env.setdefault("OMP_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
     overrides = {k.removeprefix("PATCHQ_").lower(): v for k, v in env.items() if "PATCHQ_" in k}
     settings = Settings.load(overrides)
     engine = make_engine(db_url)
@@ -245,8 +248,8 @@ def cluster_factory(tmp_path: Path, cluster_data: Data) -> Iterator[ClusterFacto
 
 @pytest.fixture
 def shared_broker() -> str:
-    """A Redis database index of the shared server, random per test."""
-    url = f"{SHARED_REDIS}/{random.randint(1, 12)}"
+    """A Redis database index of the shared server, one per xdist worker (tests.parallel)."""
+    url = f"{SHARED_REDIS}/{redis_index()}"
     try:
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()
     except redis.RedisError as error:

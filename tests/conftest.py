@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh, empty database on each dialect patchq supports."""
+"""Shared fixtures (a fresh, empty database on each dialect patchq supports) and the hooks
+that let pytest-xdist run the suite in parallel (docs/testing.md)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,46 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from xdist.remote import Producer
+from xdist.scheduler import Scheduling
 
 from common.store.connection import init_db, make_engine, make_session_factory
+from tests.parallel import ModulesTogether, slowness_rank, worker_count
 
-pytest_plugins = ["tests.cluster"]  # real-process clusters: workers, private brokers and servers
+# Fixtures of helper modules: real-process clusters (workers, private brokers and servers) and
+# the fitted, scored run the aggregator tests share.
+pytest_plugins = ["tests.cluster", "tests.aggregate_data"]
 
 # The PostgreSQL test server; each test gets its own database created (and dropped) through it.
 POSTGRES_ADMIN_URL = os.environ.get(
     "PATCHQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, split the cores between the workers' torch thread pools, this process's and
+    those of the patchq processes its tests start (OMP_NUM_THREADS): torch on every core in
+    every worker would oversubscribe the machine while workers fit and score side by side."""
+    if worker_count() > 1:
+        threads = max(1, (os.cpu_count() or 1) // worker_count())
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest modules' tests first (tests.parallel.SLOW_FIRST), the rest as collected."""
+    items.sort(key=lambda item: slowness_rank(item.path.name))  # stable: modules keep order
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which builds the stock loadscope
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> Scheduling | None:
+    """`--dist loadscope` with the scopes of tests.parallel (`make test` uses it)."""
+    return ModulesTogether(config, log) if config.getvalue("dist") == "loadscope" else None
 
 
 @pytest.fixture(scope="session")

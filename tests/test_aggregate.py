@@ -17,12 +17,7 @@ from common.store.connection import make_engine
 from common.store.run_rows import UnknownRunError
 from common.store.schema import Score
 from producer.cli import main
-from tests.aggregate_data import build_dataset, populate
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory):
-    return build_dataset(tmp_path_factory.mktemp("data"))
+from tests.aggregate_data import populate
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from common.data.batches import decode_batch
 from common.data.layouts import discover
 from common.engine.ensemble import fit_ensemble, save_ensemble
 from common.store.fleet_schema import Worker
-from tests.cluster import CONFIG, ClusterFactory, Data, assert_scored_exactly_once
+from tests.cluster import CONFIG, SHORT_LEASE, ClusterFactory, Data, assert_scored_exactly_once
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def test_default_worker_holds_its_depth_beats_and_its_batches_survive_a_sigkill(
     """The default (pipelined, supervised) worker holds at most PATCHQ_PIPELINE_DEPTH batches,
     runs a heartbeat in its one scoring process, and what it held when killed with its
     supervisor is requeued by the lease sweep and scored by another worker, once."""
-    cluster = cluster_factory(shared_broker, db_url)
+    cluster = cluster_factory(shared_broker, db_url, **SHORT_LEASE)
     cluster.start_worker("piped")
     cluster.wait_ready("piped")
     run_id = cluster.submit()

@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from sqlalchemy import select
 from common.settings import Settings
 from common.store.connection import init_db, make_engine
 from common.store.fleet_schema import Worker
+from tests.parallel import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -97,12 +97,6 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=15)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get(url: str, login: tuple[str, str] | None = LOGIN) -> tuple[int, bytes]:
     """Status and body of GET `url`, with Basic auth unless `login` is None."""
     request = urllib.request.Request(url)
@@ -160,7 +154,7 @@ def test_flower_shows_the_queue_and_the_worker_behind_a_login(
     for batch in range(BATCHES):
         producer.send_task(worker_app.TASK_NAME, args=[1, [10_000 + batch]], queue=queue)
 
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     start(
         [sys.executable, "-m", "producer.cli", "flower", "--port", str(port)], environment, "flower"

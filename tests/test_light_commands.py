@@ -19,7 +19,7 @@ from common.data.layouts import iter_archive
 from common.store.connection import make_engine, open_database
 from common.store.model_rows import store_model
 from producer.submission import register_run
-from tests.aggregate_data import build_dataset, populate
+from tests.aggregate_data import ScoredCategory, populate
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "faiss", "matplotlib", "sklearn")
@@ -82,14 +82,16 @@ def test_status_and_submit_import_no_heavy_module(tmp_path: Path) -> None:
     assert submit == {"code": 2, "heavy": []}  # found the images, then: no broker configured
 
 
-def test_aggregate_imports_neither_torch_nor_faiss(tmp_path: Path) -> None:
+def test_aggregate_imports_neither_torch_nor_faiss(
+    tmp_path: Path, dataset: dict[str, ScoredCategory]
+) -> None:
     """Aggregating a real fitted and scored run reads the stored model without the engine.
 
     The category has no masks: pixel metrics of a masked category upsample maps with the
     engine's code and so do import torch, for those images only."""
     url = f"sqlite:///{tmp_path / 'p.db'}"
     engine = make_engine(url)
-    populate(engine, {"cell": build_dataset(tmp_path / "data")["cell"]}, name="r")
+    populate(engine, {"cell": dataset["cell"]}, name="r")
     engine.dispose()
     env = {"PATCHQ_DATABASE_URL": url}
     outcome = _probe(["aggregate", "r", "--out", str(tmp_path / "out")], tmp_path, env)

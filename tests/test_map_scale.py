@@ -16,7 +16,7 @@ from common.data.images import Preprocessing
 from common.engine.artifact import read_artifact
 from common.engine.model_file import ModelReference, held_out_patch_maxima
 from common.store.connection import make_engine
-from tests.aggregate_data import build_dataset, populate
+from tests.aggregate_data import ScoredCategory, populate
 
 MAXIMA = np.array([2.0, 2.5, 3.0, 3.5, 4.0])
 
@@ -89,10 +89,11 @@ def test_score_name_follows_the_models_scorer(scorer: str, neighbors: int, expec
     assert expected in score_name(model)
 
 
-def test_real_run_maps_normal_cool_and_defects_warm(tmp_path: Path) -> None:
+def test_real_run_maps_normal_cool_and_defects_warm(
+    tmp_path: Path, dataset: dict[str, ScoredCategory]
+) -> None:
     """On a real fitted run: test/good maps below the hottest colour, defects above the top of
     normal."""
-    dataset = build_dataset(tmp_path / "data")
     engine = make_engine(f"sqlite:///{tmp_path / 'patchq.db'}")
     run_id = populate(engine, dataset)
     with Session(engine) as session:

@@ -14,7 +14,7 @@ from aggregator.report import write_report
 from common.store.aggregate_schema import Threshold
 from common.store.connection import make_engine
 from producer.cli import main
-from tests.aggregate_data import build_dataset, populate
+from tests.aggregate_data import populate
 
 CHROMIUM_FLAGS = (
     "--headless",
@@ -27,11 +27,6 @@ CHROMIUM_FLAGS = (
     "--disable-sync",
     "--window-size=1200,1800",
 )
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory):
-    return build_dataset(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture

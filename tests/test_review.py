@@ -37,6 +37,7 @@ from common.store.threshold_queries import category_threshold
 from producer.cli import main
 from producer.fit_update import reviewed_images
 from synthetic.layouts import make_review_layout
+from tests.parallel import free_port
 from tests.test_report import browser  # noqa: F401  (the headless Chromium fixture)
 from tests.update_scores import update_scores
 
@@ -57,12 +58,6 @@ class Served:
     names: dict[int, str]  # image id -> file name
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """A fitted, scored and aggregated run (patch scorer), served by `patchq review`."""
@@ -74,7 +69,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         patch.chdir(root)
         args = ["run", str(root / "data"), "--run", "r1", "--image-size", "64"]
         assert main([*args, "--coreset-ratio", "0.25", "--scorer", "patch", "--device", "cpu"]) == 0
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PATCHQ_DATABASE_URL": url,
