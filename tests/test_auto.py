@@ -226,7 +226,8 @@ def test_the_stored_model_is_calibrated_on_every_held_out_normal(chosen: AutoFit
 
 def test_candidates_are_every_configuration_with_every_scorer(chosen: AutoFit) -> None:
     assert set(chosen.validation["auto"]["selection_auroc"]) == {
-        "default fused", "default patch", "fine fused", "fine patch", "small fused", "small patch"
+        "default fused", "default patch", "cosine fused", "cosine patch", "fine fused",
+        "fine patch", "small fused", "small patch",
     }  # fmt: skip
 
 

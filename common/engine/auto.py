@@ -96,9 +96,20 @@ def small(config: PatchCoreConfig) -> PatchCoreConfig:
     )
 
 
+def cosine(config: PatchCoreConfig) -> PatchCoreConfig:
+    """Cosine neighbours: patch features normalised before the coreset and every search.
+
+    The label-free choice gives them to aligned parts (common/engine/label_free.py: elpv poly
+    s* 0.889 vs L2's 0.873); among the labelled candidates, a category whose labels arrive
+    after a label-free fit can choose at least what it had.
+    """
+    return dataclasses.replace(config, distance="cosine")
+
+
 # name -> the candidate made from the base config. Order is the last tie-break: cheapest first.
 CANDIDATES: dict[str, Callable[[PatchCoreConfig], PatchCoreConfig]] = {
     "default": lambda config: config,
+    "cosine": cosine,
     "fine": fine,
     "small": small,
 }

@@ -40,7 +40,7 @@ from PIL import Image
 
 from common.data.images import ImageLoadError, Preprocessing, load_rgb
 from common.data.layouts import ImageRecord
-from common.engine.auto import AutoFit, Rows, fine, selection_figures
+from common.engine.auto import AutoFit, Rows, cosine, fine, selection_figures
 from common.engine.defect_synthesis import (
     FAMILY,
     GLOBAL_KINDS,
@@ -81,7 +81,7 @@ def aligned_candidate(config: PatchCoreConfig) -> PatchCoreConfig:
     score's whole-image parts (pixel statistics 0.70 on poly) dilute what the patches find on
     cells whose brightness varies from cell to cell, with or without cosine.
     """
-    return dataclasses.replace(config, distance="cosine", scorer="patch")
+    return dataclasses.replace(cosine(config), scorer="patch")
 
 
 def can_choose_label_free(records: Sequence[ImageRecord], holdout: float, seed: int) -> bool:
