@@ -18,7 +18,7 @@ from common.engine.defect_synthesis import (
     synthesise,
     synthesise_set,
 )
-from common.engine.fit import fit_category, split_holdout
+from common.engine.fit import FitError, fit_category, split_holdout
 from common.engine.label_free import (
     ALIGNED_SHARE,
     MIN_NORMALS,
@@ -111,6 +111,11 @@ def test_the_label_free_default_needs_enough_held_out_normals(texture) -> None:
     assert can_choose_label_free(texture, 0.2, 0)
     few = texture[: MIN_NORMALS * 5 - 5]  # 35 good images: 7 held out
     assert not can_choose_label_free(few, 0.2, 0)
+
+
+def test_a_forced_choice_without_enough_normals_is_one_clear_error(texture) -> None:
+    with pytest.raises(FitError, match="at least 2 readable held-out normals, got 1"):
+        fit_label_free(texture[:5], BASE, 0.2, device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")

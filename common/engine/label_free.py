@@ -49,7 +49,7 @@ from common.engine.defect_synthesis import (
     synthesise_set,
 )
 from common.engine.features import PatchFeatureExtractor
-from common.engine.fit import FitResult, fit_category, raw_parts, split_holdout
+from common.engine.fit import FitError, FitResult, fit_category, raw_parts, split_holdout
 from common.engine.model_config import PatchCoreConfig
 from common.engine.patchcore import PatchCore, build_extractor, extract_patches, resolve_device
 
@@ -100,6 +100,12 @@ def fit_label_free(
 ) -> AutoFit:
     """Measure the category's alignment, fit its candidates and choose as the module says."""
     good = [r for r in records if r.split == "train" and r.label == 0]
+    held_out = _images(split_holdout(good, holdout, base.seed)[1])
+    if len(held_out) < 2:
+        raise FitError(
+            f"--auto without labelled defects needs at least 2 readable held-out normals, got "
+            f"{len(held_out)}; add good images, raise --holdout, or fit with --no-auto"
+        )
     extractor = build_extractor(base, resolve_device(device))
     share = positional_share(extractor, base, _images(good[:ALIGNMENT_IMAGES]), batch_size)
     aligned = share >= ALIGNED_SHARE
@@ -110,7 +116,6 @@ def fit_label_free(
         name: fit_category(records, config, holdout, device, batch_size, progress)
         for name, config in candidates.items()
     }
-    held_out = _images(split_holdout(good, holdout, base.seed)[1])
     local = synthesise_set(held_out, LOCAL_KINDS, PER_LOCAL_KIND, base.seed + 1)
     whole = synthesise_set(held_out, GLOBAL_KINDS, PER_WHOLE_IMAGE_KIND, base.seed + 2)
     synthetic, kinds = local[0] + whole[0], local[1] + whole[1]
