@@ -7,6 +7,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from aggregator.category_data import model_choice
 from common.data.layouts import discover
 from common.engine.model_config import PatchCoreConfig
 from common.settings import Settings
@@ -65,3 +66,17 @@ def test_fit_review_refit_chooses_on_the_reviewed_defects(tmp_path: Path) -> Non
     assert "chosen_on" not in auto  # chosen on labels, cross-fitted, not on synthesised ones
     assert set(auto["report_auroc_by_kind"]) == {REVIEWED}
     assert set(defects[1:]) <= set(auto["selection_paths"])
+
+
+def test_the_report_says_what_chose_the_model() -> None:
+    assert model_choice({}) == ""
+    assert "without labelled defects" in model_choice(
+        {"chosen": "fine fused", "chosen_on": "synthesised"}
+    )
+    labelled = model_choice(
+        {"chosen": "cosine patch", "labelled_defects": {"folder": 3, "review": 5}}
+    )
+    assert labelled == (
+        "--auto chose cosine patch on 3 labelled defects from the data folder and 5 marked "
+        "defect in review"
+    )
