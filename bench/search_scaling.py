@@ -9,20 +9,32 @@ bank size the table gives the resolved index, the median CPU ms per image of
 search's for comparison, and the approximate search's recall@1 and largest relative change of an
 image score (max patch distance) against the exact one.
 
+With ``--fit-cells N`` it instead fits on N real elpv monocrystalline cells (labelled defects
+included, 224 px, Lite0 features, the bank a random ``--max-bank`` sample of all bank patches)
+and prints what fit measured of the approximate search against the exact one on the validation
+images (validation "search").
+
     PYTHONPATH=. .venv/bin/python bench/search_scaling.py [--sizes 12544 50176 200704]
+    PYTHONPATH=. .venv/bin/python bench/search_scaling.py --fit-cells 300 --max-bank 50000
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
 
+from common.data.layouts import discover
+from common.engine.fit import fit_category
 from common.engine.memory_bank import MemoryBank
+from common.engine.model_config import PatchCoreConfig
+from producer.demo_data import write_elpv_demo
 
 DIM = 152
 CENTRES = 4096
@@ -56,14 +68,30 @@ def accuracy(bank: MemoryBank, exact: MemoryBank, images: list[np.ndarray]) -> t
     return float(np.mean(hits)), float(max(changes))
 
 
+def fit_search_cost(cells: int, max_bank: int) -> None:
+    """Fit on real elpv cells and print fit's measured search accuracy cost."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_elpv_demo(Path(tmp), ["mono"], limit_per_category=cells, bad_train_share=1)
+        records = [r for r in discover(root, ["mono"]) if r.split == "train"]
+        config = PatchCoreConfig(coreset_ratio=1.0, max_bank=max_bank)
+        result = fit_category(records, config, device="cpu", progress=False)
+    print(f"bank {result.model.bank.size:,} patches, validation {result.validation}")
+    print(f"timings {result.timings}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[12544, 50176, 200704])
     parser.add_argument("--images", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fit-cells", type=int)
+    parser.add_argument("--max-bank", type=int, default=50_000)
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
+    if args.fit_cells:
+        fit_search_cost(args.fit_cells, args.max_bank)
+        return
     rng = np.random.default_rng(0)
     centres = 3 * rng.standard_normal((CENTRES, DIM)).astype(np.float32)
     images = [clustered(PATCHES_PER_IMAGE, rng, centres) for _ in range(args.images)]
