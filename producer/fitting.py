@@ -136,6 +136,8 @@ def describe_fit(category: str, fitted: Fitted, model_id: int) -> str:
         f"{category}: model {model_id} ({fitted.summary}), bank {fitted.bank_size:,} patches",
         f"  held-out validation (images not in the bank): {held_out_figures(v)}",
     ]
+    if "search" in v:
+        lines.append(_describe_search(v["search"]))
     if v.get("auto", {}).get("chosen_on") == "synthesised":
         lines += _describe_label_free(v["auto"])
     elif "auto" in v:
@@ -144,6 +146,17 @@ def describe_fit(category: str, fitted: Fitted, model_id: int) -> str:
         first = next(iter(fitted.skipped.values()))
         lines.append(f"  skipped {len(fitted.skipped)} unreadable images, e.g. {first}")
     return "\n".join(lines)
+
+
+def _describe_search(search: dict[str, Any]) -> str:
+    """The approximate search's accuracy cost against the exact one on the same images."""
+    recall, change = search["recall_at_1"], search["max_image_score_change"]
+    auroc = search["auroc_change"]
+    return (
+        f"  {search['index']} search against exact on them: recall@1 {format_figure(recall)}, "
+        f"patch scores within {'n/a' if change is None else f'{change:.2%}'}"
+        + ("" if auroc is None else f", AUROC change {auroc:+.4f}")
+    )
 
 
 def _describe_auto(auto: dict[str, Any]) -> list[str]:

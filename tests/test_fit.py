@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from common.data.layouts import ImageRecord, discover
 from common.engine.fit import FitError, fit_category, split_holdout
 from common.engine.model_config import PatchCoreConfig
+from producer.fitting import Fitted, describe_fit
 from synthetic.layouts import make_mvtec_layout, make_seed_layout
 
 CONFIG = PatchCoreConfig(image_size=64, coreset_ratio=0.25)
@@ -66,6 +68,23 @@ def test_held_out_figures_separate_drawn_defects(seed_fit) -> None:
     assert result.validation["auroc"] >= 0.9
     assert result.validation["normal_q95"] >= result.validation["normal_q50"]
     assert 0 < result.validation["bank_size"] <= 15 * 8 * 8
+
+
+def test_an_approximate_bank_records_its_accuracy_cost_and_an_exact_one_does_not(
+    tmp_path: Path, seed_fit
+) -> None:
+    assert "search" not in seed_fit[1].validation  # a small bank: exact flat search
+    make_seed_layout(tmp_path, "tex", n_good=12, n_bad=4, n_test=0, size=64)
+    ivf = dataclasses.replace(CONFIG, index="ivf", coreset_ratio=1.0)
+    result = fit_category(discover(tmp_path), ivf, holdout=0.25, device="cpu", progress=False)
+    search = result.validation["search"]
+    assert search["index"] == "ivf" and result.model.bank.index_type == "ivf"
+    assert 0.9 <= search["recall_at_1"] <= 1.0
+    assert 0 <= search["max_image_score_change"] < 0.05
+    assert abs(search["auroc_change"]) <= 0.1
+    assert "ivf search against exact on them: recall@1" in describe_fit(
+        "tex", Fitted(b"", result.validation, result.model.bank.size, "ivf", {}), 1
+    )
 
 
 def test_mvtec_layout_uses_test_good_and_defect_folders(tmp_path: Path) -> None:

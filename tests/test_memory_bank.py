@@ -119,3 +119,36 @@ def test_auto_index_is_exact_for_small_banks_and_ivf_for_large_ones() -> None:
     distances, indices = bank.search(large[:50], 1)
     np.testing.assert_array_equal(indices[:, 0], np.arange(50))  # each row finds itself
     assert np.all(distances == 0)
+
+
+def test_ivf_scan_budget_grows_sublinearly_and_leaves_smaller_banks_as_before() -> None:
+    from common.engine.memory_bank import IVF_SCAN_BUDGET, default_nlist, default_nprobe
+
+    def scanned(size: int) -> float:
+        """Distances one query computes: every centroid, then the vectors of the probed lists."""
+        nlist = default_nlist(size)
+        return nlist + default_nprobe(nlist, size) * size / nlist
+
+    for size in (8192, 8 * IVF_SCAN_BUDGET):  # up to 8 x the budget: 1/8 of the lists, as before
+        nlist = default_nlist(size)
+        assert default_nprobe(nlist, size) == max(8, nlist // 8)
+    for size in (50_000, 200_000, 1_000_000):
+        assert scanned(4 * size) < 2.2 * scanned(size)  # ~sqrt(N), not N: 4x bank, ~2x work
+        assert scanned(size) < size / 8
+    assert scanned(1_000_000) < 0.01 * 1_000_000
+
+
+def test_auto_index_on_a_large_bank_finds_the_exact_nearest_within_tolerance() -> None:
+    rng = np.random.default_rng(4)
+    centres = rng.standard_normal((512, 16)) * 3
+    vectors = centres[rng.integers(0, 512, 60_000)] + rng.standard_normal((60_000, 16))
+    bank_rows, queries = vectors[:59_000].astype(np.float32), vectors[59_000:].astype(np.float32)
+    approximate = MemoryBank(bank_rows)
+    assert approximate.index_type == "ivf"
+    found = approximate.search(queries, k=1)[0][:, 0]
+    exact = MemoryBank(bank_rows, "flat").search(queries, k=1)[0][:, 0]
+    assert np.mean(np.isclose(found, exact, rtol=1e-4)) >= 0.99
+    # Image scores (max patch distance) of 40 "images" of 25 patches each within 1%.
+    np.testing.assert_allclose(
+        found.reshape(40, 25).max(axis=1), exact.reshape(40, 25).max(axis=1), rtol=0.01
+    )

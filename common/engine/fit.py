@@ -144,6 +144,12 @@ def fit_category(
     anomalous_scores = combine_parts(model, anomalous_parts)
     validation = validation_metrics(normal_scores, anomalous_scores, model.calibration)
     validation["bank_size"] = bank.size
+    if _approximate(bank):
+        start = time.perf_counter()
+        validation["search"] = search_cost(
+            probe, (normals, normal_parts), (anomalous, anomalous_parts), batch_size
+        )
+        timings["search_cost_s"] = time.perf_counter() - start
     validation["bank_images"] = len(bank_records) - sum(r.path in skipped for r in bank_records)
     return FitResult(
         category=category,
@@ -249,6 +255,62 @@ def score_records(
     bar.close()
     empty = np.empty((0, model.n_parts), np.float32)
     return (np.concatenate(parts) if parts else empty), skipped
+
+
+def _approximate(bank: MemoryBank) -> bool:
+    """Whether the bank's search may miss the nearest patch (an exact torch search stands in
+    for every index on a GPU without faiss-gpu)."""
+    return bank.index_type in ("ivf", "hnsw") and bank.backend == "faiss"
+
+
+class _RecallAudit:
+    """An exact bank that also asks the model's approximate bank each nearest-patch query and
+    counts the queries on which both find the same distance."""
+
+    def __init__(self, approximate: MemoryBank) -> None:
+        self._approximate = approximate
+        self._exact = MemoryBank(approximate.vectors, "flat", positions=approximate.positions)
+        self.queries = self.hits = 0
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        found = self._exact.search(queries, k)
+        if k == 1:  # a patch's nearest neighbour; larger k is Eq. 7's density around m*
+            approximate = self._approximate.search(queries, 1)[0]
+            self.hits += int(np.isclose(approximate, found[0], rtol=1e-5).sum())
+            self.queries += len(queries)
+        return found
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._exact, name)
+
+
+def search_cost(
+    probe: PatchCore,
+    normal: tuple[Sequence[ImageRecord], np.ndarray],
+    anomalous: tuple[Sequence[ImageRecord], np.ndarray],
+    batch_size: int,
+) -> dict[str, Any]:
+    """The approximate search's accuracy cost on the validation images: a second pass scores
+    them with the exact search (its patch features are not kept by the first) and compares the
+    raw patch scores s* the probe gave (``normal`` and ``anomalous``: records, raw parts).
+    recall_at_1 is the share of patches whose nearest distance both searches agree on."""
+    audit = _RecallAudit(probe.bank)
+    exact = probe.with_bank(audit)  # type: ignore[arg-type]
+    exact_normal = score_records(exact, normal[0], batch_size, False, "")[0][:, 0]
+    exact_anomalous = score_records(exact, anomalous[0], batch_size, False, "")[0][:, 0]
+    found = np.r_[normal[1][:, 0], anomalous[1][:, 0]]
+    truth = np.r_[exact_normal, exact_anomalous]
+    change = np.abs(found - truth) / np.maximum(truth, np.finfo(np.float32).tiny)
+    auroc_change = None
+    if len(exact_normal) and len(exact_anomalous):
+        labels = np.r_[np.zeros(len(exact_normal)), np.ones(len(exact_anomalous))]
+        auroc_change = float(roc_auc_score(labels, found) - roc_auc_score(labels, truth))
+    return {
+        "index": probe.bank.index_type,
+        "recall_at_1": audit.hits / audit.queries if audit.queries else None,
+        "max_image_score_change": float(change.max()) if len(change) else None,
+        "auroc_change": auroc_change,
+    }
 
 
 def raw_parts(result: ScoreBatch) -> np.ndarray:

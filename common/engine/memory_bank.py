@@ -28,6 +28,10 @@ HNSW_NEIGHBOURS = 32
 # elpv cells (bench/run.py): below it flat search costs < 15 ms per 224-px image on 2 cores; at
 # 23.5k patches IVF was ~3x faster than flat with recall@1 1.000 and the same AUROC.
 AUTO_IVF_MIN_SIZE = 8192
+# Bank vectors an IVF query scans beyond its centroids (default_nprobe): N/8 at 12.3k patches,
+# where the 1/8 rule was measured to keep recall@1 ~1.0; fixed from there on.
+IVF_SCAN_BUDGET = 1536
+IVF_MIN_NPROBE = 8
 # Query rows per chunk times bank rows: bounds the (queries x bank) score block of the torch
 # search to 64 MB on CPU and 1 GB on GPU.
 _TORCH_BLOCK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
@@ -67,9 +71,22 @@ def default_nlist(size: int) -> int:
     return max(1, min(round(4 * math.sqrt(size)), size // 39))
 
 
-def default_nprobe(nlist: int) -> int:
-    """Lists scanned per IVF query: 1/8 of them, at least 8; ~0.9+ recall on patch features."""
-    return min(nlist, max(8, nlist // 8))
+def default_nprobe(nlist: int, size: int) -> int:
+    """Lists scanned per IVF query: 1/8 of them, but no more than it takes to scan about
+    IVF_SCAN_BUDGET bank vectors, and at least IVF_MIN_NPROBE.
+
+    The trade-off (issue 25): 1/8 of the lists scans N/8 vectors per query, so the search cost
+    grew linearly with the bank (2.2x slower scoring for a 4x bank). With the budget, a query
+    costs nlist (~4 sqrt(N)) centroid distances plus ~IVF_SCAN_BUDGET vector distances: the
+    cost grows as sqrt(N). Memory is unchanged (the lists hold the full float32 vectors, so the
+    distances of the candidates found are exact and re-ranking them would change nothing). The
+    price is recall: a fixed budget probes a shrinking share of a growing bank's lists, so a
+    query whose true nearest patch lies in a list it skips gets a slightly larger distance.
+    ``fit`` measures that cost on the held-out images against the exact search (validation
+    "search"); banks up to 8 x IVF_SCAN_BUDGET patches probe 1/8 of their lists as before.
+    """
+    by_budget = math.ceil(IVF_SCAN_BUDGET * nlist / size)
+    return min(nlist, max(IVF_MIN_NPROBE, min(nlist // 8, by_budget)))
 
 
 class _TorchSearch:
@@ -107,7 +124,9 @@ class _FaissSearch:
             self.quantizer = faiss.IndexFlatL2(dim)  # the IVF index does not own it
             self.index = faiss.IndexIVFFlat(self.quantizer, dim, nlist)
             self.index.train(vectors)
-            self.index.nprobe = nprobe if nprobe is not None else default_nprobe(nlist)
+            self.index.nprobe = (
+                nprobe if nprobe is not None else default_nprobe(nlist, vectors.shape[0])
+            )
         self.index.add(vectors)
         if gpu and index != "hnsw":  # FAISS has no GPU HNSW; that one stays on CPU
             self.resources = faiss.StandardGpuResources()
@@ -125,7 +144,8 @@ class MemoryBank:
 
     index: "auto" (default: flat for small banks, ivf from AUTO_IVF_MIN_SIZE patches on),
     "flat" (exact), "hnsw" (graph, M=32, `ef_search` candidates per query),
-    "ivf" (inverted lists, nlist ~ 4 sqrt(N) trained on the bank, `nprobe` lists per query),
+    "ivf" (inverted lists, nlist ~ 4 sqrt(N) trained on the bank, `nprobe` lists per query,
+    by default default_nprobe's fixed scan budget),
     "torch" (exact chunked matmul). On device "cuda", FAISS runs on the GPU when faiss-gpu is
     installed (HNSW stays on CPU); otherwise every index type becomes the exact torch search on
     the GPU, which is faster there than any CPU index.
