@@ -130,20 +130,21 @@ def _cut_paste(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -
     if donor.shape != image.shape:
         donor = np.asarray(Image.fromarray(donor).resize((image.shape[1], image.shape[0])))
     top, left, size = _patch_box(image, rng)
-    source_top, source_left, _ = _patch_box(image, rng)
-    patch = donor[source_top : source_top + size, source_left : source_left + size]
-    if patch.shape[:2] != (size, size):  # the source box fell off the edge
-        patch = donor[:size, :size]
-    return _blend(image, patch.astype(np.float32), top, left)
+    return _blend(image, _patch_from(donor, size, rng).astype(np.float32), top, left)
 
 
 def _swap(image: np.ndarray, _donor: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     top, left, size = _patch_box(image, rng)
-    source_top, source_left, _ = _patch_box(image, rng)
-    patch = image[source_top : source_top + size, source_left : source_left + size]
-    if patch.shape[:2] != (size, size):
-        patch = image[:size, :size]
-    return _blend(image, np.rot90(patch).astype(np.float32), top, left)
+    patch = np.rot90(_patch_from(image, size, rng))
+    return _blend(image, patch.astype(np.float32), top, left)
+
+
+def _patch_from(source: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``size`` square of ``source`` at a random place (its top-left corner if the drawn box
+    falls off the edge)."""
+    top, left, _ = _patch_box(source, rng)
+    patch = source[top : top + size, left : left + size]
+    return patch if patch.shape[:2] == (size, size) else source[:size, :size]
 
 
 def _blur(image: np.ndarray, _donor: np.ndarray, rng: np.random.Generator) -> np.ndarray:
