@@ -20,7 +20,7 @@ WORKDIR /app
 # Dependencies first, from pyproject.toml alone, so editing the code does not reinstall torch.
 COPY pyproject.toml README.md ./
 RUN mkdir common producer worker aggregator review \
- && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} .
+ && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[s3]"
 
 COPY common ./common
 COPY producer ./producer

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ from aggregator.evaluation import AggregateError, CategoryData
 from aggregator.frames import model_frame_mask
 from aggregator.metrics import check_scores
 from aggregator.pixel_metrics import PixelMetrics, pixel_metrics
+from common.data.locations import to_location
 from common.engine.model_file import ModelReference, read_model_reference
 from common.engine.normalise import TAIL_FUSIONS
 from common.store.connection import QUERY_CHUNK
@@ -259,7 +259,7 @@ def category_pixel_metrics(session: Session, data: CategoryData) -> PixelMetrics
         anomaly_maps.append(anomaly_map(maps[image_id], (size, size)))
         mask_path = files[image_id].mask_path
         masks.append(
-            model_frame_mask(Path(mask_path), data.preprocessing)
+            model_frame_mask(to_location(mask_path), data.preprocessing)
             if mask_path
             else np.zeros((size, size), bool)
         )

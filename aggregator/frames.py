@@ -6,22 +6,20 @@ Patch maps cover the preprocessed image, so masks and overlays go through the mo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from PIL import Image
 
-from common.data.images import Preprocessing, load_rgb
+from common.data.images import Preprocessing, load_rgb, open_image
+from common.data.locations import Location
 
 
-def model_frame_image(path: Path, preprocessing: Preprocessing) -> np.ndarray:
+def model_frame_image(path: Location, preprocessing: Preprocessing) -> np.ndarray:
     """The image as the model saw it: float RGB in [0, 1], (S, S, 3)."""
     return _unnormalise(preprocessing.to_tensor(load_rgb(path)).numpy(), preprocessing)
 
 
-def model_frame_mask(path: Path, preprocessing: Preprocessing) -> np.ndarray:
+def model_frame_mask(path: Location, preprocessing: Preprocessing) -> np.ndarray:
     """The ground-truth mask resized like its image: bool (S, S), True on the defect."""
-    with Image.open(path) as mask:
+    with open_image(path) as mask:
         binary = mask.convert("L").point(lambda v: 255 if v > 0 else 0).convert("RGB")
     return _unnormalise(preprocessing.to_tensor(binary).numpy(), preprocessing)[..., 0] > 0.5
 

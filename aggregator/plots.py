@@ -25,6 +25,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from aggregator.category_data import ImageFiles
 from aggregator.evaluation import CategoryResult
 from aggregator.frames import model_frame_image, model_frame_mask
+from common.data.locations import to_location
 from common.engine.anomaly_map import anomaly_map
 from common.errors import PatchqError
 
@@ -199,13 +200,13 @@ def top_anomalies(
         image = files[int(data.image_ids[i])]
         axes.set_title(f"{data.scores[i]:.3g} · {label}", fontsize=9)
         try:
-            axes.imshow(model_frame_image(Path(image.path), data.preprocessing))
+            axes.imshow(model_frame_image(to_location(image.path), data.preprocessing))
         except PatchqError:
             axes.text(0.5, 0.5, "image not readable", ha="center", transform=axes.transAxes)
             continue
         axes.imshow(heat[i], cmap=MAP_COLOURS, norm=scale.norm())
         if image.mask_path:
-            mask = model_frame_mask(Path(image.mask_path), data.preprocessing)
+            mask = model_frame_mask(to_location(image.mask_path), data.preprocessing)
             axes.contour(mask, levels=[0.5], colors="white", linewidths=1.2)
     _map_colour_bar(figure, axes_row, scale)
     return _save(figure, path)

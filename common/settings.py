@@ -126,6 +126,23 @@ class Settings:
         default=5580,
         metadata=_about("port the review page (`patchq review`) listens on"),
     )
+    s3_endpoint_url: str | None = field(
+        default=None,
+        metadata=_about(
+            "S3 API endpoint for MinIO, Ceph and the like (http://minio:9000); unset: AWS, or "
+            "AWS_ENDPOINT_URL. Credentials come from the AWS chain, never from here"
+        ),
+    )
+    s3_anonymous: bool = field(
+        default=False,
+        metadata=_about("read s3:// URIs unsigned, without credentials (public buckets): 1 or 0"),
+    )
+    fetch_concurrency: int = field(
+        default=16,
+        metadata=_about(
+            "object GETs (s3://, http(s)://) one scoring process keeps in flight at most"
+        ),
+    )
 
     @classmethod
     def load(cls, overrides: Mapping[str, object] | None = None) -> Settings:
@@ -170,6 +187,7 @@ class Settings:
         shown = {item.name: _show(getattr(self, item.name)) for item in dataclasses.fields(self)}
         shown["database_url"] = mask_url(self.database_url)
         shown["broker_url"] = mask_url(self.broker_url) if self.broker_url else ""
+        shown["s3_endpoint_url"] = mask_url(self.s3_endpoint_url) if self.s3_endpoint_url else ""
         for name in _LOGIN_FIELDS:
             logins = getattr(self, name)
             if logins:
@@ -187,6 +205,7 @@ class Settings:
             "visibility_timeout_s",
             "lease_s",
             "heartbeat_s",
+            "fetch_concurrency",
         ):
             if getattr(self, name) < 1:
                 _fail(name, str(getattr(self, name)), "must be at least 1")
@@ -229,6 +248,7 @@ def parse_logins(logins: str) -> dict[str, str]:
 
 
 _FIELD_TYPES = typing.get_type_hints(Settings)
+_BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 def mask_url(url: str) -> str:
@@ -242,7 +262,9 @@ def mask_url(url: str) -> str:
 
 
 def _show(value: object) -> str:
-    """Display text of a setting value; unset is the empty string."""
+    """Display text of a setting value; unset is the empty string, a switch 1 or 0."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
     return "" if value is None else str(value)
 
 
@@ -270,6 +292,10 @@ def _convert(name: str, label: str, raw: str, source: str) -> object:
             ) from None
     if kind is Path:
         return Path(text).expanduser()
+    if kind is bool:
+        if text.lower() not in _BOOLEANS:
+            raise SettingsError(f"{label}={raw!r} ({source}) is not 1/0, true/false or yes/no")
+        return _BOOLEANS[text.lower()]
     if not text:
         raise SettingsError(f"{label} ({source}) is empty; unset it to use the default")
     return text

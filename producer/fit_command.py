@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.data.layouts import discover, summarize
+from common.data.locations import to_location
 from common.errors import PatchqError
 from common.settings import Settings
 
@@ -33,7 +33,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "The model is stored in the database (PATCHQ_DATABASE_URL)."
         ),
     )
-    parser.add_argument("--data", type=Path, help="data root (seed or MVTec layout)")
+    parser.add_argument(
+        "--data",
+        type=to_location,
+        help="data root (seed or MVTec layout): a folder or s3://bucket/root",
+    )
     add_model_arguments(parser)
     add_update_arguments(parser)
     parser.set_defaults(run=run)

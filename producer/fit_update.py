@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -20,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from common.data.layouts import ImageRecord
+from common.data.locations import Location, to_location
 from common.engine.artifact import artifact_hash, load_artifact, save_artifact
 from common.engine.bank_update import BankUpdate, image_scores, update_features, update_model
 from common.engine.ensemble import is_ensemble
@@ -122,7 +122,9 @@ def reviewed_images(
             label = 0 if verdicts[row.id] == "normal" else 1
         if label is None or (row.split == "train" and label == 0):
             continue  # unlabelled, or a train/good image that may be in the bank
-        record = ImageRecord(Path(row.path), category, row.split or "test", label, row.defect_type)
+        record = ImageRecord(
+            to_location(row.path), category, row.split or "test", label, row.defect_type
+        )
         (reviewed_normal if row.label is None and label == 0 else labelled).append(record)
     if not reviewed_normal:
         raise UpdateError(
@@ -151,7 +153,7 @@ def _threshold(
     return Threshold(value, f"the model's held-out normal {NORMAL_QUANTILE:.0%} quantile")
 
 
-def _paths(records: Sequence[ImageRecord]) -> list[Path]:
+def _paths(records: Sequence[ImageRecord]) -> list[Location]:
     return [r.path for r in records]
 
 

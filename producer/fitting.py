@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from common.data.layouts import ImageRecord
+from common.data.locations import ObjectUri, to_location
 from common.engine.artifact import artifact_hash, save_artifact
 from common.engine.auto import can_choose, fit_auto
 from common.engine.ensemble import fit_ensemble, save_ensemble
@@ -67,9 +68,10 @@ def with_reviewed_defects(
     ``REVIEWED``), each replacing the record the layout gave it: a train/good image marked
     defect leaves the bank, an unlabelled test image becomes labelled."""
     category = records[0].category
-    marked = {Path(p).absolute() for p in reviewed if Path(p).is_file()}
+    found = (to_location(p) for p in reviewed)
+    marked = {p.absolute() for p in found if isinstance(p, ObjectUri) or p.is_file()}
     kept = [r for r in records if r.path.absolute() not in marked]
-    return kept + [ImageRecord(p, category, "train", 1, REVIEWED) for p in sorted(marked)]
+    return kept + [ImageRecord(p, category, "train", 1, REVIEWED) for p in sorted(marked, key=str)]
 
 
 def fit_model(records: Sequence[ImageRecord], plan: FitPlan, settings: Settings) -> Fitted:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
 from common.data.layouts import ImageRecord, discover, summarize
+from common.data.locations import Location
 from common.pipelined import PipelinedScorer, score_pipelined
 from common.scoring.context import ScoringContext
 from common.scoring.model_cache import ModelProvider
@@ -92,7 +93,7 @@ class PipelineResult:
 
 
 def run_pipeline(
-    data: Path,
+    data: Location,
     categories: Sequence[str] | None,
     settings: Settings,
     fit_options: FitOptions,

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from aggregator.policy_names import POLICY_HELP
+from common.data.locations import Location, to_location
 from common.settings import Settings
 from producer.fit_command import add_model_arguments, plan_from_args, settings_from_args
 from producer.submission import SPLITS
@@ -27,7 +28,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "and compute metrics per category."
         ),
     )
-    parser.add_argument("data", type=Path, metavar="DATA", help="data root (seed or MVTec layout)")
+    parser.add_argument(
+        "data",
+        type=to_location,
+        metavar="DATA",
+        help="data root (seed or MVTec layout): a folder or s3://bucket/root",
+    )
     add_run_arguments(parser)
     add_model_arguments(parser)
     parser.set_defaults(run=run)
@@ -65,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_from_args(data: Path, args: argparse.Namespace, settings: Settings) -> None:
+def run_from_args(data: Location, args: argparse.Namespace, settings: Settings) -> None:
     """The whole pipeline on `data` as the run and model flags say (run and demo)."""
     from producer.pipeline import FitOptions, run_pipeline  # here: --help must not load torch
 

@@ -23,6 +23,8 @@ from common.data.layouts import (
     iter_archive,
     list_categories,
 )
+from common.data.listing import is_folder
+from common.data.locations import Location, ObjectUri
 from common.errors import PatchqError
 from common.iterables import chunked
 from common.store.image_rows import (
@@ -57,16 +59,16 @@ class Submission:
 
 
 def find_images(
-    source: Path, categories: Sequence[str] | None, split: str = "test"
+    source: Location, categories: Sequence[str] | None, split: str = "test"
 ) -> Iterable[ImageRecord]:
     """Images to score: a data root's `split` images (a list), or every image of a folder
-    tree/manifest (a stream, read as it is registered).
+    tree/manifest/bucket prefix (a stream, read as it is registered).
 
     A folder counts as a data root when it holds <category>/train/good folders; then
     `categories` picks among them (default: all). A plain folder or manifest needs exactly one
     category, the model its images are scored with.
     """
-    if source.is_dir() and list_categories(source):
+    if _is_data_root(source, categories):
         records = discover(source, categories or None)
         chosen = [r for r in records if split == "all" or r.split == split]
         if not chosen:
@@ -81,11 +83,23 @@ def find_images(
             f"{source} is a folder tree or manifest, not a data root; give the category whose "
             "model scores it with exactly one --category"
         )
-    if not source.exists():
+    if isinstance(source, Path) and not source.exists():
         raise LayoutError(
             f"{source}: not found; give a data root, a folder of images or a manifest"
         )
     return iter_archive(source, categories[0])
+
+
+def _is_data_root(source: Location, categories: Sequence[str] | None) -> bool:
+    """Whether `source` holds <category>/train/good folders.
+
+    A bucket prefix with one --category is asked about that category alone (one request):
+    listing its top level to find every category would list all of a flat prefix of millions
+    of objects twice, once here and once to register them.
+    """
+    if isinstance(source, ObjectUri) and categories and len(categories) == 1:
+        return is_folder(source / categories[0] / "train" / "good")
+    return is_folder(source) and bool(list_categories(source))
 
 
 def latest_models(session: Session, categories: Sequence[str]) -> dict[str, int]:

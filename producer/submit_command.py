@@ -8,8 +8,8 @@ running the same command again. Done images are never scored twice.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from common.data.locations import to_location
 from common.settings import Settings
 from common.store.connection import open_database
 from producer.submission import SPLITS, enqueue_pending, find_images, register_run
@@ -28,7 +28,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Follow progress with `patchq status RUN`."
         ),
     )
-    parser.add_argument("source", type=Path, metavar="SOURCE", help="data root, folder, manifest")
+    parser.add_argument(
+        "source",
+        type=to_location,
+        metavar="SOURCE",
+        help="data root, folder, manifest, or s3://bucket/prefix",
+    )
     parser.add_argument(
         "--category",
         action="append",

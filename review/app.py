@@ -27,6 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from tornado.ioloop import IOLoop
 from tornado.web import Application, HTTPError, RequestHandler
 
+from common.data.locations import to_location
+from common.data.object_store import ObjectStoreUnavailable
+from common.errors import PatchqError
 from common.store.reviews import ReviewError, add_verdict
 from review.overlay import render_png
 from review.queries import (
@@ -175,8 +178,12 @@ class ImageBytesHandler(ReviewHandler):
                 )
             scale = context.scales[stored.category]
         try:
-            return render_png(Path(stored.path), stored.patch_map, stored.model_config, scale)
-        except OSError as error:
+            return render_png(
+                to_location(stored.path), stored.patch_map, stored.model_config, scale
+            )
+        except ObjectStoreUnavailable as error:
+            raise HTTPError(503, str(error)) from None
+        except (OSError, PatchqError) as error:
             raise HTTPError(410, f"image {image_id} cannot be read: {error}") from None
 
 

@@ -9,22 +9,24 @@ and the map is upsampled bilinearly and smoothed with the paper's sigma, as the 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 from scipy.ndimage import gaussian_filter
 
+from common.data.images import open_image
+from common.data.locations import Location
+
 PAPER_SIGMA = 4.0
 OVERLAY_ALPHA = 0.45  # share of the heat colour in a fully anomalous pixel
 
 
-def model_frame(path: Path, model_config: dict[str, Any]) -> Image.Image:
+def model_frame(path: Location, model_config: dict[str, Any]) -> Image.Image:
     """The RGB image resized (and centre-cropped) the way the model's preprocessing does."""
     size = int(model_config.get("image_size", 224))
     crop_from = model_config.get("crop_from")
-    with Image.open(path) as opened:
+    with open_image(path) as opened:
         image = ImageOps.exif_transpose(opened).convert("RGB")
     if crop_from is None:
         return image.resize((size, size), Image.BILINEAR)
@@ -44,7 +46,7 @@ def heat(patch_map: np.ndarray, size: int, scale: float) -> np.ndarray:
 
 
 def render_png(
-    path: Path, patch_map: np.ndarray, model_config: dict[str, Any], scale: float | None
+    path: Location, patch_map: np.ndarray, model_config: dict[str, Any], scale: float | None
 ) -> bytes:
     """PNG bytes of the image in the model's frame; with a `scale`, the anomaly map over it."""
     frame = model_frame(path, model_config)

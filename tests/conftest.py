@@ -22,7 +22,7 @@ from tests.parallel import ModulesTogether, slowness_rank, worker_count
 
 # Fixtures of helper modules: real-process clusters (workers, private brokers and servers) and
 # the fitted, scored run the aggregator tests share.
-pytest_plugins = ["tests.cluster", "tests.aggregate_data"]
+pytest_plugins = ["tests.cluster", "tests.aggregate_data", "tests.object_server"]
 
 # The PostgreSQL test server; each test gets its own database created (and dropped) through it.
 POSTGRES_ADMIN_URL = os.environ.get(

@@ -37,6 +37,8 @@ from celery.signals import (
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.data.object_store import ObjectStoreUnavailable
+from common.data.object_store import counters as fetch_counters
 from common.errors import PatchqError
 from common.pipelined import PipelinedScorer
 from common.scoring.context import ScoringContext
@@ -52,6 +54,8 @@ from worker.heartbeat import Heartbeat
 log = logging.getLogger(__name__)
 # Lost connections and a server restarting: retried, never recorded on the images.
 TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
+# The database's or the object store's: the batch is tried again, its images untouched.
+TRANSIENT_ERRORS = (*TRANSIENT_DB_ERRORS, ObjectStoreUnavailable)
 WATCHDOG_EVERY_S = 5
 _node = {"name": ""}  # this worker's Celery node name, set in the main process before the fork
 _heartbeat: dict[int, Heartbeat] = {}  # pid -> this process's heartbeat, once started
@@ -101,12 +105,13 @@ def _watchdog() -> None:
 @app.task(
     bind=True,
     name=TASK_NAME,
-    autoretry_for=TRANSIENT_DB_ERRORS,
+    autoretry_for=TRANSIENT_ERRORS,
     retry_backoff=2,
     retry_backoff_max=30,
     retry_jitter=True,
-    # A database outage lasts as long as it lasts: keep retrying (never failing the images),
-    # so the batch goes on within 30 s of the database's return, without waiting for a sweep.
+    # An outage of the database or the object store lasts as long as it lasts: keep retrying
+    # (never failing the images), so the batch goes on within 30 s of the service's return,
+    # without waiting for a sweep.
     max_retries=None,
 )
 def score_batch_task(self: Task, run_id: int, image_ids: list[int]) -> None:
@@ -124,23 +129,34 @@ def score_batch_task(self: Task, run_id: int, image_ids: list[int]) -> None:
     except SoftTimeLimitExceeded:
         _fail(sessions, run_id, image_ids, _timeout_reason())
         raise
+    except TRANSIENT_ERRORS:
+        raise  # transient trouble: autoretry_for delivers the batch again
     except PatchqError as error:
         _fail(sessions, run_id, image_ids, str(error))
         raise
-    except TRANSIENT_DB_ERRORS:
-        raise  # transient database trouble: autoretry_for delivers the batch again
     except Exception as error:
         # Anything else (CUDA out of memory, a FAISS error, a full disk) would be acked and
         # forgotten, leaving the images pending forever: record it on them first.
         _fail(sessions, run_id, image_ids, f"unexpected {type(error).__name__}: {error}")
         raise
     log.info(
-        "run %s: %d done, %d failed, %d skipped; %s",
+        "run %s: %d done, %d failed, %d skipped; %s%s",
         run_id,
         len(outcome.done),
         len(outcome.failed),
         len(outcome.skipped),
         ", ".join(f"{key} {value:.2f}" for key, value in outcome.timings.items()),
+        _fetch_note(),
+    )
+
+
+def _fetch_note() -> str:
+    """This process's object requests so far, when it made any: retries show a flaky store."""
+    if not fetch_counters.requests:
+        return ""
+    return (
+        f"; object requests {fetch_counters.requests}, retried {fetch_counters.retries}, "
+        f"unavailable {fetch_counters.unavailable}"
     )
 
 

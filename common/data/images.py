@@ -6,6 +6,7 @@ model always sees pixels prepared exactly as the images its memory bank was buil
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from common.data.locations import Location, ObjectUri
+from common.data.object_store import ObjectReadError, read_bytes
 from common.errors import PatchqError
 
 if TYPE_CHECKING:
@@ -27,25 +30,21 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 class ImageLoadError(PatchqError):
     """An image that cannot be read; the message is "<path>: <reason>" so a run can record it."""
 
-    def __init__(self, path: Path, reason: str) -> None:
+    def __init__(self, path: Location, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
 
 
-def load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: Location) -> Image.Image:
     """Read an image fully and return it as 8-bit RGB, upright as its EXIF orientation says.
 
     The whole file is decoded here (`load()`), so a truncated or corrupt file fails now with an
-    `ImageLoadError` naming the reason, instead of later inside a batch.
+    `ImageLoadError` naming the reason, instead of later inside a batch. An object store that
+    does not answer raises `ObjectStoreUnavailable` instead: that is no fault of the image.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageLoadError(path, "is a folder, not a file" if path.is_dir() else "file not found")
-    if path.stat().st_size == 0:
-        raise ImageLoadError(path, "empty file (0 bytes)")
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
             upright = ImageOps.exif_transpose(image)
     except UnidentifiedImageError:
@@ -60,6 +59,27 @@ def load_rgb(path: Path) -> Image.Image:
         return _to_rgb(upright)
     except ValueError:
         raise ImageLoadError(path, f"unsupported colour mode {upright.mode!r}") from None
+
+
+def open_image(path: Location) -> Image.Image:
+    """The image at `path` opened (lazily, as `Image.open` does), local file or object.
+
+    An object's bytes are fetched whole into memory (common.data.object_store), never to disk.
+    """
+    if isinstance(path, ObjectUri):
+        try:
+            data = read_bytes(path)
+        except ObjectReadError as error:
+            raise ImageLoadError(path, error.reason) from None
+        if not data:
+            raise ImageLoadError(path, "empty object (0 bytes)")
+        return Image.open(io.BytesIO(data))
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(path, "is a folder, not a file" if path.is_dir() else "file not found")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    return Image.open(path)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

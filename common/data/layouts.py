@@ -2,21 +2,23 @@
 
 Reads the seed layout (ROOT/<category>/train/good, train/bad, test/ unlabelled), the MVTec AD
 layout (train/good, test/good, test/<defect>/, ground_truth/<defect>/<stem>_mask.png) and plain
-archives (a folder tree or a manifest file). Everything downstream works on `ImageRecord`s, so
-it does not care which layout the images came from.
+archives (a folder tree or a manifest file), on local disk or in a bucket (common.data.listing).
+Everything downstream works on `ImageRecord`s, so it does not care which layout the images came
+from, nor where they are stored.
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
-import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.data.files import IMAGE_EXTENSIONS, is_image_file
+from common.data.files import IMAGE_EXTENSIONS
+from common.data.listing import entries, is_folder, walk_images
+from common.data.locations import Location, ObjectUri, is_uri, to_location
 from common.errors import PatchqError
 
 _EXTENSIONS_TEXT = " ".join(sorted(IMAGE_EXTENSIONS))
@@ -36,29 +38,29 @@ _COLUMNS = (
 class ImageRecord:
     """One image and what the layout says about it."""
 
-    path: Path
+    path: Location
     category: str
     split: str  # "train" | "test"
     label: int | None  # 0 normal, 1 anomalous, None unknown
     defect_type: str | None = None  # "good", "bad", a train/bad or MVTec test defect folder, None
-    mask_path: Path | None = None  # MVTec ground-truth mask, when there is one
+    mask_path: Location | None = None  # MVTec ground-truth mask, when there is one
 
 
 class LayoutError(PatchqError):
     """The data folder is not laid out as patchq expects; the message names the path and the fix."""
 
 
-def list_categories(root: Path) -> list[str]:
+def list_categories(root: Location) -> list[str]:
     """Sorted names of the folders under `root` that hold a `train/good` folder."""
     root = _existing_folder(root)
-    return sorted(
+    return [
         child.name
-        for child in root.iterdir()
-        if not child.name.startswith(".") and (child / "train" / "good").is_dir()
-    )
+        for child in entries(root)
+        if child.is_folder and is_folder(child.location / "train" / "good")
+    ]
 
 
-def discover(root: Path, categories: Sequence[str] | None = None) -> list[ImageRecord]:
+def discover(root: Location, categories: Sequence[str] | None = None) -> list[ImageRecord]:
     """All images of the given categories (default: every category), in a stable order.
 
     A category is MVTec AD style when it has `test/good` or `ground_truth/`: each folder under
@@ -82,9 +84,9 @@ def discover(root: Path, categories: Sequence[str] | None = None) -> list[ImageR
     return records
 
 
-def _unknown_category(root: Path, category: str, known: list[str]) -> LayoutError:
+def _unknown_category(root: Location, category: str, known: list[str]) -> LayoutError:
     folder = root / category
-    if folder.is_dir():
+    if is_folder(folder):
         return LayoutError(
             f"{folder}: no train/good folder; put the category's normal images in "
             f"{folder / 'train' / 'good'}"
@@ -92,7 +94,7 @@ def _unknown_category(root: Path, category: str, known: list[str]) -> LayoutErro
     return LayoutError(f"{folder}: unknown category {category!r}; known: {', '.join(known)}")
 
 
-def _discover_category(folder: Path) -> list[ImageRecord]:
+def _discover_category(folder: Location) -> list[ImageRecord]:
     category = folder.name
     good = _images(folder / "train" / "good")
     if not good:
@@ -104,14 +106,14 @@ def _discover_category(folder: Path) -> list[ImageRecord]:
     bad = folder / "train" / "bad"
     records += [ImageRecord(p, category, "train", 1, _defect_kind(bad, p)) for p in _images(bad)]
     test = folder / "test"
-    if (test / "good").is_dir() or (folder / "ground_truth").is_dir():
+    if is_folder(test / "good") or is_folder(folder / "ground_truth"):
         records += _mvtec_test(folder)
     else:
         records += [ImageRecord(p, category, "test", None) for p in _images(test)]
     return records
 
 
-def _defect_kind(bad: Path, path: Path) -> str:
+def _defect_kind(bad: Location, path: Location) -> str:
     """A labelled defect's kind: its folder under train/bad (`train/bad/scratch/1.png`:
     "scratch", as MVTec's `test/<defect>`), or "bad" for one directly in train/bad. Kinds let
     `fit --auto` give each kind its share of both halves it chooses and reports on."""
@@ -119,11 +121,11 @@ def _defect_kind(bad: Path, path: Path) -> str:
     return inner[0] if len(inner) > 1 else "bad"
 
 
-def _mvtec_test(folder: Path) -> Iterator[ImageRecord]:
+def _mvtec_test(folder: Location) -> Iterator[ImageRecord]:
     test = folder / "test"
     for path in _images(test, recursive=False):
         yield ImageRecord(path, folder.name, "test", None)
-    for sub in sorted(p for p in test.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for sub in (entry.location for entry in entries(test) if entry.is_folder):
         masks = _masks_by_name(folder / "ground_truth" / sub.name)
         for path in _images(sub):
             if sub.name == "good":
@@ -133,57 +135,44 @@ def _mvtec_test(folder: Path) -> Iterator[ImageRecord]:
                 yield ImageRecord(path, folder.name, "test", 1, sub.name, mask)
 
 
-def _masks_by_name(folder: Path) -> dict[str, Path]:
+def _masks_by_name(folder: Location) -> dict[str, Location]:
     """Mask files keyed by lower-case name, so `.PNG` masks match too."""
-    if not folder.is_dir():
-        return {}
-    return {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
+    return {e.name.lower(): e.location for e in entries(folder) if not e.is_folder}
 
 
-def _images(folder: Path, recursive: bool = True) -> list[Path]:
+def _images(folder: Location, recursive: bool = True) -> list[Location]:
     """Sorted image files under `folder`, each listed once whatever the case of its extension."""
-    if not folder.is_dir():
-        return []
-    return list(_walk_images(folder, recursive))
+    return list(walk_images(folder, recursive))
 
 
-def _walk_images(folder: Path, recursive: bool = True) -> Iterator[Path]:
-    """Image files under `folder` in sorted path order, one directory at a time, so a tree of
-    millions of files streams instead of being listed and sorted whole. Hidden entries are
-    skipped: macOS leaves `._name.png` resource forks that carry an image extension but hold
-    no image. Linked folders are not followed (as `Path.rglob`), so a link cannot loop."""
-    with os.scandir(folder) as scan:
-        entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            if recursive:
-                yield from _walk_images(Path(entry.path))
-        elif entry.is_file() and is_image_file(Path(entry.name)):
-            yield Path(entry.path)
-
-
-def discover_archive(source: Path, category: str) -> list[ImageRecord]:
+def discover_archive(source: Location, category: str) -> list[ImageRecord]:
     """The images of a folder tree or manifest as a list, each path once (see iter_archive)."""
-    records: dict[Path, ImageRecord] = {}
+    records: dict[Location, ImageRecord] = {}
     for record in iter_archive(source, category):
         records.setdefault(record.path, record)
     return list(records.values())
 
 
-def iter_archive(source: Path, category: str) -> Iterator[ImageRecord]:
+def iter_archive(source: Location, category: str) -> Iterator[ImageRecord]:
     """Images to score from a folder tree (all images, unlabelled) or a manifest file, streamed.
 
     A manifest (.csv/.txt) has one path per line, optionally a label column (0/1 or good/bad);
     further columns are ignored, a header line is allowed, blank and `#` lines are skipped; its
     first line decides the delimiter (a tab, else a comma). Relative paths are taken from the
-    manifest's folder. Nothing is held but the current line, so a manifest of millions of paths
-    costs no memory; a path listed twice comes twice (registration keeps the first). Files are
-    not opened here: a missing or broken image fails on its own when scored, and the rest of
-    the run goes on. A source that is missing or empty, or whose first line is bad, fails
-    now; a bad later line fails when the stream reaches it.
+    manifest's folder; a line may also be an s3:// or http(s):// URI. A bucket prefix is listed
+    like a folder tree, a page of keys at a time. Nothing is held but the current line, so a
+    manifest of millions of paths costs no memory; a path listed twice comes twice (registration
+    keeps the first). Files are not opened here: a missing or broken image fails on its own
+    when scored, and the rest of the run goes on. A source that is missing or empty, or whose
+    first line is bad, fails now; a bad later line fails when the stream reaches it.
     """
-    source = Path(source)
-    if source.is_dir():
+    source = to_location(source)
+    if isinstance(source, ObjectUri) and source.suffix.lower() in _MANIFEST_SUFFIXES:
+        raise LayoutError(
+            f"{source}: a manifest must be a local file; copy it here (the URIs in it may point "
+            "anywhere)"
+        )
+    if isinstance(source, ObjectUri) or source.is_dir():
         return _started(_archive_folder(source, category))
     if not source.is_file():
         raise LayoutError(f"{source}: not found; give a folder of images or a .csv/.txt manifest")
@@ -200,9 +189,9 @@ def _started(records: Iterator[ImageRecord]) -> Iterator[ImageRecord]:
     return itertools.chain([first], records)
 
 
-def _archive_folder(folder: Path, category: str) -> Iterator[ImageRecord]:
+def _archive_folder(folder: Location, category: str) -> Iterator[ImageRecord]:
     found = False
-    for path in _walk_images(folder):
+    for path in walk_images(folder):
         found = True
         yield ImageRecord(path, category, "test", None)
     if not found:
@@ -245,7 +234,8 @@ def _manifest_record(manifest: Path, category: str, number: int, row: list[str])
         )
     value = _LABELS.get(label)
     defect = None if value is None else ("good", "bad")[value]
-    return ImageRecord(manifest.parent / Path(row[0]).expanduser(), category, "test", value, defect)
+    path = to_location(row[0]) if is_uri(row[0]) else manifest.parent / Path(row[0]).expanduser()
+    return ImageRecord(path, category, "test", value, defect)
 
 
 def _is_header(row: list[str]) -> bool:
@@ -277,9 +267,9 @@ def summarize(records: Sequence[ImageRecord]) -> str:
     )
 
 
-def _existing_folder(root: Path) -> Path:
-    root = Path(root)
-    if not root.is_dir():
+def _existing_folder(root: Location) -> Location:
+    root = to_location(root)
+    if not is_folder(root):
         raise LayoutError(
             f"{root}: data folder not found; give the folder that holds <category>/train/good"
         )

@@ -13,6 +13,10 @@ at least once, so the function is written to be run again on the same batch:
 3. one transaction writes every score, patch map and embedding of the batch together with
    the decode failures, as idempotent upserts keyed by (run, image).
 
+An object store that stays down through every retry (common.data.object_store) is no fault of
+the images: their claim is given back and `ObjectStoreUnavailable` goes up to the caller, which
+tries the batch again later (the Celery task retries with backoff).
+
 What one scoring process shares between its batches (the database, the models, its name and
 limits) comes in a `ScoringContext` (common.scoring.context).
 """
@@ -21,12 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from common.data.object_store import ObjectStoreUnavailable
 from common.scoring.context import ScoringContext
 from common.scoring.isolation import Isolation
 from common.scoring.stages import (
     BatchOutcome,
     claim_images,
     decode_groups,
+    give_back,
     infer_groups,
     write_batch,
 )
@@ -44,7 +50,11 @@ def score_batch(context: ScoringContext, run_id: int, image_ids: Sequence[int]) 
         images = claim_images(context, run_id, ids, outcome)
         if images is None:
             return None
-        groups = decode_groups(context, images, outcome)
+        try:
+            groups = decode_groups(context, images, outcome)
+        except ObjectStoreUnavailable:
+            give_back(context, images)
+            raise
         with context.device:
             rows = infer_groups(context, run_id, groups, outcome)
         write_batch(context, run_id, rows, outcome)

@@ -14,18 +14,18 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
 from common.data.batches import DecodedBatch, decode_batch
+from common.data.locations import to_location
 from common.engine.ensemble import Ensemble
 from common.engine.memory_bank import MemoryBank
 from common.engine.patchcore import PatchCore
 from common.scoring.context import ScoringContext
 from common.store.image_rows import mark_failed
-from common.store.leases import Lease, claim_batch
+from common.store.leases import Lease, claim_batch, unclaim
 from common.store.schema import Image
 from common.store.score_rows import ScoreRow, upsert_scores
 
@@ -132,7 +132,7 @@ def decode_groups(
             outcome,
             "decode_s",
             lambda m=model, g=group: decode_batch(
-                [Path(i.path) for i in g], m.preprocessing, DECODE_THREADS
+                [to_location(i.path) for i in g], m.preprocessing, DECODE_THREADS
             ),
         )
         outcome.failed |= {group[index].id: reason for index, reason in decoded.failures.items()}
@@ -141,6 +141,14 @@ def decode_groups(
                 decoded = replace(decoded, tensor=decoded.tensor.pin_memory())
             groups.append(DecodedGroup(model, group, decoded))
     return groups
+
+
+def give_back(context: ScoringContext, images: list[Image]) -> None:
+    """Undo the claim of images that could not be fetched because the object store was down:
+    their leases go and their claim is not counted, so an outage never wears out an image's
+    redelivery limit, and whoever scores them next (this worker later, or another) may."""
+    with context.sessions.begin() as session:
+        unclaim(session, [image.id for image in images], context.lease or Lease(context.worker))
 
 
 def infer_groups(

@@ -92,6 +92,16 @@ def claim(session: Session, ids: Sequence[int], lease: Lease) -> dict[int, int]:
     return {image_id: attempts for image_id, attempts in rows}
 
 
+def unclaim(session: Session, ids: Sequence[int], lease: Lease) -> None:
+    """Take back our claim of still-pending `ids`: lease cleared, claim count down by one."""
+    session.execute(
+        update(Image)
+        .where(Image.id.in_(ids), Image.status == "pending", Image.leased_by == lease.holder)
+        .values(attempts=Image.attempts - 1, leased_by=None, lease_until=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def renew(session: Session, ids: Sequence[int], lease: Lease) -> None:
     """Push the expiry of our still-pending images of `ids` one lease period ahead."""
     session.execute(
