@@ -31,6 +31,7 @@ SLOW_FIRST = (
     "test_recovery.py",
     "test_cli_pipeline.py",
     "test_distributed.py",
+    "test_s3_archive.py",
     "test_flower.py",
     "test_report.py",
     "test_review.py",
@@ -40,7 +41,13 @@ SLOW_FIRST = (
 # cluster and CLI tests take up to a minute or more each, and one worker running a whole module
 # of them in a row would end the suite last.
 ONE_BY_ONE = frozenset(
-    {"test_recovery.py", "test_distributed.py", "test_report.py", "test_cli_pipeline.py"}
+    {
+        "test_recovery.py",
+        "test_distributed.py",
+        "test_s3_archive.py",
+        "test_report.py",
+        "test_cli_pipeline.py",
+    }
 )
 EPHEMERAL_START = 32_768  # Linux's default ip_local_port_range starts here
 PORT_BASE = 20_000
