@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from common.data.locations import ObjectUri
 from common.errors import PatchqError
+from common.iterables import read_ahead
 from common.settings import Settings
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ BACKOFF_MAX_S = 4.0
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 30
 LIST_PAGE = 1000  # keys per listing request: S3's own maximum
+READ_AHEAD_PAGES = 2  # pages a walk lists ahead of what it hands on (2,000 keys in memory)
 _T = TypeVar("_T")
 
 
@@ -107,6 +109,15 @@ def list_keys(folder: ObjectUri, delimiter: str | None = None) -> Iterator[tuple
         raise ObjectReadError(
             folder, "web servers cannot be listed; put http(s) URIs in a .csv/.txt manifest"
         )
+    pages = _pages(folder, delimiter)
+    # A walk reads on while its keys are registered; one level of a folder is read for a look.
+    for page in pages if delimiter else read_ahead(pages, READ_AHEAD_PAGES):
+        yield from ((entry["Prefix"].rstrip("/"), True) for entry in page.get("CommonPrefixes", ()))
+        yield from ((entry["Key"], False) for entry in page.get("Contents", ()))
+
+
+def _pages(folder: ObjectUri, delimiter: str | None) -> Iterator[dict[str, Any]]:
+    """The ListObjectsV2 responses below `folder`, each request retried on its own."""
     request: dict[str, Any] = {"Bucket": folder.host, "Prefix": folder.prefix()}
     if delimiter:
         request["Delimiter"] = delimiter
@@ -114,8 +125,7 @@ def list_keys(folder: ObjectUri, delimiter: str | None = None) -> Iterator[tuple
         page = _with_retries(
             folder, lambda: _s3_call(folder, "list_objects_v2", MaxKeys=LIST_PAGE, **request)
         )
-        yield from ((entry["Prefix"].rstrip("/"), True) for entry in page.get("CommonPrefixes", ()))
-        yield from ((entry["Key"], False) for entry in page.get("Contents", ()))
+        yield page
         if not page.get("IsTruncated"):
             return
         request["ContinuationToken"] = page["NextContinuationToken"]
