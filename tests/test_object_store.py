@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aggregator.frames import model_frame_image
 from common.data import object_store
 from common.data.batches import decode_batch
 from common.data.images import ImageLoadError, Preprocessing, load_rgb
@@ -28,7 +29,11 @@ from common.data.object_store import (
     list_keys,
     read_bytes,
 )
+from common.engine.fit import fit_category
+from common.engine.model_config import PatchCoreConfig
+from common.iterables import read_ahead
 from producer.submission import find_images
+from review.overlay import render_png
 from synthetic.layouts import make_mvtec_layout, make_seed_layout
 from tests.object_server import ObjectServer
 
@@ -116,6 +121,45 @@ def test_an_object_decodes_as_its_file_does(s3: ObjectServer, seed: Path) -> Non
     remote = to_location(f"s3://{bucket}/001.png")
     assert read_bytes(remote) == local.read_bytes()
     np.testing.assert_array_equal(np.asarray(load_rgb(remote)), np.asarray(load_rgb(local)))
+
+
+def test_a_model_fitted_from_a_bucket_is_the_one_fitted_from_its_folder(
+    s3: ObjectServer, seed: Path
+) -> None:
+    bucket = s3.new_bucket()
+    s3.upload_tree(seed, bucket)
+    config = PatchCoreConfig(image_size=32, coreset_ratio=0.5)
+    local = fit_category(discover(seed), config, holdout=0.25, device="cpu", progress=False)
+    remote = fit_category(
+        discover(to_location(f"s3://{bucket}")), config, holdout=0.25, device="cpu", progress=False
+    )
+    np.testing.assert_array_equal(remote.model.bank.vectors, local.model.bank.vectors)
+    np.testing.assert_allclose(remote.model.calibration, local.model.calibration)
+
+
+def test_report_and_review_pictures_read_objects_as_files(s3: ObjectServer, seed: Path) -> None:
+    bucket = s3.new_bucket()
+    s3.upload_tree(seed / "tex" / "test", bucket)
+    local, remote = seed / "tex" / "test" / "003.png", to_location(f"s3://{bucket}/003.png")
+    preprocessing = Preprocessing(image_size=32)
+    np.testing.assert_array_equal(
+        model_frame_image(remote, preprocessing), model_frame_image(local, preprocessing)
+    )
+    patch_map, config = np.ones((4, 4), np.float32), {"image_size": 32}
+    assert render_png(remote, patch_map, config, 2.0) == render_png(local, patch_map, config, 2.0)
+
+
+def test_read_ahead_keeps_order_and_raises_where_the_item_would_come() -> None:
+    assert list(read_ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise ValueError("page 2 failed")
+
+    stream = read_ahead(failing(), depth=2)
+    assert next(stream) == 1
+    with pytest.raises(ValueError, match="page 2 failed"):
+        next(stream)
 
 
 def test_missing_and_corrupt_objects_fail_alone_with_their_reason(
