@@ -19,6 +19,7 @@ from common.store.leases import (
     release,
     renew,
     stalled,
+    unclaim,
 )
 from common.store.schema import Image, utcnow
 from common.store.workers import Beat, fleet, mark_died, mark_stopped, record_beat
@@ -46,6 +47,20 @@ def test_a_live_lease_keeps_others_out_and_its_holder_may_reclaim(
         mark_failed(session, run_id, {ids[0]: "bad"})
     with sessions.begin() as session:
         assert claim(session, ids[:1], BETA) == {}  # failed: nobody claims it
+
+
+def test_a_claim_given_back_counts_nothing_and_frees_the_images(
+    sessions: sessionmaker[Session],
+) -> None:
+    """What a worker does when the object store is down: the batch is not the images' fault."""
+    with sessions.begin() as session:
+        _, ids = _run_with_images(session, {"cell": 2})
+        assert claim(session, ids, ALPHA) == {ids[0]: 1, ids[1]: 1}
+        unclaim(session, ids[:1], BETA)  # not BETA's claim: nothing happens
+        unclaim(session, ids, ALPHA)
+        assert held_by(session, ALPHA.holder) == {}
+        again = claim_batch(session, ids, BETA)  # as if never claimed: whole, first claims
+        assert (again.lost_on, again.attempts) == (False, {ids[0]: 1, ids[1]: 1})
 
 
 def test_a_batch_a_worker_was_lost_on_is_not_claimed_whole(
