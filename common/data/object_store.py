@@ -142,7 +142,8 @@ def _with_retries(uri: ObjectUri, request: Callable[[], _T]) -> _T:
                 _count(unavailable=1)
                 raise ObjectStoreUnavailable(
                     f"{uri}: object store unavailable after {RETRIES + 1} tries "
-                    f"({failure.reason}); check PATCHQ_S3_ENDPOINT_URL and the server"
+                    f"({failure.reason}); check that the server is up (and, for s3://, "
+                    "PATCHQ_S3_ENDPOINT_URL)"
                 ) from None
             _count(retries=1)
             time.sleep(min(BACKOFF_MAX_S, BACKOFF_S * 2**attempt) * random.uniform(0.5, 1.0))
@@ -199,10 +200,17 @@ def _s3_call(uri: ObjectUri, operation: str, **request: Any) -> Any:
 @cache
 def _connection_errors() -> tuple[type[Exception], ...]:
     from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import HTTPClientError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
     from urllib3.exceptions import HTTPError as Urllib3Error
 
-    return (BotoConnectionError, HTTPClientError, Urllib3Error, ConnectionError, TimeoutError)
+    return (
+        BotoConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
+        Urllib3Error,
+        ConnectionError,
+        TimeoutError,
+    )
 
 
 @cache
