@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 
 import faiss
 import numpy as np
@@ -58,6 +59,15 @@ def as_float_matrix(array: np.ndarray, name: str, error: type[PatchqError]) -> n
     return matrix
 
 
+def as_tensor(matrix: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A float32 matrix as a tensor on ``device``, shared with the array on CPU. A bank may be
+    built on another bank's read-only vectors (fit's exact-search audit); the searches only read
+    them, so torch's warning about wrapping a read-only array is silenced here alone."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(matrix).to(device)
+
+
 def resolve_index(index: str, size: int) -> str:
     """The concrete index type for ``index`` ("auto" picks by bank size)."""
     if index != "auto":
@@ -93,7 +103,7 @@ class _TorchSearch:
     """Exact k-NN by ||q||^2 - 2 q.b + ||b||^2 in query chunks (||q||^2 does not change ranks)."""
 
     def __init__(self, vectors: np.ndarray, device: torch.device) -> None:
-        self.bank = torch.from_numpy(vectors).to(device)
+        self.bank = as_tensor(vectors, device)
         self.bank_norms = torch.linalg.vector_norm(self.bank, dim=1).square_()
         self.rows = max(1, _TORCH_BLOCK_ELEMENTS[device.type] // vectors.shape[0])
 
@@ -207,6 +217,11 @@ class MemoryBank:
         return self._index_type
 
     @property
+    def device(self) -> str:
+        """Where the bank searches: "cpu" or "cuda" (a copy searches where it does)."""
+        return self._device.type
+
+    @property
     def dim(self) -> int:
         return self._vectors.shape[1]
 
@@ -287,7 +302,7 @@ class MemoryBank:
 
     def _on_device(self, matrix: np.ndarray) -> torch.Tensor:
         """A float32 matrix as a tensor on the bank's device (no copy on CPU)."""
-        return torch.from_numpy(matrix).to(self._device)
+        return as_tensor(matrix, self._device)
 
     def _exact_sorted(
         self, queries: np.ndarray, indices: np.ndarray
