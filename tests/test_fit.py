@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from sklearn.metrics import roc_auc_score
 
 from common.data.layouts import ImageRecord, discover
-from common.engine.fit import FitError, fit_category, split_holdout
+from common.engine import memory_bank
+from common.engine.features import PatchFeatureExtractor
+from common.engine.fit import FitError, fit_category, score_records, split_holdout
+from common.engine.memory_bank import MemoryBank
 from common.engine.model_config import PatchCoreConfig
 from producer.fitting import Fitted, describe_fit
 from synthetic.layouts import make_mvtec_layout, make_seed_layout
@@ -85,6 +91,50 @@ def test_an_approximate_bank_records_its_accuracy_cost_and_an_exact_one_does_not
     assert "ivf search against exact on them: recall@1" in describe_fit(
         "tex", Fitted(b"", result.validation, result.model.bank.size, "ivf", {}), 1
     )
+
+
+@pytest.mark.parametrize(
+    "candidate", [{"num_neighbors": 3}, {"top_share": 0.05, "position_radius": 1}]
+)
+def test_the_search_audit_runs_the_backbone_once_per_image_and_measures_the_exact_search(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, candidate: dict[str, Any]
+) -> None:
+    # Eq. 7 reweighting, top-share pooling and position-aware search run on the exact side
+    # too: its s* is the one an exact model gives the same images, here scored again with a
+    # flat copy of the bank.
+    make_seed_layout(tmp_path, "tex", n_good=12, n_bad=4, n_test=0, size=64)
+    config = dataclasses.replace(CONFIG, index="ivf", coreset_ratio=1.0, **candidate)
+    images_seen = []
+    forward = PatchFeatureExtractor.forward
+
+    def counted(self: PatchFeatureExtractor, images: torch.Tensor) -> torch.Tensor:
+        images_seen.append(len(images))
+        return forward(self, images)
+
+    monkeypatch.setattr(PatchFeatureExtractor, "forward", counted)
+    monkeypatch.setattr(memory_bank, "default_nprobe", lambda nlist, size: 1)  # misses many
+    result = fit_category(discover(tmp_path), config, holdout=0.25, device="cpu", progress=False)
+    monkeypatch.undo()
+    validation = result.validation
+    assert sum(images_seen) == validation["bank_images"] + len(result.validation_paths)
+
+    bank = result.model.bank
+    exact = result.model.with_bank(MemoryBank(bank.vectors, "flat", positions=bank.positions))
+    rows = [r for r in discover(tmp_path) if r.path in result.validation_paths]
+    normal = [r for r in rows if r.label == 0]
+    anomalous = [r for r in rows if r.label == 1]
+    exact_parts = [score_records(exact, kind, 8, False, "")[0] for kind in (normal, anomalous)]
+    truth = np.concatenate(exact_parts)[:, 0]
+    found = np.r_[result.parts["normal"][:, 0], result.parts["anomalous"][:, 0]]
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+    search = validation["search"]
+    assert search["max_image_score_change"] == pytest.approx(
+        (np.abs(found - truth) / truth).max(), rel=1e-4, abs=1e-7
+    )
+    assert search["auroc_change"] == pytest.approx(
+        roc_auc_score(labels, found) - roc_auc_score(labels, truth), abs=1e-9
+    )
+    assert 0 < search["recall_at_1"] <= 1
 
 
 def test_mvtec_layout_uses_test_good_and_defect_folders(tmp_path: Path) -> None:

@@ -206,12 +206,13 @@ class PatchCore:
 
     def score_tensors(self, images: torch.Tensor) -> ScoreBatch:
         """Score a preprocessed batch (B, 3, S, S)."""
-        patches = extract_patches(self.extractor, self.config, images)
-        b, h, w, d = patches.shape
-        flat = search_vectors(self.config, patches.reshape(b * h * w, d))
-        distances, nearest = self.nearest(flat, grid_positions(b, h, w))
-        patch_maps = distances[:, 0].reshape(b, h, w)
-        patch_scores = self._image_scores(flat.reshape(b, h * w, d), patch_maps, nearest[:, 0])
+        return self.score_patches(extract_patches(self.extractor, self.config, images), images)
+
+    def score_patches(self, patches: np.ndarray, images: torch.Tensor) -> ScoreBatch:
+        """Score a batch from its patch features (B, h, w, D), already extracted from its
+        preprocessed ``images``: what the backbone gave can then also be searched in another
+        bank (fit's exact-search audit) without running it twice."""
+        patch_maps, patch_scores = self.patch_distances(patches)
         global_scores = pixel_scores = None
         if self.global_scorer is not None:
             global_scores = self.global_scorer.score(pooled_statistics(patches))
@@ -225,6 +226,16 @@ class PatchCore:
             global_scores,
             pixel_scores,
         )
+
+    def patch_distances(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The bank's share of a score: each patch's distance to its nearest bank patch, (B, h,
+        w) from patch features (B, h, w, D), and the images' patch scores s* (B,) pooled and
+        reweighted as configured."""
+        b, h, w, d = patches.shape
+        flat = search_vectors(self.config, patches.reshape(b * h * w, d))
+        distances, nearest = self.nearest(flat, grid_positions(b, h, w))
+        patch_maps = distances[:, 0].reshape(b, h, w)
+        return patch_maps, self._image_scores(flat.reshape(b, h * w, d), patch_maps, nearest[:, 0])
 
     def nearest(self, vectors: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each patch's nearest bank patch m*: true distances (M, 1) and bank rows (M, 1), for
