@@ -69,8 +69,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-bank", type=int, help="random subsample cap instead of the coreset")
     group.add_argument(
         "--index",
-        choices=("auto", "flat", "hnsw", "ivf"),
-        help="bank search index (default auto: exact flat below 8,192 patches, else IVF)",
+        choices=("auto", "flat", "hnsw", "ivf", "ivfpq"),
+        help="bank search index (default auto: exact flat below 8,192 patches, IVF below "
+        "262,144, else IVF-PQ re-ranked exactly)",
     )
     group.add_argument(
         "--neighbors", type=int, default=1, help="b of the paper's score reweighting (1 = off)"

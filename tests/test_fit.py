@@ -137,6 +137,19 @@ def test_the_search_audit_runs_the_backbone_once_per_image_and_measures_the_exac
     assert 0 < search["recall_at_1"] <= 1
 
 
+def test_a_bank_auto_codes_is_saved_as_ivfpq_and_audited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(memory_bank, "AUTO_IVFPQ_MIN_SIZE", 100)  # every bank here is "large"
+    make_seed_layout(tmp_path, "tex", n_good=12, n_bad=4, n_test=0, size=64)
+    config = dataclasses.replace(CONFIG, coreset_ratio=1.0)
+    result = fit_category(discover(tmp_path), config, holdout=0.25, device="cpu", progress=False)
+    assert result.model.config.index == "ivfpq" and result.model.bank.index_type == "ivfpq"
+    search = result.validation["search"]
+    assert search["index"] == "ivfpq" and 0.9 <= search["recall_at_1"] <= 1
+    assert search["max_image_score_change"] < 0.01
+
+
 def test_mvtec_layout_uses_test_good_and_defect_folders(tmp_path: Path) -> None:
     make_mvtec_layout(tmp_path, "tex", n_train=10, n_test_good=3, n_per_defect=2)
     records = discover(tmp_path)

@@ -42,7 +42,7 @@ def test_exact_indexes_equal_brute_force(index: str) -> None:
     np.testing.assert_array_equal(distances[60:, 0], 0.0)
 
 
-@pytest.mark.parametrize("index", ["hnsw", "ivf"])
+@pytest.mark.parametrize("index", ["hnsw", "ivf", "ivfpq"])
 def test_approximate_indexes_keep_recall_and_return_true_distances(index: str) -> None:
     bank = _patch_like(3000, 32, seed=1)
     queries = _patch_like(200, 32, seed=2)
@@ -119,6 +119,24 @@ def test_auto_index_is_exact_for_small_banks_and_ivf_for_large_ones() -> None:
     distances, indices = bank.search(large[:50], 1)
     np.testing.assert_array_equal(indices[:, 0], np.arange(50))  # each row finds itself
     assert np.all(distances == 0)
+
+
+def test_auto_codes_the_largest_banks_but_not_on_a_faiss_gpu_nor_for_older_models() -> None:
+    from common.engine.memory_bank import AUTO_IVFPQ_MIN_SIZE, resolve_index, saved_index
+
+    assert resolve_index("auto", AUTO_IVFPQ_MIN_SIZE - 1) == "ivf"
+    assert resolve_index("auto", AUTO_IVFPQ_MIN_SIZE) == "ivfpq"
+    assert resolve_index("auto", AUTO_IVFPQ_MIN_SIZE, gpu=True) == "ivf"
+    assert saved_index("auto", AUTO_IVFPQ_MIN_SIZE) == "ivf"  # saved before ivfpq existed
+    assert saved_index("auto", AUTO_IVFPQ_MIN_SIZE - 1) == "auto"
+    assert saved_index("ivfpq", 100) == "ivfpq"
+
+
+def test_ivfpq_answers_every_row_even_when_its_candidates_are_fewer_than_k() -> None:
+    bank = _patch_like(2000, 8, seed=3)
+    distances, indices = MemoryBank(bank, "ivfpq", nprobe=1).search(bank[:50], k=200)
+    assert (indices >= 0).all() and np.isfinite(distances).all()
+    np.testing.assert_array_equal(indices[:, 0], np.arange(50))  # each row finds itself
 
 
 def test_ivf_scan_budget_grows_sublinearly_and_leaves_smaller_banks_as_before() -> None:

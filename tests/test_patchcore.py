@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import zipfile
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.engine import memory_bank
 from common.engine.anomaly_map import anomaly_map
 from common.engine.artifact import ArtifactError, load_artifact, read_artifact, save_artifact
 from common.engine.features import PatchFeatureExtractor
@@ -84,6 +86,29 @@ def test_anomaly_map_is_smooth_bilinear_not_blocky() -> None:
     # Nearest-neighbour upsampling would leave a flat 16x16 tile; bilinear varies inside it.
     assert len(np.unique(raw[16:32, 24])) > 4
     assert full.max() < raw.max()  # the Gaussian spreads the peak
+
+
+@pytest.mark.parametrize("index", ["hnsw", "ivf", "ivfpq", "torch"])
+def test_each_index_scores_within_tolerance_of_the_exact_search(
+    model: PatchCore, index: str
+) -> None:
+    defective, _ = draw_defect(make_texture(SIZE, 61), "spot", seed=4)
+    batch = _batch(model.config, [make_texture(SIZE, 60), defective])
+    exact = model.with_bank(MemoryBank(model.bank.vectors, "flat")).score_tensors(batch)
+    found = model.with_bank(MemoryBank(model.bank.vectors, index)).score_tensors(batch)
+    np.testing.assert_allclose(found.image_scores, exact.image_scores, rtol=0.01)
+    assert np.isclose(found.patch_maps, exact.patch_maps, rtol=1e-5).mean() >= 0.95
+
+
+def test_a_model_saved_with_auto_before_ivfpq_loads_its_large_bank_as_ivf(
+    model: PatchCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(memory_bank, "AUTO_IVFPQ_MIN_SIZE", model.bank.size)  # now "large"
+    assert model.config.index == "auto"
+    assert load_artifact(save_artifact(model, "tex"), device="cpu").bank.index_type == "ivf"
+    config = dataclasses.replace(model.config, index="ivfpq")  # what fit saves now
+    named = PatchCore(config, model.extractor, model.bank, model.calibration)
+    assert load_artifact(save_artifact(named, "tex"), device="cpu").bank.index_type == "ivfpq"
 
 
 def test_artifact_round_trip_scores_identically(model: PatchCore) -> None:

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from common.engine.global_scorer import GlobalScorer
-from common.engine.memory_bank import MemoryBank
+from common.engine.memory_bank import MemoryBank, saved_index
 from common.engine.model_config import PatchCoreConfig
 from common.engine.model_file import (
     FORMAT,
@@ -259,7 +259,7 @@ def load_artifact(data: bytes, device: str = "auto") -> PatchCore:
         )
     bank = MemoryBank(
         artifact.bank,
-        index=artifact.config.index,
+        index=saved_index(artifact.config.index, len(artifact.bank)),
         device=target.type,
         positions=artifact.bank_positions,
     )

@@ -49,7 +49,7 @@ import numpy as np
 
 from common.data.batches import iter_batches
 from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
-from common.engine.memory_bank import MemoryBank
+from common.engine.memory_bank import MemoryBank, saved_index
 from common.engine.model_file import held_out_patch_maxima
 from common.engine.patchcore import PatchCore, extract_patches, search_vectors
 from common.engine.position_search import grid_positions
@@ -170,7 +170,8 @@ def update_model(model: PatchCore, features: UpdateFeatures, device: str) -> Ban
     positions = model.bank.positions
     if positions is not None:
         positions = np.concatenate([positions, features.positions[added]])
-    bank = MemoryBank(vectors, index=model.config.index, device=device, positions=positions)
+    index = saved_index(model.config.index, len(model.bank.vectors))
+    bank = MemoryBank(vectors, index=index, device=device, positions=positions)
     global_scorer, pixel_scorer = model.global_scorer, model.pixel_scorer
     if model.config.scorer in ("global", "fused"):  # only the parts the image score uses
         global_scorer = _taught(global_scorer, features.pooled, model.part_calibration, 1)

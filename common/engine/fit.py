@@ -118,6 +118,8 @@ def fit_category(
     start = time.perf_counter()
     bank = _sample_bank(features, positions, config, device=str(resolve_device(device).type))
     timings["coreset_s"] = time.perf_counter() - start
+    if bank.index_type == "ivfpq":  # named: "auto" in a saved model keeps its older meaning
+        config = dataclasses.replace(config, index="ivfpq")
     global_scorer = pixel_scorer = None
     if len(statistics) >= 2:
         global_scorer = GlobalScorer.fit(statistics)
@@ -261,7 +263,7 @@ def score_records(
 def _approximate(bank: MemoryBank) -> bool:
     """Whether the bank's search may miss the nearest patch (an exact torch search stands in
     for every index on a GPU without faiss-gpu)."""
-    return bank.index_type in ("ivf", "hnsw") and bank.backend == "faiss"
+    return bank.index_type in ("ivf", "ivfpq", "hnsw") and bank.backend == "faiss"
 
 
 class SearchAudit:

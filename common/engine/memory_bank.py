@@ -1,9 +1,10 @@
 """The PatchCore memory bank: nearest-neighbour search of patch features over kept normal patches.
 
-Exact FAISS flat L2 by default; HNSW or IVF for large banks; a chunked torch matmul search when
-the bank lives on a GPU without faiss-gpu (and on CPU as index="torch"). Whatever finds the
-neighbours, the distances returned are recomputed directly from the vectors, so they are true
-L2 distances (FAISS returns squared ones, and the matmul expansion loses precision near zero).
+Exact FAISS flat L2 by default; HNSW, IVF or IVF-PQ (4-bit codes, candidates re-ranked from the
+float vectors) for large banks; a chunked torch matmul search when the bank lives on a GPU
+without faiss-gpu (and on CPU as index="torch"). Whatever finds the neighbours, the distances
+returned are recomputed directly from the vectors, so they are true L2 distances (FAISS returns
+squared ones, coded ones are approximate, and the matmul expansion loses precision near zero).
 
 A bank may also hold the grid cell each patch came from (``positions``): ``search_near`` then
 finds each query's nearest patch among those from cells near the query's own
@@ -23,7 +24,7 @@ import torch
 from common.engine.position_search import NeighbourhoodSearch
 from common.errors import PatchqError
 
-INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "torch")
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq", "torch")
 HNSW_NEIGHBOURS = 32
 # "auto" switches from exact search to IVF at this bank size. Measured on Lite0 features of the
 # elpv cells (bench/run.py): below it flat search costs < 15 ms per 224-px image on 2 cores; at
@@ -33,6 +34,14 @@ AUTO_IVF_MIN_SIZE = 8192
 # where the 1/8 rule was measured to keep recall@1 ~1.0; fixed from there on.
 IVF_SCAN_BUDGET = 1536
 IVF_MIN_NPROBE = 8
+# "auto" switches from IVF to "ivfpq" at this bank size: IVF's k-means over ~4 sqrt(N) lists
+# trains on every vector, which costs N^1.5 and took minutes at 1M patches (docs/performance.md).
+AUTO_IVFPQ_MIN_SIZE = 262_144
+# "ivfpq": bank vectors coded with one 4-bit code per dimension (FAISS fast-scan) in ~2 sqrt(N)
+# lists, the coarse k-means trained on at most this many vectors per list; each query takes its
+# PQ_CANDIDATES nearest codes and keeps the truly nearest of them from the float vectors.
+PQ_TRAIN_PER_LIST = 64
+PQ_CANDIDATES = 64
 # Query rows per chunk times bank rows: bounds the (queries x bank) score block of the torch
 # search to 64 MB on CPU and 1 GB on GPU.
 _TORCH_BLOCK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
@@ -68,11 +77,21 @@ def as_tensor(matrix: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(matrix).to(device)
 
 
-def resolve_index(index: str, size: int) -> str:
-    """The concrete index type for ``index`` ("auto" picks by bank size)."""
+def resolve_index(index: str, size: int, gpu: bool = False) -> str:
+    """The concrete index type for ``index`` ("auto" picks by bank size, and keeps IVF for
+    large banks on a FAISS GPU, which trains it fast and has no fast-scan PQ)."""
     if index != "auto":
         return index
+    if size >= AUTO_IVFPQ_MIN_SIZE and not gpu:
+        return "ivfpq"
     return "ivf" if size >= AUTO_IVF_MIN_SIZE else "flat"
+
+
+def saved_index(index: str, size: int) -> str:
+    """The index a saved model's config asks for. "auto" in a model file means what it meant
+    before "ivfpq" existed (fit names that choice, PatchCoreConfig.index), so a model saved
+    before it searches a large bank with IVF, as it did."""
+    return "ivf" if index == "auto" and size >= AUTO_IVFPQ_MIN_SIZE else index
 
 
 def default_nlist(size: int) -> int:
@@ -99,6 +118,26 @@ def default_nprobe(nlist: int, size: int) -> int:
     return min(nlist, max(IVF_MIN_NPROBE, min(nlist // 8, by_budget)))
 
 
+def pq_nlist(size: int) -> int:
+    """The list count of "ivfpq": ~2 sqrt(N), fewer than IVF's 4 sqrt(N) because assigning
+    every vector to a list (N x nlist distances) is most of its build, and scanning codes is
+    cheap."""
+    return max(1, min(round(2 * math.sqrt(size)), size // 39))
+
+
+def true_distances(vectors: np.ndarray, queries: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """L2 distances (M, k) float32 from each query to its ``indices`` rows of ``vectors``,
+    computed directly in row chunks (a -1 index, found by no search, is at infinity)."""
+    distances = np.empty(indices.shape, dtype=np.float32)
+    rows = max(1, _GATHER_ELEMENTS // (indices.shape[1] * vectors.shape[1]))
+    for start in range(0, queries.shape[0], rows):
+        stop = start + rows
+        diff = vectors[indices[start:stop]] - queries[start:stop, None, :]
+        distances[start:stop] = np.linalg.norm(diff, axis=2)
+    distances[indices < 0] = np.inf
+    return distances
+
+
 class _TorchSearch:
     """Exact k-NN by ||q||^2 - 2 q.b + ||b||^2 in query chunks (||q||^2 does not change ranks)."""
 
@@ -123,30 +162,45 @@ class _FaissSearch:
     def __init__(
         self, vectors: np.ndarray, index: str, ef_search: int, nprobe: int | None, gpu: bool
     ) -> None:
-        dim = vectors.shape[1]
+        size, dim = vectors.shape
         self.ef_search = ef_search
+        self.vectors = vectors  # "ivfpq" re-ranks its candidates from them (not a copy)
+        self.candidates = PQ_CANDIDATES if index == "ivfpq" else 0
         if index == "flat":
             self.index = faiss.IndexFlatL2(dim)
         elif index == "hnsw":
             self.index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS)
         else:
-            nlist = default_nlist(vectors.shape[0])
+            nlist = pq_nlist(size) if index == "ivfpq" else default_nlist(size)
             self.quantizer = faiss.IndexFlatL2(dim)  # the IVF index does not own it
-            self.index = faiss.IndexIVFFlat(self.quantizer, dim, nlist)
-            self.index.train(vectors)
-            self.index.nprobe = (
-                nprobe if nprobe is not None else default_nprobe(nlist, vectors.shape[0])
-            )
+            if index == "ivfpq":
+                self.index = faiss.IndexIVFPQFastScan(self.quantizer, dim, nlist, dim, 4)
+                self.index.train(_training_sample(vectors, nlist * PQ_TRAIN_PER_LIST))
+            else:
+                self.index = faiss.IndexIVFFlat(self.quantizer, dim, nlist)
+                self.index.train(vectors)
+            self.index.nprobe = nprobe if nprobe is not None else default_nprobe(nlist, size)
         self.index.add(vectors)
-        if gpu and index != "hnsw":  # FAISS has no GPU HNSW; that one stays on CPU
+        if gpu and index in ("flat", "ivf"):  # FAISS has no GPU HNSW or fast-scan PQ
             self.resources = faiss.StandardGpuResources()
             self.index = faiss.index_cpu_to_gpu(self.resources, 0, self.index)
 
     def search(self, queries: np.ndarray, k: int) -> np.ndarray:
         if isinstance(self.index, faiss.IndexHNSW):
             self.index.hnsw.efSearch = max(self.ef_search, k)
-        _, indices = self.index.search(queries, k)
+        _, indices = self.index.search(queries, max(k, self.candidates))
+        if self.candidates:  # coded distances are approximate: keep the truly nearest k
+            nearest = np.argsort(true_distances(self.vectors, queries, indices), axis=1)[:, :k]
+            indices = np.take_along_axis(indices, nearest, 1)
         return indices.astype(np.int64)
+
+
+def _training_sample(vectors: np.ndarray, rows: int) -> np.ndarray:
+    """At most ``rows`` of the bank, a seeded random choice (the same bank, the same index)."""
+    if len(vectors) <= rows:
+        return vectors
+    chosen = np.random.default_rng(0).choice(len(vectors), rows, replace=False)
+    return vectors[np.sort(chosen)]
 
 
 class MemoryBank:
@@ -156,9 +210,12 @@ class MemoryBank:
     "flat" (exact), "hnsw" (graph, M=32, `ef_search` candidates per query),
     "ivf" (inverted lists, nlist ~ 4 sqrt(N) trained on the bank, `nprobe` lists per query,
     by default default_nprobe's fixed scan budget),
+    "ivfpq" (auto from AUTO_IVFPQ_MIN_SIZE patches on CPU: ~2 sqrt(N) lists trained on a
+    sample, 4-bit codes per dimension, the PQ_CANDIDATES nearest codes re-ranked exactly),
     "torch" (exact chunked matmul). On device "cuda", FAISS runs on the GPU when faiss-gpu is
-    installed (HNSW stays on CPU); otherwise every index type becomes the exact torch search on
-    the GPU, which is faster there than any CPU index.
+    installed (HNSW and IVF-PQ stay on CPU; "auto" picks IVF there for every large bank);
+    otherwise every index type becomes the exact torch search on the GPU, which is faster there
+    than any CPU index.
 
     positions: optional (N, 2) grid cell (row, column) of each bank patch, for ``search_near``.
     """
@@ -187,9 +244,9 @@ class MemoryBank:
         self._device = target
         self._near: dict[int, NeighbourhoodSearch] = {}
         self._near_lock = threading.Lock()
-        index = resolve_index(index, self._vectors.shape[0])
-        self._index_type = index
         gpu_faiss = target.type == "cuda" and faiss.get_num_gpus() > 0
+        index = resolve_index(index, self._vectors.shape[0], gpu_faiss)
+        self._index_type = index
         if index == "torch" or (target.type == "cuda" and not gpu_faiss):
             self._backend: _TorchSearch | _FaissSearch = _TorchSearch(self._vectors, target)
         else:
@@ -308,11 +365,6 @@ class MemoryBank:
         self, queries: np.ndarray, indices: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Recompute distances to the found rows directly and sort each row ascending."""
-        distances = np.empty(indices.shape, dtype=np.float32)
-        rows = max(1, _GATHER_ELEMENTS // (indices.shape[1] * self.dim))
-        for start in range(0, queries.shape[0], rows):
-            stop = start + rows
-            diff = self._vectors[indices[start:stop]] - queries[start:stop, None, :]
-            distances[start:stop] = np.linalg.norm(diff, axis=2)
+        distances = true_distances(self._vectors, queries, indices)
         order = np.argsort(distances, axis=1, kind="stable")
         return np.take_along_axis(distances, order, 1), np.take_along_axis(indices, order, 1)

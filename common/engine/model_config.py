@@ -39,7 +39,9 @@ class PatchCoreConfig:
     projection_dim: int | None = None
     coreset_ratio: float = 0.1
     max_bank: int | None = None  # seed recipe: random subsample cap instead of the coreset
-    index: str = "auto"  # memory bank index; "auto" = exact flat for small banks, else IVF
+    # Memory bank index; "auto" = exact flat for small banks, IVF for large ones, and fit names
+    # "ivfpq" when it picks that for the largest (memory_bank.saved_index).
+    index: str = "auto"
     num_neighbors: int = 1  # b in eq. 7; 1 = plain max distance, no reweighting
     weights: str | None = None  # weight file, "random" (tests only), or None for the default
     seed: int = 0
