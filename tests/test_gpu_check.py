@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import faiss
 import pytest
 import torch
 
-from bench import gpu_throughput
+from bench import gpu_throughput, search_scaling
 
 ROOT = Path(__file__).parents[1]
 
@@ -48,3 +49,21 @@ def test_gpu_throughput_measures_a_worker_on_the_cpu(capsys: pytest.CaptureFixtu
     measured = [row for row in rows if row and row[0] == "efficientnet_lite0"]
     assert len(measured) == 1 and float(measured[0][1]) > 0
     assert float(measured[0][3]) > 0  # decode_s: decoding is part of what is measured
+
+
+def test_the_bank_size_sweep_measures_each_size_on_the_cpu(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The sweep's body with tiny banks: a row per size, with the index that searched it."""
+    threads = (torch.get_num_threads(), faiss.omp_get_max_threads())
+    try:
+        search_scaling.main(["--device", "cpu", "--sizes", "500", "10000", "--images", "2"])
+    finally:  # the script sets both for its process; the tests after this one keep theirs
+        torch.set_num_threads(threads[0])
+        faiss.omp_set_num_threads(threads[1])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()]
+    measured = [
+        [cell.strip() for cell in row] for row in rows if row and row[0].strip()[0].isdigit()
+    ]
+    assert [row[:2] for row in measured] == [["500", "flat (faiss)"], ["10,000", "ivf (faiss)"]]
+    assert all(float(row[3]) > 0 and 0.9 <= float(row[5]) <= 1 for row in measured)
