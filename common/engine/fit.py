@@ -282,7 +282,7 @@ class SearchAudit:
         self._exact = probe.with_bank(exact)
         self.preprocessing = probe.preprocessing
         self.n_parts = probe.n_parts
-        self.hits = self.patches = 0
+        self._hits = self._patches = 0
         self.seconds = 0.0  # spent on the exact side
         self._exact_scores: list[np.ndarray] = []
 
@@ -293,8 +293,8 @@ class SearchAudit:
         start = time.perf_counter()
         exact_maps, exact_scores = self._exact.patch_distances(patches)
         self.seconds += time.perf_counter() - start
-        self.hits += int(np.isclose(found.patch_maps, exact_maps, rtol=1e-5).sum())
-        self.patches += exact_maps.size
+        self._hits += int(np.isclose(found.patch_maps, exact_maps, rtol=1e-5).sum())
+        self._patches += exact_maps.size
         self._exact_scores.append(exact_scores)
         return found
 
@@ -311,7 +311,7 @@ class SearchAudit:
             auroc_change = float(roc_auc_score(labels, found) - roc_auc_score(labels, truth))
         return {
             "index": self._probe.bank.index_type,
-            "recall_at_1": self.hits / self.patches if self.patches else None,
+            "recall_at_1": self._hits / self._patches if self._patches else None,
             "max_image_score_change": float(change.max()) if len(change) else None,
             "auroc_change": auroc_change,
         }
