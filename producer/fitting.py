@@ -139,7 +139,7 @@ def describe_fit(category: str, fitted: Fitted, model_id: int) -> str:
         f"  held-out validation (images not in the bank): {held_out_figures(v)}",
     ]
     if "search" in v:
-        lines.append(_describe_search(v["search"]))
+        lines.append(_describe_search(v["search"], v["n_normal"] + v["n_anomalous"]))
     if v.get("auto", {}).get("chosen_on") == "synthesised":
         lines += _describe_label_free(v["auto"])
     elif "auto" in v:
@@ -150,12 +150,16 @@ def describe_fit(category: str, fitted: Fitted, model_id: int) -> str:
     return "\n".join(lines)
 
 
-def _describe_search(search: dict[str, Any]) -> str:
-    """The approximate search's accuracy cost against the exact one on the same images."""
+def _describe_search(search: dict[str, Any], validated: int) -> str:
+    """The approximate search's accuracy cost against the exact one on the same images (on a
+    sample of them for a large bank: fit.audit_stride)."""
     recall, change = search["recall_at_1"], search["max_image_score_change"]
     auroc = search["auroc_change"]
+    sample = search.get("audited_images", validated)  # older models audited every image
     return (
-        f"  {search['index']} search against exact on them: recall@1 {format_figure(recall)}, "
+        f"  {search['index']} search against exact on "
+        f"{'them' if sample == validated else f'{sample} of them'}: "
+        f"recall@1 {format_figure(recall)}, "
         f"patch scores within {'n/a' if change is None else f'{change:.2%}'}"
         + ("" if auroc is None else f", AUROC change {auroc:+.4f}")
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,17 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from common.data.layouts import ImageRecord, discover
+from common.engine import fit as fit_module
 from common.engine import memory_bank
 from common.engine.features import PatchFeatureExtractor
-from common.engine.fit import FitError, fit_category, score_records, split_holdout
+from common.engine.fit import (
+    AUDIT_MIN_IMAGES,
+    FitError,
+    audit_stride,
+    fit_category,
+    score_records,
+    split_holdout,
+)
 from common.engine.memory_bank import MemoryBank
 from common.engine.model_config import PatchCoreConfig
 from producer.fitting import Fitted, describe_fit
@@ -135,6 +144,22 @@ def test_the_search_audit_runs_the_backbone_once_per_image_and_measures_the_exac
         roc_auc_score(labels, found) - roc_auc_score(labels, truth), abs=1e-9
     )
     assert 0 < search["recall_at_1"] <= 1
+
+
+def test_a_large_bank_audits_a_sample_of_the_validation_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The exact side of the audit costs images x bank patches: past the budget, every n-th
+    # image is audited, across the normal and the defect pass alike.
+    assert audit_stride(10_000, 300) == 1
+    assert audit_stride(1_000_000, 300) == math.ceil(300 / AUDIT_MIN_IMAGES)
+    make_seed_layout(tmp_path, "tex", n_good=12, n_bad=4, n_test=0, size=64)
+    config = dataclasses.replace(CONFIG, index="ivf", coreset_ratio=1.0)
+    monkeypatch.setattr(fit_module, "audit_stride", lambda bank, images: 3)
+    result = fit_category(discover(tmp_path), config, holdout=0.25, device="cpu", progress=False)
+    validated = len(result.validation_paths)
+    assert result.validation["search"]["audited_images"] == math.ceil(validated / 3)
+    assert 0 < result.validation["search"]["recall_at_1"] <= 1
 
 
 def test_a_bank_auto_codes_is_saved_as_ivfpq_and_audited(

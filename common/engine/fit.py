@@ -13,6 +13,7 @@ scores calibrate the fused score.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -136,7 +137,8 @@ def fit_category(
     anomalous = [r for r in records if r.label == 1]
     # An approximate bank is audited on the same pass: each batch's patches are also searched
     # exactly, so the backbone runs once per validation image.
-    scorer = SearchAudit(probe) if _approximate(bank) else probe
+    audited = len(normals) + len(anomalous)
+    scorer = SearchAudit(probe, audit_stride(bank.size, audited)) if _approximate(bank) else probe
     start = time.perf_counter()
     normal_parts, bad = score_records(scorer, normals, batch_size, progress, "held-out normal")
     skipped |= bad
@@ -266,15 +268,35 @@ def _approximate(bank: MemoryBank) -> bool:
     return bank.index_type in ("ivf", "ivfpq", "hnsw") and bank.backend == "faiss"
 
 
+# Exact work the audit may do: validation images x bank patches. An exact search costs ~9 CPU s
+# per image against 1M patches (2-core VM, 1 thread), so a big fit audits a sample: 4e6 is
+# ~40 CPU s of exact search whatever the bank, e.g. every image up to 30k patches and 160 of
+# them, but 16 at 250k patches.
+AUDIT_IMAGE_PATCHES = 4_000_000
+AUDIT_MIN_IMAGES = 16
+
+
+def audit_stride(bank_size: int, images: int) -> int:
+    """Audit every n-th validation image, so that the exact side stays within the budget
+    (AUDIT_IMAGE_PATCHES) but still sees at least AUDIT_MIN_IMAGES images."""
+    affordable = max(AUDIT_MIN_IMAGES, AUDIT_IMAGE_PATCHES // max(1, bank_size))
+    return max(1, math.ceil(images / affordable))
+
+
 class SearchAudit:
     """Scores like the probe, whose bank searches approximately, and also searches the same
     patch features in an exact bank, keeping what the exact search gives: the approximate
     search's accuracy cost measured on the validation pass itself, with no second decode and
     backbone pass. The exact side runs the whole bank-dependent part of the score (pooling,
-    eq. 7 reweighting, position-aware search), so its s* is the one an exact model gives."""
+    eq. 7 reweighting, position-aware search), so its s* is the one an exact model gives.
+    It searches every `stride`-th image (counted over all calls), so that a large bank's
+    exact search does not outgrow the fit (`audit_stride`)."""
 
-    def __init__(self, probe: PatchCore) -> None:
+    def __init__(self, probe: PatchCore, stride: int = 1) -> None:
         self._probe = probe
+        self._stride = stride
+        self._seen = 0
+        self._audited: list[np.ndarray] = []  # per call: which images the exact side searched
         bank = probe.bank
         # The torch search shares the bank's vectors on CPU (FAISS flat would copy them) and
         # took 2.4x less CPU than FAISS flat for 6k queries against 50k patches (1 thread).
@@ -290,27 +312,33 @@ class SearchAudit:
         """The probe's scores of a batch; the exact search's kept aside."""
         patches = extract_patches(self._probe.extractor, self._probe.config, images)
         found = self._probe.score_patches(patches, images)
-        start = time.perf_counter()
-        exact_maps, exact_scores = self._exact.patch_distances(patches)
-        self.seconds += time.perf_counter() - start
-        self._hits += int(np.isclose(found.patch_maps, exact_maps, rtol=1e-5).sum())
-        self._patches += exact_maps.size
-        self._exact_scores.append(exact_scores)
+        chosen = (self._seen + np.arange(len(patches))) % self._stride == 0
+        self._seen += len(patches)
+        self._audited.append(chosen)
+        if chosen.any():
+            start = time.perf_counter()
+            exact_maps, exact_scores = self._exact.patch_distances(patches[chosen])
+            self.seconds += time.perf_counter() - start
+            self._hits += int(np.isclose(found.patch_maps[chosen], exact_maps, rtol=1e-5).sum())
+            self._patches += exact_maps.size
+            self._exact_scores.append(exact_scores)
         return found
 
     def cost(self, found_normal: np.ndarray, found_anomalous: np.ndarray) -> dict[str, Any]:
         """What fit stores as validation "search": the probe's raw patch scores s* of the normal
         and then the anomalous images it scored (in that order) against the exact search's.
         recall_at_1 is the share of patches whose nearest distance both searches agree on."""
-        found = np.r_[found_normal, found_anomalous]
+        audited = np.concatenate(self._audited or [np.empty(0, bool)])
+        labels = np.r_[np.zeros(len(found_normal)), np.ones(len(found_anomalous))][audited]
+        found = np.r_[found_normal, found_anomalous][audited]
         truth = np.concatenate(self._exact_scores or [np.empty(0, np.float32)])
         change = np.abs(found - truth) / np.maximum(truth, np.finfo(np.float32).tiny)
         auroc_change = None
-        if len(found_normal) and len(found_anomalous):
-            labels = np.r_[np.zeros(len(found_normal)), np.ones(len(found_anomalous))]
+        if 0 < labels.sum() < len(labels):
             auroc_change = float(roc_auc_score(labels, found) - roc_auc_score(labels, truth))
         return {
             "index": self._probe.bank.index_type,
+            "audited_images": int(audited.sum()),
             "recall_at_1": self._hits / self._patches if self._patches else None,
             "max_image_score_change": float(change.max()) if len(change) else None,
             "auroc_change": auroc_change,
