@@ -8,6 +8,8 @@ cheap; greedy k-center picks that subset so every training patch stays close to 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 
 import faiss
 import numpy as np
@@ -21,6 +23,10 @@ from common.errors import PatchqError
 _CANDIDATES = 2048
 # Elements in the reusable (rows x pending centres) distance block of a full pass: 32 MB.
 _BLOCK_ELEMENTS = 8 * 1024 * 1024
+# Patches per chunk of a streamed fit (ChunkedSelection): fits of up to this many patches (167
+# images of 784) get the greedy coreset of all their patches, as before; larger ones a coreset
+# per chunk. Set from docs/performance.md's "Fit that scales with the images".
+CHUNK_ROWS = 131_072
 
 
 class CoresetError(PatchqError):
@@ -163,6 +169,65 @@ class _LazyGreedy:
         step.clamp_(min=0.0)
         torch.minimum(self.cand_d2, step, out=self.cand_d2)
         self.cand_d2[slot] = -1.0
+
+
+class ChunkedSelection:
+    """Rows selected from a stream of batches, holding at most about ``chunk_rows`` at a time.
+
+    Batches are buffered until ``chunk_rows`` rows are pending; ``select`` then keeps some rows
+    of that chunk (for the coreset: ``ApproximateGreedyCoresetSampler(ratio).sample``) and the
+    rest are dropped. The result is the union of what each chunk kept, in order, with the
+    row-aligned ``payload`` of each kept row (fit: its grid cell). With ``chunk_rows`` None, or
+    a stream of at most ``chunk_rows`` rows (plus the batch that reached it), the one chunk is
+    all rows: exactly what ``select`` would keep of them all at once.
+
+    Why chunks: greedy k-center over N rows costs O(N * k) = O(ratio * N^2) and holds all N
+    rows; per chunk of C rows it costs O(ratio * N * C) and holds O(C + ratio * N). This is the
+    first round of composable (distributed) k-center coresets (Malkomes et al., NeurIPS 2015),
+    without the second greedy over the union, which would cost O(ratio^2 * N^2) again. The
+    union keeps every chunk within its own greedy radius, so its coverage radius is the largest
+    chunk's; against one greedy over all rows it spends picks on regions every chunk covers
+    (more redundancy, fewer picks in rare regions). Measured in docs/performance.md
+    ("Fit that scales with the images"): coverage radius and held-out AUROC at CHUNK_ROWS.
+    """
+
+    def __init__(self, select: Callable[[np.ndarray], np.ndarray], chunk_rows: int | None) -> None:
+        if chunk_rows is not None and chunk_rows < 1:
+            raise CoresetError(f"chunk_rows must be >= 1 or None, got {chunk_rows}")
+        self.select = select
+        self.chunk_rows = chunk_rows
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_rows = 0
+        self._kept: list[tuple[np.ndarray, np.ndarray]] = []
+        self.seconds = 0.0  # spent in ``select`` (fit's coreset time)
+
+    def add(self, rows: np.ndarray, payload: np.ndarray) -> None:
+        """Buffer a batch of rows (and its payload); select from the chunk once it is full."""
+        if len(rows) != len(payload):
+            raise CoresetError(f"{len(rows)} rows but {len(payload)} payload rows")
+        self._pending.append((rows, payload))
+        self._pending_rows += len(rows)
+        if self.chunk_rows is not None and self._pending_rows >= self.chunk_rows:
+            self._reduce()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every kept row and its payload, in chunk order, each chunk in ``select``'s order."""
+        self._reduce()
+        if not self._kept:
+            raise CoresetError("no rows were added to select from")
+        rows, payload = zip(*self._kept, strict=True)
+        return np.concatenate(rows), np.concatenate(payload)
+
+    def _reduce(self) -> None:
+        if not self._pending:
+            return
+        rows = np.concatenate([r for r, _ in self._pending])
+        payload = np.concatenate([p for _, p in self._pending])
+        self._pending, self._pending_rows = [], 0
+        start = time.perf_counter()
+        selected = self.select(rows)
+        self.seconds += time.perf_counter() - start
+        self._kept.append((rows[selected], payload[selected]))
 
 
 class RandomSubsampler:
