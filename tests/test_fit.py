@@ -1,4 +1,5 @@
-"""fit: the memory bank never judges itself; held-out figures separate real defects."""
+"""fit: the memory bank never judges itself; held-out figures separate real defects; bank
+patches stream through a chunked coreset that leaves small fits as they were; progress shows."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from common.data.batches import decode_batch
 from common.data.layouts import ImageRecord, discover
 from common.engine import fit as fit_module
 from common.engine import memory_bank
+from common.engine.coreset import ApproximateGreedyCoresetSampler
 from common.engine.features import PatchFeatureExtractor
 from common.engine.fit import (
     AUDIT_MIN_IMAGES,
@@ -26,6 +29,7 @@ from common.engine.fit import (
 )
 from common.engine.memory_bank import MemoryBank
 from common.engine.model_config import PatchCoreConfig
+from common.engine.patchcore import extract_patches
 from producer.fitting import Fitted, describe_fit
 from synthetic.layouts import make_mvtec_layout, make_seed_layout
 
@@ -83,6 +87,63 @@ def test_held_out_figures_separate_drawn_defects(seed_fit) -> None:
     assert result.validation["auroc"] >= 0.9
     assert result.validation["normal_q95"] >= result.validation["normal_q50"]
     assert 0 < result.validation["bank_size"] <= 15 * 8 * 8
+
+
+def test_a_fit_within_one_chunk_keeps_the_coreset_of_all_its_patches(seed_fit) -> None:
+    records, result = seed_fit
+    good = [r for r in records if r.split == "train" and r.label == 0]
+    bank_records, _ = split_holdout(good, 0.25, CONFIG.seed)
+    images = decode_batch([r.path for r in bank_records], CONFIG.preprocessing()).tensor
+    patches = extract_patches(result.model.extractor, CONFIG, images)
+    features = patches.reshape(-1, patches.shape[-1])
+    picked = ApproximateGreedyCoresetSampler(CONFIG.coreset_ratio, seed=CONFIG.seed).sample(
+        features
+    )
+    np.testing.assert_array_equal(result.model.bank.vectors, features[picked])
+
+
+class _Bars:
+    """Stands in for tqdm: records each bar's description, total and updates."""
+
+    def __init__(self) -> None:
+        self.made: list[dict] = []
+
+    def __call__(self, total: int, desc: str, disable: bool, **_: object) -> _Bars:
+        self.made.append({"desc": desc, "total": total, "done": 0, "shown": not disable})
+        return self
+
+    def update(self, n: int) -> None:
+        self.made[-1]["done"] += n
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_fit_past_one_chunk_streams_its_patches_and_shows_its_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_seed_layout(tmp_path, "tex", n_good=20, n_bad=6, n_test=0, size=64)
+    bars = _Bars()
+    monkeypatch.setattr(fit_module, "tqdm", bars)
+    monkeypatch.setattr(fit_module, "CHUNK_ROWS", 500)  # 15 bank images of 8 x 8 patches: 960
+    seen: list[int] = []
+    sample = ApproximateGreedyCoresetSampler.sample
+
+    def spy(self: ApproximateGreedyCoresetSampler, features: np.ndarray) -> np.ndarray:
+        seen.append(len(features))
+        return sample(self, features)
+
+    monkeypatch.setattr(ApproximateGreedyCoresetSampler, "sample", spy)
+    result = fit_category(discover(tmp_path), CONFIG, 0.25, "cpu", batch_size=4, progress=True)
+    assert seen == [512, 448]  # chunks of whole batches (4 images: 256 patches) from 500 on
+    assert result.model.bank.size == 128 + 112
+    assert result.validation["auroc"] >= 0.9
+    assert result.timings["features_s"] > 0 and result.timings["coreset_s"] > 0
+    assert [(b["desc"], b["total"], b["done"], b["shown"]) for b in bars.made] == [
+        ("features", 15, 15, True),
+        ("held-out normal", 5, 5, True),
+        ("defects", 6, 6, True),
+    ]
 
 
 def test_an_approximate_bank_records_its_accuracy_cost_and_an_exact_one_does_not(

@@ -28,7 +28,12 @@ from tqdm import tqdm
 from common.data.batches import iter_batches
 from common.data.layouts import ImageRecord
 from common.engine.calibration import calibrated, combine_parts
-from common.engine.coreset import ApproximateGreedyCoresetSampler, RandomSubsampler
+from common.engine.coreset import (
+    CHUNK_ROWS,
+    ApproximateGreedyCoresetSampler,
+    ChunkedSelection,
+    RandomSubsampler,
+)
 from common.engine.global_scorer import GlobalScorer, image_statistics, pooled_statistics
 from common.engine.memory_bank import MemoryBank
 from common.engine.model_config import PatchCoreConfig
@@ -108,16 +113,18 @@ def fit_category(
             f"scorer {config.scorer!r} is calibrated on held-out normal images; "
             "fit with --holdout above 0 (e.g. 0.2) or use --scorer patch"
         )
-    extractor = build_extractor(config, resolve_device(device))
+    torch_device = resolve_device(device)
+    extractor = build_extractor(config, torch_device)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    features, positions, statistics, pixel_statistics, skipped = _bank_features(
-        extractor, config, bank_records, batch_size, progress
+    selection = _bank_selection(config, torch_device.type)
+    statistics, pixel_statistics, skipped = _bank_features(
+        extractor, config, bank_records, batch_size, progress, selection
     )
-    timings["features_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    bank = _sample_bank(features, positions, config, device=str(resolve_device(device).type))
+    timings["features_s"] = time.perf_counter() - start - selection.seconds
+    start = time.perf_counter() - selection.seconds  # chunks selected while streaming count too
+    bank = _memory_bank(selection, config, torch_device.type)
     timings["coreset_s"] = time.perf_counter() - start
     if bank.index_type == "ivfpq":  # named: "auto" in a saved model keeps its older meaning
         config = dataclasses.replace(config, index="ivfpq")
@@ -191,52 +198,63 @@ def _bank_features(
     records: Sequence[ImageRecord],
     batch_size: int,
     progress: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[Path, str]]:
-    """Patch features of every bank image as the bank searches them (search_vectors), stacked
-    (N_patches, D), the grid cell of each (N_patches, 2), each image's pooled statistics of the
-    raw features (N_images, 2D) and pixel statistics (N_images, 4) for the whole-image parts;
-    unreadable images skipped."""
-    chunks: list[np.ndarray] = []
-    cells: list[np.ndarray] = []
+    selection: ChunkedSelection,
+) -> tuple[np.ndarray, np.ndarray, dict[Path, str]]:
+    """Stream every bank image's patch features as the bank searches them (search_vectors),
+    with the grid cell of each, into ``selection``; return each image's pooled statistics of
+    the raw features (N_images, 2D) and pixel statistics (N_images, 4) for the whole-image
+    parts, and the unreadable images skipped. The bar's rate includes the chunks selected on
+    the way, so its ETA is fit's until the bank is built (smoothing 0: the average rate, which
+    those pauses do not swing)."""
     statistics: list[np.ndarray] = []
     pixels: list[np.ndarray] = []
     skipped: dict[Path, str] = {}
     paths = [r.path for r in records]
-    bar = tqdm(total=len(paths), desc="features", unit="img", disable=not progress)
+    bar = tqdm(total=len(paths), desc="features", unit="img", disable=not progress, smoothing=0)
     for chunk, decoded in iter_batches(paths, config.preprocessing(), batch_size):
         skipped |= {chunk[i]: reason for i, reason in decoded.failures.items()}
         if decoded.ok:
             patches = extract_patches(extractor, config, decoded.tensor)
-            chunks.append(search_vectors(config, patches.reshape(-1, patches.shape[-1])))
-            cells.append(grid_positions(*patches.shape[:3]))
+            vectors = search_vectors(config, patches.reshape(-1, patches.shape[-1]))
+            selection.add(vectors, grid_positions(*patches.shape[:3]))
             statistics.append(pooled_statistics(patches))
             pixels.append(image_statistics(decoded.tensor))
         bar.update(len(chunk))
     bar.close()
-    if not chunks:
+    if not statistics:
         raise FitError("none of the training images could be read; see the reasons above")
-    features, positions = np.concatenate(chunks), np.concatenate(cells)
-    return features, positions, np.concatenate(statistics), np.concatenate(pixels), skipped
+    return np.concatenate(statistics), np.concatenate(pixels), skipped
 
 
-def _sample_bank(
-    features: np.ndarray, positions: np.ndarray, config: PatchCoreConfig, device: str
-) -> MemoryBank:
-    """Coreset-sample the patch features (and their grid cells) into the memory bank M."""
-    if config.max_bank is not None and len(features) > config.max_bank:
-        selected = RandomSubsampler(config.max_bank, seed=config.seed).sample(features)
-    elif config.coreset_ratio < 1:
+def _bank_selection(config: PatchCoreConfig, device: str) -> ChunkedSelection:
+    """How bank patches are kept as they stream in: the greedy coreset (or all of them, at
+    ratio 1) per chunk of CHUNK_ROWS patches, so fits of up to CHUNK_ROWS patches select from
+    one chunk exactly as before; the seed recipe's random cap (``max_bank``) draws from all
+    patches at once, so it holds them all."""
+    select = _every_row
+    if config.coreset_ratio < 1:
         sampler = ApproximateGreedyCoresetSampler(
             config.coreset_ratio, seed=config.seed, device=device
         )
-        selected = sampler.sample(features)
-    else:
-        selected = np.arange(len(features))
+        select = sampler.sample
+    if config.max_bank is None:
+        return ChunkedSelection(select, CHUNK_ROWS)
+    cap = RandomSubsampler(config.max_bank, seed=config.seed)
+    return ChunkedSelection(
+        lambda rows: cap.sample(rows) if len(rows) > cap.max_size else select(rows), None
+    )
+
+
+def _every_row(features: np.ndarray) -> np.ndarray:
+    return np.arange(len(features))
+
+
+def _memory_bank(selection: ChunkedSelection, config: PatchCoreConfig, device: str) -> MemoryBank:
+    """The memory bank M of the selected patch features (and their grid cells)."""
+    features, positions = selection.result()
     # Positions are kept whatever the config: any radius can then be tried on this bank without
     # refitting (the artifact stores them only for a position-aware config).
-    return MemoryBank(
-        features[selected], index=config.index, device=device, positions=positions[selected]
-    )
+    return MemoryBank(features, index=config.index, device=device, positions=positions)
 
 
 def score_records(
