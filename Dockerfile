@@ -29,8 +29,8 @@ COPY aggregator ./aggregator
 COPY review ./review
 RUN pip install --no-deps . \
  && useradd --create-home --uid 1000 patchq \
- && mkdir -p /cache/models \
- && chown -R patchq:patchq /cache
+ && mkdir -p /cache/models /demo-images \
+ && chown -R patchq:patchq /cache /demo-images
 
 # Not root: a worker only reads the image storage and writes its model cache.
 USER patchq

@@ -44,7 +44,7 @@ from synthetic.layouts import save
 from synthetic.textures import LOCAL_KINDS, TINY_KINDS, make_defect, make_normal
 
 SIZE = 224
-FOLDER = Path("/tmp/patchq-fit-scaling")
+FOLDER = Path("build/fit-scaling")  # git-ignored; kept between runs as an image cache
 KINDS = TINY_KINDS + LOCAL_KINDS  # the defects s*, which the bank decides, is there to find
 STAGES = ("features_s", "coreset_s", "validation_s", "search_cost_s")
 
@@ -84,7 +84,7 @@ def fit_in_child(args: argparse.Namespace, count: int) -> dict:
     code = args.code or Path(__file__).resolve().parents[1]
     env = os.environ | {"PYTHONPATH": str(code.resolve())}
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(count)]
-    command += ["--folder", str(args.folder), "--device", args.device]
+    command += ["--folder", str(args.folder.resolve()), "--device", args.device]
     load = os.getloadavg()[0]
     done = subprocess.run(command, env=env, cwd=code, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.splitlines()[-1]) | {"load": (load, os.getloadavg()[0])}
