@@ -2,6 +2,7 @@
 coreset costs in accuracy against the greedy coreset over all patches.
 
     PYTHONPATH=. .venv/bin/python -m bench.fit_scaling --sizes 200,800,3000 [--code DIR]
+        [--label-free]
     PYTHONPATH=. .venv/bin/python -m bench.fit_scaling --accuracy --train 640 --draws 3
 
 Scaling: the largest size's good images of the benchmarks' stripes texture (synthetic
@@ -10,6 +11,10 @@ each size fits the first N of them in a fresh child process with the default set
 model, 20% held out for calibration, as ``fit_category``) and reports its stages' times, the
 bank and the child's peak RSS (``ru_maxrss``, imports included). ``--code DIR`` runs the
 children on another checkout (``git archive main | tar -x -C DIR``) for the figures before.
+``--label-free`` fits as `patchq fit` does by default on good images alone: the label-free
+choice (``fit_label_free``), which on a texture fits two candidates (the default and `fine`)
+and scores synthesised defects to choose; the fit time and peak RSS are then all of it, the
+stage columns the chosen candidate's.
 
 Accuracy: per draw, the train images' patch features are extracted once and reduced two ways,
 by greedy over all of them (fit before chunking) and chunk by chunk (fit now, CHUNK_ROWS); each
@@ -36,7 +41,8 @@ from sklearn.metrics import roc_auc_score
 
 from common.data.layouts import ImageRecord
 from common.engine.features import PatchFeatureExtractor
-from common.engine.fit import fit_category
+from common.engine.fit import DEFAULT_HOLDOUT, FitResult, fit_category
+from common.engine.label_free import fit_label_free
 from common.engine.memory_bank import MemoryBank
 from common.engine.model_config import PatchCoreConfig
 from common.engine.patchcore import build_extractor, extract_patches, resolve_device
@@ -55,13 +61,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folder", type=Path, default=FOLDER, help="where the images go")
     parser.add_argument("--code", type=Path, help="run the fits on this checkout instead")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--label-free", action="store_true", help="as `patchq fit` by default")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--accuracy", action="store_true", help="chunked vs all-at-once coreset")
     parser.add_argument("--train", type=int, default=640, help="--accuracy: bank images")
     parser.add_argument("--draws", type=int, default=3, help="--accuracy: image sets")
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(fit_once(args.folder, args.child, args.device)))
+        print(json.dumps(fit_once(args.folder, args.child, args.device, args.label_free)))
     elif args.accuracy:
         compare_coresets(args.train, args.draws, args.device)
     else:
@@ -85,19 +92,28 @@ def fit_in_child(args: argparse.Namespace, count: int) -> dict:
     env = os.environ | {"PYTHONPATH": str(code.resolve())}
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(count)]
     command += ["--folder", str(args.folder.resolve()), "--device", args.device]
+    command += ["--label-free"] if args.label_free else []
     load = os.getloadavg()[0]
     done = subprocess.run(command, env=env, cwd=code, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.splitlines()[-1]) | {"load": (load, os.getloadavg()[0])}
 
 
-def fit_once(folder: Path, count: int, device: str) -> dict:
-    """Fit the first ``count`` good images as `patchq fit` fits one model; its figures."""
+def fit_once(folder: Path, count: int, device: str, label_free: bool) -> dict:
+    """Fit the first ``count`` good images as `patchq fit` fits one model (or, ``label_free``,
+    as it chooses one by default); its figures."""
     paths = sorted(folder.glob("*.png"))[:count]
     records = [ImageRecord(p, "stripes", "train", 0, "good") for p in paths]
     start = time.perf_counter()
-    result = fit_category(records, PatchCoreConfig(), device=device)  # its bars on stderr
+    chosen = "one model"
+    if label_free:
+        auto = fit_label_free(records, PatchCoreConfig(), DEFAULT_HOLDOUT, device)
+        result: FitResult = auto.fit
+        chosen = auto.chosen
+    else:
+        result = fit_category(records, PatchCoreConfig(), DEFAULT_HOLDOUT, device)  # bars on stderr
     return {
         "images": count,
+        "model": chosen,
         "bank": result.model.bank.size,
         "wall_s": time.perf_counter() - start,
         "timings": result.timings,
@@ -108,15 +124,17 @@ def fit_once(folder: Path, count: int, device: str) -> dict:
 def table(rows: list[dict]) -> str:
     """The fits as a markdown table."""
     lines = [
-        "| good images | bank patches | fit | " + " | ".join(STAGES) + " | peak RSS | load |",
-        "|---" * (5 + len(STAGES)) + "|",
+        "| good images | model | bank patches | fit | "
+        + " | ".join(STAGES)
+        + " | peak RSS | load |",
+        "|---" * (6 + len(STAGES)) + "|",
     ]
     for row in rows:
         stages = " | ".join(f"{row['timings'].get(s, 0):.1f}" for s in STAGES)
         load = "-".join(f"{x:.1f}" for x in row["load"])
         lines.append(
-            f"| {row['images']:,} | {row['bank']:,} | {row['wall_s']:.1f} s | {stages} | "
-            f"{row['peak_rss_mb'] / 1024:.2f} GB | {load} |"
+            f"| {row['images']:,} | {row['model']} | {row['bank']:,} | {row['wall_s']:.1f} s | "
+            f"{stages} | {row['peak_rss_mb'] / 1024:.2f} GB | {load} |"
         )
     return "\n".join(lines)
 

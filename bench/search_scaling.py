@@ -14,12 +14,17 @@ of an image score (max patch distance) against the exact one. Times are process 
 With ``--fit-cells N`` it instead fits on N real elpv monocrystalline cells (labelled defects
 included, 224 px, Lite0 features, the bank a random ``--max-bank`` sample of all bank patches)
 and prints what fit measured of the approximate search (the first ``--index``) against the exact
-one on the validation images (validation "search").
+one on the validation images (validation "search"). Fit audits a large bank on a sample of its
+validation images; ``--score-test`` instead fits on every mono cell of the demo's train split
+(``--fit-cells`` is then ignored) and also scores its labelled test cells (half the defective
+cells and a fifth of the good ones, which neither the bank nor the validation saw) with the
+model's search and with the exact one on the same patch features, and prints both AUROCs and
+the largest change of an image's s*.
 
     PYTHONPATH=. .venv/bin/python bench/search_scaling.py [--sizes 12544 50176 200704]
         [--index auto ivf] [--threads 1] [--device cuda]
     PYTHONPATH=. .venv/bin/python bench/search_scaling.py --fit-cells 300 --max-bank 50000
-        [--index ivfpq]
+        [--index ivfpq] [--score-test]
 """
 
 from __future__ import annotations
@@ -34,11 +39,17 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
 
-from common.data.layouts import discover
+from bench.accuracy import elpv_set
+from common.data.batches import decode_batch
+from common.data.layouts import ImageRecord, discover
 from common.engine.fit import fit_category
 from common.engine.memory_bank import INDEX_TYPES, MemoryBank
 from common.engine.model_config import PatchCoreConfig
+from common.engine.patchcore import PatchCore, extract_patches
+from common.iterables import chunked
 from producer.demo_data import write_elpv_demo
 
 DIM = 152
@@ -116,17 +127,48 @@ def sweep(args: argparse.Namespace) -> None:
             del bank
 
 
-def fit_search_cost(cells: int, max_bank: int, index: str) -> None:
+def fit_search_cost(cells: int, max_bank: int, index: str, score_test: bool) -> None:
     """Fit on real elpv cells with ``index`` and print fit's measured search accuracy cost."""
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_elpv_demo(Path(tmp), ["mono"], limit_per_category=cells, bad_train_share=1)
-        records = [r for r in discover(root, ["mono"]) if r.split == "train"]
+        if score_test:  # the demo's split: half the defective cells are labelled test cells
+            train, test = elpv_set(Path(tmp), "mono", None)
+        else:  # every defective cell is a labelled one fit validates on
+            root = write_elpv_demo(Path(tmp), ["mono"], limit_per_category=cells, bad_train_share=1)
+            train = [r for r in discover(root, ["mono"]) if r.split == "train"]
         config = PatchCoreConfig(coreset_ratio=1.0, max_bank=max_bank, index=index)
         cpu = time.process_time()
-        result = fit_category(records, config, device="cpu", progress=False)
+        result = fit_category(train, config, device="cpu", progress=False)
         cpu = time.process_time() - cpu
-    print(f"bank {result.model.bank.size:,} patches, validation {result.validation}")
-    print(f"timings {result.timings}, fit process CPU {cpu:.1f} s")
+        print(f"bank {result.model.bank.size:,} patches, validation {result.validation}")
+        print(f"timings {result.timings}, fit process CPU {cpu:.1f} s", flush=True)
+        if score_test:
+            test_split_cost(result.model, test["good"], test["defect"])
+
+
+def test_split_cost(model: PatchCore, good: list[ImageRecord], defect: list[ImageRecord]) -> None:
+    """AUROC of the test cells scored with the model's search and with the exact search."""
+    test = good + defect
+    exact = model.with_bank(MemoryBank(model.bank.vectors, index="torch"))
+    found: list[np.ndarray] = []
+    truth: list[np.ndarray] = []
+    for batch in tqdm(list(chunked(test, 32)), desc="test cells, both searches", unit="batch"):
+        images = decode_batch([r.path for r in batch], model.preprocessing).tensor
+        patches = extract_patches(model.extractor, model.config, images)
+        for scores, bank in ((found, model), (truth, exact)):
+            result = bank.score_patches(patches, images)
+            s_star = result.image_scores if result.patch_scores is None else result.patch_scores
+            scores.append(np.c_[result.image_scores, s_star])
+    labels = np.r_[np.zeros(len(good)), np.ones(len(defect))]
+    approximate, reference = np.concatenate(found), np.concatenate(truth)
+    change = np.abs(approximate[:, 1] / reference[:, 1] - 1).max()
+    index = model.bank.index_type
+    print(f"test split: {len(test)} cells ({int(labels.sum())} defective), index {index}")
+    for column, name in enumerate(("image score", "s*")):
+        print(
+            f"  {name} AUROC: {roc_auc_score(labels, approximate[:, column]):.4f} with {index}, "
+            f"{roc_auc_score(labels, reference[:, column]):.4f} exact"
+        )
+    print(f"  largest change of an image's s*: {change:.2%}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,11 +180,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fit-cells", type=int)
     parser.add_argument("--max-bank", type=int, default=50_000)
+    parser.add_argument("--score-test", action="store_true", help="--fit-cells: test split too")
     args = parser.parse_args(argv)
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     if args.fit_cells:
-        fit_search_cost(args.fit_cells, args.max_bank, args.index[0])
+        fit_search_cost(args.fit_cells, args.max_bank, args.index[0], args.score_test)
     else:
         sweep(args)
 
