@@ -23,6 +23,7 @@ from common.engine.label_free import (
     ALIGNED_SHARE,
     MIN_NORMALS,
     can_choose_label_free,
+    choice_sample,
     fit_label_free,
     positional_share,
 )
@@ -143,6 +144,36 @@ def test_a_texture_chooses_between_the_base_and_fine_on_synthesised_defects(
     assert texture_choice.validation["n_anomalous"] == 0
     held_out = split_holdout([r for r in texture if r.label == 0], 0.2, BASE.seed)[1]
     assert record["selection_paths"] == sorted(str(r.path.absolute()) for r in held_out)
+    assert record["compared_on_good_images"] == N_GOOD  # no more than CHOICE_IMAGES: all
+
+
+def test_a_sample_keeps_every_other_record_in_order_and_is_seeded(texture) -> None:
+    other = ImageRecord(Path("bad.png"), "tex", "train", 1, "scratch")
+    records = [*texture, other]
+    sample = choice_sample(records, 10, seed=3)
+    assert sum(r.label == 0 for r in sample) == 10 and sample[-1] is other
+    assert sample == sorted(sample, key=records.index)  # the records' order
+    assert sample == choice_sample(records, 10, seed=3) != choice_sample(records, 10, seed=4)
+    assert choice_sample(records, len(texture), seed=3) is records
+
+
+def test_a_large_texture_is_compared_on_a_sample_and_only_the_chosen_one_fitted_on_all(
+    texture,
+) -> None:
+    chosen = fit_label_free(
+        texture, BASE, 0.2, device="cpu", batch_size=16, progress=False, choice_images=20
+    )
+    record = chosen.validation["auto"]
+    assert record["compared_on_good_images"] == 20
+    sample = choice_sample(texture, 20, BASE.seed)
+    held_out = split_holdout([r for r in sample if r.label == 0], 0.2, BASE.seed)[1]
+    # The synthesised copies were judged against the sample's held-out normals ...
+    assert record["selection_paths"] == sorted(str(r.path.absolute()) for r in held_out)
+    # ... and the model kept is the chosen candidate fitted on every good image.
+    config = BASE if chosen.chosen.startswith("default") else chosen.model.config
+    plain = fit_category(texture, config, device="cpu", progress=False)
+    np.testing.assert_array_equal(chosen.model.bank.vectors, plain.model.bank.vectors)
+    assert chosen.validation["n_normal"] == plain.validation["n_normal"] == 8
 
 
 def test_nothing_synthesised_enters_the_bank_or_the_calibration(texture, texture_choice) -> None:
