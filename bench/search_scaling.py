@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
-    if args.fit_cells:
+    if args.fit_cells or args.score_test:
         fit_search_cost(args.fit_cells, args.max_bank, args.index[0], args.score_test)
     else:
         sweep(args)
