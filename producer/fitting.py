@@ -141,7 +141,7 @@ def describe_fit(category: str, fitted: Fitted, model_id: int) -> str:
     if "search" in v:
         lines.append(_describe_search(v["search"], v["n_normal"] + v["n_anomalous"]))
     if v.get("auto", {}).get("chosen_on") == "synthesised":
-        lines += _describe_label_free(v["auto"])
+        lines += _describe_label_free(v["auto"], v["bank_images"] + v["n_normal"])
     elif "auto" in v:
         lines += _describe_auto(v["auto"])
     if fitted.skipped:
@@ -203,7 +203,7 @@ def _label_sources(records: Sequence[ImageRecord]) -> dict[str, int]:
     return {"folder": len(defects) - from_review, "review": from_review}
 
 
-def _describe_label_free(auto: dict[str, Any]) -> list[str]:
+def _describe_label_free(auto: dict[str, Any], good_images: int) -> list[str]:
     """How --auto chose without labelled defects: what decided, and the candidates' figures on
     synthesised defects, which are no validation of the model on real ones."""
     share = auto["positional_share"]
@@ -212,9 +212,11 @@ def _describe_label_free(auto: dict[str, Any]) -> list[str]:
         why = f"its parts are aligned (position explains {share:.2f} of the feature variance)"
     else:
         local = ", ".join(f"{name} {format_figure(f['local'])}" for name, f in figures.items())
+        compared = auto.get("compared_on_good_images", good_images)  # older models: all
+        sample = f" (on fits of {compared:,} of the {good_images:,} good images)"
         why = (
             f"a texture (position explains {share:.2f} of the feature variance); "
-            f"synthesised local defects ranked: {local}"
+            f"synthesised local defects ranked{sample if compared < good_images else ''}: {local}"
         )
     lines = [
         f"  --auto chose {auto['chosen']} without labelled defects: {why}",

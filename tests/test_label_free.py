@@ -30,7 +30,7 @@ from common.engine.label_free import (
 from common.engine.model_config import PatchCoreConfig
 from common.engine.patchcore import build_extractor
 from common.settings import Settings
-from producer.fitting import FitPlan, describe_fit, fit_model
+from producer.fitting import FitPlan, Fitted, describe_fit, fit_model
 from synthetic.layouts import save
 from synthetic.textures import make_grain, make_texture
 
@@ -174,6 +174,8 @@ def test_a_large_texture_is_compared_on_a_sample_and_only_the_chosen_one_fitted_
     plain = fit_category(texture, config, device="cpu", progress=False)
     np.testing.assert_array_equal(chosen.model.bank.vectors, plain.model.bank.vectors)
     assert chosen.validation["n_normal"] == plain.validation["n_normal"] == 8
+    fitted = Fitted(b"", chosen.validation, chosen.model.bank.size, chosen.chosen, {})
+    assert "ranked (on fits of 20 of the 40 good images):" in describe_fit("tex", fitted, 1)
 
 
 def test_nothing_synthesised_enters_the_bank_or_the_calibration(texture, texture_choice) -> None:
@@ -201,5 +203,6 @@ def test_fit_chooses_without_labels_by_default_and_not_with_no_auto(texture, cap
     assert fitted.summary.endswith("no labelled defects")
     text = describe_fit("tex", fitted, 7)
     assert "without labelled defects" in text and "not a validation" in text
+    assert "on fits of" not in text  # 40 good images: the candidates saw all of them
     plain = fit_model(texture, FitPlan(BASE, auto=False), settings)
     assert "auto" not in plain.validation and plain.summary == "fused scorer"
