@@ -56,6 +56,19 @@ def test_approximate_indexes_keep_recall_and_return_true_distances(index: str) -
     assert all(len(set(row)) == 5 for row in indices) and (indices >= 0).all()
 
 
+def test_ivfpq_probes_pq_nprobe_lists_by_default() -> None:
+    from common.engine.memory_bank import PQ_NPROBE, pq_nlist
+
+    bank = _patch_like(3000, 32, seed=1)
+    queries = _patch_like(300, 32, seed=2)
+    assert pq_nlist(len(bank)) > 2 * PQ_NPROBE  # so that the probe count shows in the answers
+    found = MemoryBank(bank, "ivfpq").search(queries, k=1)[1]
+    np.testing.assert_array_equal(
+        found, MemoryBank(bank, "ivfpq", nprobe=PQ_NPROBE).search(queries, k=1)[1]
+    )
+    assert not np.array_equal(found, MemoryBank(bank, "ivfpq", nprobe=1).search(queries, k=1)[1])
+
+
 def test_ivf_answers_every_row_even_when_probed_lists_hold_fewer_than_k() -> None:
     bank = _patch_like(2000, 8, seed=3)
     distances, indices = MemoryBank(bank, "ivf", nprobe=1).search(bank[:50], k=200)
