@@ -22,7 +22,7 @@ model's search and with the exact one on the same patch features, and prints bot
 the largest change of an image's s*.
 
     PYTHONPATH=. .venv/bin/python bench/search_scaling.py [--sizes 12544 50176 200704]
-        [--index auto ivf] [--threads 1] [--device cuda]
+        [--index auto ivf] [--threads 1] [--device cuda] [--pq-nprobe 8 16]
     PYTHONPATH=. .venv/bin/python bench/search_scaling.py --fit-cells 300 --max-bank 50000
         [--index ivfpq] [--score-test]
 """
@@ -46,7 +46,7 @@ from bench.accuracy import elpv_set
 from common.data.batches import decode_batch
 from common.data.layouts import ImageRecord, discover
 from common.engine.fit import fit_category
-from common.engine.memory_bank import INDEX_TYPES, MemoryBank
+from common.engine.memory_bank import INDEX_TYPES, MemoryBank, resolve_index
 from common.engine.model_config import PatchCoreConfig
 from common.engine.patchcore import PatchCore, extract_patches
 from common.iterables import chunked
@@ -85,11 +85,11 @@ def accuracy(found: list[np.ndarray], exact: list[np.ndarray]) -> tuple[float, f
 
 
 def built(
-    vectors: np.ndarray, index: str, device: str, now: Callable[[], float]
+    vectors: np.ndarray, index: str, device: str, now: Callable[[], float], nprobe: int | None
 ) -> tuple[MemoryBank, float]:
     """A bank on ``vectors`` and the seconds its index took to build on the clock ``now``."""
     start = now()
-    bank = MemoryBank(vectors, index=index, device=device)
+    bank = MemoryBank(vectors, index=index, device=device, nprobe=nprobe)
     return bank, now() - start
 
 
@@ -116,15 +116,18 @@ def sweep(args: argparse.Namespace) -> None:
         exact_ms, exact = timed_search(exact_bank, images, now)
         del exact_bank
         for index in args.index:
-            bank, build_s = built(vectors, index, args.device, now)
-            search_ms, found = timed_search(bank, images, now)
-            recall, change = accuracy(found, exact)
-            print(
-                f"| {size:,} | {bank.index_type} ({bank.backend}) | {build_s:.1f} | "
-                f"{search_ms:.1f} | {exact_ms:.1f} | {recall:.4f} | {change:.2%} |",
-                flush=True,
-            )
-            del bank
+            pq = resolve_index(index, size) == "ivfpq"
+            for nprobe in args.pq_nprobe if pq else [None]:
+                bank, build_s = built(vectors, index, args.device, now, nprobe)
+                search_ms, found = timed_search(bank, images, now)
+                recall, change = accuracy(found, exact)
+                lists = "" if nprobe is None else f", {nprobe} lists"
+                print(
+                    f"| {size:,} | {bank.index_type} ({bank.backend}{lists}) | {build_s:.1f} | "
+                    f"{search_ms:.1f} | {exact_ms:.1f} | {recall:.4f} | {change:.2%} |",
+                    flush=True,
+                )
+                del bank
 
 
 def fit_search_cost(cells: int, max_bank: int, index: str, score_test: bool) -> None:
@@ -178,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--index", nargs="+", default=["auto"], choices=INDEX_TYPES)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--pq-nprobe", type=int, nargs="+", default=[None], help="ivfpq lists to probe (rows each)"
+    )
     parser.add_argument("--fit-cells", type=int)
     parser.add_argument("--max-bank", type=int, default=50_000)
     parser.add_argument("--score-test", action="store_true", help="--fit-cells: test split too")
