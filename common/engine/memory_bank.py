@@ -218,7 +218,8 @@ class MemoryBank:
     "ivf" (inverted lists, nlist ~ 4 sqrt(N) trained on the bank, `nprobe` lists per query,
     by default default_nprobe's fixed scan budget),
     "ivfpq" (auto from AUTO_IVFPQ_MIN_SIZE patches on CPU: ~2 sqrt(N) lists trained on a
-    sample, 4-bit codes per dimension, the PQ_CANDIDATES nearest codes re-ranked exactly),
+    sample, 4-bit codes per dimension, PQ_NPROBE lists per query, the PQ_CANDIDATES nearest
+    codes re-ranked exactly),
     "torch" (exact chunked matmul). On device "cuda", FAISS runs on the GPU when faiss-gpu is
     installed (HNSW and IVF-PQ stay on CPU; "auto" picks IVF there for every large bank);
     otherwise every index type becomes the exact torch search on the GPU, which is faster there
