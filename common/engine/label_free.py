@@ -131,9 +131,11 @@ def fit_label_free(
     }
     chosen = "cosine" if aligned else _texture_choice(figures)
     compared = fits[chosen]
-    fit = compared
-    if deciding is not records:
-        fit = fit_category(records, candidates[chosen], holdout, device, batch_size, progress)
+    fit = (
+        compared
+        if deciding is records
+        else fit_category(records, candidates[chosen], holdout, device, batch_size, progress)
+    )
     record = {
         "chosen": f"{chosen} {fit.model.config.scorer}",
         "chosen_on": "synthesised",
