@@ -220,10 +220,12 @@ def run_patchq(
         score_s, scores, patch_scores = _score(variant, tensors)
         resolved = variant.bank.index_type
         name = search if resolved == search else f"{search} ({resolved})"
-        for label, values in ((f"patchq {config.scorer}, {name}", scores),
-                              # The same pass's s* (max patch distance) alone: PatchCore's own
-                              # score, as anomalib's is.
-                              (f"  its s* alone, {name}", patch_scores)):  # fmt: skip
+        # The same pass's s* (max patch distance) alone: PatchCore's own score, as anomalib's is.
+        both = (
+            (f"patchq {config.scorer}, {name}", scores),
+            (f"  its s* alone, {name}", patch_scores),
+        )
+        for label, values in both:
             auroc = float(roc_auc_score(labels, values))
             yield Row(label, fit_s, model.bank.size, score_s, auroc, len(test))
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from bench.accuracy import elpv_set
 from common.data.batches import decode_batch
 from common.data.layouts import ImageRecord, discover
-from common.engine.fit import fit_category
+from common.engine.fit import fit_category, with_exact_search
 from common.engine.memory_bank import INDEX_TYPES, MemoryBank, resolve_index
 from common.engine.model_config import PatchCoreConfig
 from common.engine.patchcore import PatchCore, extract_patches
@@ -151,7 +151,7 @@ def fit_search_cost(cells: int, max_bank: int, index: str, score_test: bool) -> 
 def test_split_cost(model: PatchCore, good: list[ImageRecord], defect: list[ImageRecord]) -> None:
     """AUROC of the test cells scored with the model's search and with the exact search."""
     test = good + defect
-    exact = model.with_bank(MemoryBank(model.bank.vectors, index="torch"))
+    exact = with_exact_search(model)
     found: list[np.ndarray] = []
     truth: list[np.ndarray] = []
     for batch in tqdm(list(chunked(test, 32)), desc="test cells, both searches", unit="batch"):
